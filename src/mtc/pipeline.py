@@ -1,0 +1,75 @@
+"""Stage entry points shared by ``stages/*.py`` (DVC) and the ``mtc`` CLI.
+
+Every entry point takes an already validated ``PipelineConfig`` (``load_params`` validates the
+whole ``params.yaml`` first) and does one stage's work.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from mtc.config import ConfigError, PipelineConfig, load_params
+from mtc.data import DatasetError
+from mtc.models import ModelError
+from mtc.store import ActivationStore, StoreError, check_provenance
+
+USER_ERRORS = (ConfigError, StoreError, ModelError, DatasetError, FloatingPointError)
+
+
+def open_store(cfg: PipelineConfig) -> ActivationStore:
+    """The store for these params; refuses one made from other model/dataset settings."""
+    from mtc.extract import store_provenance
+
+    store = ActivationStore(cfg.store_dir)
+    expected = store_provenance(cfg, store.provenance.get("bos_token_id"))
+    expected.pop("model_source")
+    check_provenance(store, expected)
+    return store
+
+
+def prepare_model(cfg: PipelineConfig) -> Path:
+    from mtc.extract import prepare
+
+    return prepare(cfg)
+
+
+def extract(cfg: PipelineConfig) -> Path:
+    from mtc.extract import extract as run
+
+    return run(cfg)
+
+
+def train(cfg: PipelineConfig, names: list[str]) -> list[Path]:
+    from mtc.train import train as run
+
+    dictionaries = [cfg.dictionary(n) for n in names]
+    store = open_store(cfg)
+    return run(dictionaries, store.dir, cfg.results_root, tokenizer_dir=cfg.model_dir)
+
+
+def evaluate(cfg: PipelineConfig, name: str) -> Path:
+    from mtc.evaluate import evaluate_run
+
+    open_store(cfg)
+    return evaluate_run(cfg, name)
+
+
+def mine(cfg: PipelineConfig, name: str) -> Path:
+    from mtc.mine import mine_run
+
+    open_store(cfg)
+    return mine_run(cfg, name)
+
+
+def run_stage(stage: Callable[..., object], *args: str, params: str = "params.yaml") -> None:
+    """Validate params, run one stage; a user error ends in one line on stderr and exit code 2."""
+    try:
+        cfg = load_params(params)
+        result = stage(cfg, *args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if result is not None:
+        print(f"wrote {result}")

@@ -1,0 +1,213 @@
+"""The training loop: shuffled batches from the store into one or many dictionaries.
+
+Reads the activation store only, never the model. With several dictionaries (``mode: multi``)
+each batch is read once and fed to all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtc import progress
+from mtc.config import ConfigError, DictionaryConfig
+from mtc.dictionary import MatryoshkaBatchTopK
+from mtc.mine import TopActivations
+from mtc.models import resolve_device
+from mtc.results import atomic_write_json, completed_at, read_json, write_config
+from mtc.store import ActivationStore, prefetch
+
+LOG_FILE = "training_log.jsonl"
+CHECKPOINTS = "checkpoints"
+LOG_EVERY = 10
+
+
+@dataclass
+class Run:
+    """One dictionary being trained, with its optimizer and run directory."""
+
+    cfg: DictionaryConfig
+    run_dir: Path
+    model: MatryoshkaBatchTopK
+    optimizer: torch.optim.Optimizer
+    samples: TopActivations | None
+    wandb_run: Any = None
+
+    @property
+    def keys(self) -> tuple[tuple[int, str], tuple[int, str]]:
+        return (self.cfg.layer, self.cfg.source_site), (self.cfg.resolved_target_layer, self.cfg.target_site)
+
+
+def _config_record(cfg: DictionaryConfig, store: ActivationStore) -> dict[str, Any]:
+    return {**cfg.to_dict(), "store": str(store.dir),
+            "store_provenance": {k: v for k, v in store.provenance.items() if k != "complete"}}
+
+
+def _same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    def strip(d):
+        return {k: v for k, v in d.items() if k not in ("completed_at", "store")}
+    return json.loads(json.dumps(strip(a))) == json.loads(json.dumps(strip(b)))
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / CHECKPOINTS).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    ckpts = [c for c in ckpts if (c / "state.json").is_file()]
+    return ckpts[-1] if ckpts else None
+
+
+def _start_run(cfg: DictionaryConfig, store: ActivationStore, results_root: Path, device: torch.device) -> tuple[Run, int]:
+    src, tgt = store.site(cfg.layer, cfg.source_site), store.site(cfg.resolved_target_layer, cfg.target_site)
+    if cfg.act_size is not None and cfg.act_size != src.d_model:
+        raise ConfigError(f"dictionaries.{cfg.name}.act_size: {cfg.act_size} does not match the store's "
+                          f"{cfg.source_site} width {src.d_model}")
+    run_dir = cfg.run_dir(results_root)
+    record = _config_record(cfg, store)
+    start_step = 0
+    model = MatryoshkaBatchTopK(src.d_model, tgt.d_model, cfg.group_sizes, cfg.k, top_k_aux=cfg.top_k_aux,
+                                aux_penalty=cfg.aux_penalty, n_batches_to_dead=cfg.n_batches_to_dead,
+                                threshold_momentum=cfg.threshold_momentum, kind=cfg.kind, seed=cfg.seed)
+    model.set_scales(src.mean_norm, tgt.mean_norm)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    if (run_dir / "config.json").is_file():
+        old = read_json(run_dir / "config.json")
+        if not _same_config(old, record) and completed_at(run_dir):
+            raise ConfigError(f"{run_dir}: holds a finished run with a different config; "
+                              "rename the dictionary or remove that directory")
+        ckpt = _latest_checkpoint(run_dir)
+        if _same_config(old, record) and not completed_at(run_dir) and ckpt is not None:
+            # An interrupted run of this very config: resume from its last checkpoint.
+            model.load_state_dict(_load_tensors(ckpt / "dictionary.safetensors", device))
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+            start_step = read_json(ckpt / "state.json")["step"]
+        else:  # a finished run of the same config is retrained from scratch (same seed, same result)
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, record, completed=False)
+    samples = None
+    if cfg.save_activation_samples:
+        samples = TopActivations(cfg.dict_size, cfg.max_samples_per_feature, cfg.sample_activation_threshold)
+    return Run(cfg, run_dir, model, optimizer, samples, _start_wandb(cfg, record)), start_step
+
+
+def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(path), device=str(device))
+
+
+def _start_wandb(cfg: DictionaryConfig, record: dict[str, Any]):
+    if cfg.wandb_project is None or not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"):
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(f"dictionaries.{cfg.name}.wandb_project: wandb is not installed (pip install wandb)") from None
+    return wandb.init(project=cfg.wandb_project, name=cfg.name, config=record, reinit=True)
+
+
+def _checkpoint(run: Run, step: int) -> None:
+    ckpt = run.run_dir / CHECKPOINTS / f"step_{step}"
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.model.save(tmp)
+    torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+    atomic_write_json(tmp / "state.json", {"step": step})
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+    # Keep only the newest checkpoint besides this one: they are for resuming, not for history.
+    for old in sorted((run.run_dir / CHECKPOINTS).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _log(run: Run, step: int, out, seconds: float) -> dict[str, Any]:
+    record = {"step": step, "loss": float(out.loss.detach()), "aux_loss": float(out.aux_loss),
+              "prefix_mse": [round(float(v), 6) for v in out.prefix_mse],
+              "l0": float((out.acts_BF > 0).sum(dim=1).float().mean()),
+              "dead_features": int((run.model.inactive_batches >= run.cfg.n_batches_to_dead).sum()),
+              "threshold": float(run.model.threshold), "seconds": round(seconds, 2)}
+    with open(run.run_dir / LOG_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if run.wandb_run is not None:
+        run.wandb_run.log(record, step=step)
+    return record
+
+
+def train(cfgs: list[DictionaryConfig], store_dir: str | Path, results_root: str | Path = "results",
+          tokenizer_dir: str | Path | None = None) -> list[Path]:
+    """Train every dictionary in ``cfgs`` from one pass over the store; returns their run dirs."""
+    if not cfgs:
+        raise ConfigError("dictionaries: nothing to train")
+    first = cfgs[0]
+    for c in cfgs[1:]:
+        for key in ("batch_size", "steps", "seed", "shuffle_chunks"):
+            if getattr(c, key) != getattr(first, key):
+                raise ConfigError(f"dictionaries.{c.name}.{key}: {getattr(c, key)} differs from {first.name}'s "
+                                  f"{getattr(first, key)}; multi mode feeds every dictionary the same batches")
+    store = ActivationStore(store_dir)
+    device = resolve_device(first.device)
+    started = [_start_run(c, store, Path(results_root), device) for c in cfgs]
+    runs = [r for r, _ in started]
+    start_step = min(s for _, s in started)
+    if any(s != start_step for _, s in started):
+        raise ConfigError("checkpoints of the dictionaries trained together are at different steps; train them separately")
+    keys = sorted({k for r in runs for k in r.keys})
+    batches = prefetch(store.iter_training_batches(keys, first.batch_size, first.seed, first.shuffle_chunks))
+    for _ in range(start_step):  # same data order after a resume
+        next(batches)
+
+    t0 = time.time()
+    with progress.bar(f"train {', '.join(c.name for c in cfgs)}", total=first.steps, unit="steps") as advance:
+        advance(start_step)
+        for step in range(start_step + 1, first.steps + 1):
+            xs, rows = next(batches)
+            by_key = {k: x.to(device, non_blocking=True) for k, x in zip(keys, xs)}
+            info = {}
+            for run in runs:
+                src, tgt = run.keys
+                if step == 1:
+                    run.model.init_means(by_key[src], by_key[tgt])
+                out = run.model.training_forward(by_key[src], by_key[tgt])
+                out.loss.backward()
+                run.model.remove_parallel_grad()
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                run.model.normalize_decoder()
+                if not torch.isfinite(out.loss):
+                    raise FloatingPointError(f"{run.cfg.name}: loss is {float(out.loss)} at step {step}; "
+                                             f"the last good checkpoint is kept in {run.run_dir / CHECKPOINTS}")
+                if run.samples is not None and step % run.cfg.sample_collection_freq == 0:
+                    run.samples.update(out.acts_BF, rows)
+                if step % LOG_EVERY == 0 or step == first.steps:
+                    info = _log(run, step, out, time.time() - t0)
+                if step % run.cfg.save_every == 0 and step < first.steps:
+                    _checkpoint(run, step)
+            advance(1, **({"loss": info["loss"], "l0": info["l0"]} if info and len(runs) == 1 else {}))
+
+    for run in runs:
+        _finish(run, store, tokenizer_dir)
+    return [r.run_dir for r in runs]
+
+
+def _finish(run: Run, store: ActivationStore, tokenizer_dir: str | Path | None) -> None:
+    run.model.save(run.run_dir)
+    samples_dir = run.run_dir / "activation_samples" / "training"
+    if run.samples is not None:
+        run.samples.save(samples_dir, store.tokens(), run.cfg.sample_context_size,
+                         {"source": "training batches", "store": str(store.dir),
+                          "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None})
+    else:
+        samples_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(samples_dir / "meta.json", {"source": "training batches", "collected": False,
+                                                      "why": "save_activation_samples is false"})
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
+    # Everything else is on disk; only now is the run marked finished.
+    record = read_json(run.run_dir / "config.json")
+    write_config(run.run_dir, record, completed=True)
