@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
 
 WEIGHTS_FILE = "dictionary.safetensors"
@@ -33,16 +34,33 @@ class TrainOutput(NamedTuple):
 def batch_topk_threshold(pre_BF: torch.Tensor, k: int) -> torch.Tensor:
     """Smallest value among the ``k * B`` largest entries of ``pre_BF`` (exact).
 
-    A global top-k over B x D values is slow, so take each row's top ``4k`` first; that is exact
-    unless some row has all its candidates above the threshold, in which case fall back.
+    A global top-k over B x D values is slow, so take each row's top ``4k`` as candidates. A row
+    whose candidates all reach the resulting threshold may hold more values above it (tokens with
+    outsized activations do), so such rows join the candidates whole; adding candidates can only
+    raise the threshold, so every other row's values above it are already among its candidates.
     """
     n = k * pre_BF.shape[0]
     m = min(pre_BF.shape[1], 4 * k)
     candidates = pre_BF.topk(m, dim=1, sorted=False).values
     threshold = candidates.flatten().topk(n, sorted=False).values.min()
-    if m < pre_BF.shape[1] and bool((candidates.min(dim=1).values >= threshold).any()):
-        threshold = pre_BF.flatten().topk(n, sorted=False).values.min()
+    if m < pre_BF.shape[1]:
+        full = candidates.min(dim=1).values >= threshold
+        if bool(full.any()):
+            pool = torch.cat([candidates[~full].flatten(), pre_BF[full].flatten()])
+            threshold = pool.topk(n, sorted=False).values.min()
     return threshold
+
+
+def _weighted_row_sums(feats: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor, W: torch.Tensor,
+                       n_rows: int) -> torch.Tensor:
+    """out[r] = sum of vals[i] * W[feats[i]] over entries i with rows[i] == r; ``rows`` sorted.
+
+    One ``embedding_bag``: never materialises the [nnz, d] gathered rows, and its backward gives
+    the gradients of ``W`` (index-add) and ``vals`` (dot products) sparsely.
+    """
+    counts = torch.bincount(rows, minlength=n_rows)
+    offsets = torch.cumsum(counts, 0) - counts
+    return F.embedding_bag(feats, W, offsets, mode="sum", per_sample_weights=vals)
 
 
 class MatryoshkaBatchTopK(nn.Module):
@@ -101,8 +119,8 @@ class MatryoshkaBatchTopK(nn.Module):
         return self.decode(self.encode(x_BD), n_groups)
 
     # ------------------------------------------------------------------ training (normalised space)
-    def prefix_reconstructions(self, acts_BF: torch.Tensor) -> list[torch.Tensor]:
-        """Normalised reconstruction of every prefix, built group by group (one decode in all)."""
+    def prefix_reconstructions_dense(self, acts_BF: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised reconstruction of every prefix from dense codes, group by group (reference)."""
         out, recon = [], self.b_dec.expand(acts_BF.shape[0], -1)
         start = 0
         for end in self.boundaries:
@@ -111,29 +129,53 @@ class MatryoshkaBatchTopK(nn.Module):
             start = end
         return out
 
+    def prefix_reconstructions(self, pre_BF: torch.Tensor, active_BF: torch.Tensor) -> list[torch.Tensor]:
+        """Same as ``prefix_reconstructions_dense(pre_BF * active_BF)``, touching only active codes.
+
+        Active (row, feature) pairs are sorted by group, then row; each group's contribution is one
+        ``embedding_bag`` (a weighted sum of decoder rows per token), added to the running prefix.
+        """
+        B = pre_BF.shape[0]
+        rows, feats = active_BF.nonzero(as_tuple=True)
+        group = torch.bucketize(feats, self._boundaries_tensor(feats.device), right=True)
+        order = torch.argsort(group * B + rows)
+        rows, feats, group = rows[order], feats[order], group[order]
+        vals = pre_BF[rows, feats]
+        ptr = torch.searchsorted(group, torch.arange(len(self.boundaries) + 1, device=group.device)).tolist()
+        out, recon, start = [], self.b_dec.expand(B, -1), 0
+        for g, end in enumerate(self.boundaries):
+            a, b = ptr[g], ptr[g + 1]
+            recon = recon + _weighted_row_sums(feats[a:b] - start, rows[a:b], vals[a:b], self.W_dec[start:end], B)
+            out.append(recon)
+            start = end
+        return out
+
+    def _boundaries_tensor(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor(self.boundaries, device=device)
+
     def training_forward(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> TrainOutput:
         """Loss on a batch of raw source/target rows; updates the threshold and dead counters."""
         y = y_BD * self.target_scale
         pre = self.pre_acts(x_BD)
         threshold = batch_topk_threshold(pre.detach(), self.top_k)
-        acts = pre * ((pre >= threshold) & (pre > 0))
-        recons = self.prefix_reconstructions(acts)
+        active = (pre.detach() >= threshold) & (pre.detach() > 0)
+        recons = self.prefix_reconstructions(pre, active)
         prefix_mse = torch.stack([(r - y).pow(2).mean() for r in recons])
         aux = self.aux_loss(pre, y - recons[-1].detach())
-        self._update_stats(acts.detach())
-        return TrainOutput(prefix_mse.mean() + aux, prefix_mse.detach(), aux.detach(), acts.detach(), recons[-1].detach())
+        acts = pre.detach() * active
+        self._update_stats(acts)
+        return TrainOutput(prefix_mse.mean() + aux, prefix_mse.detach(), aux.detach(), acts, recons[-1].detach())
 
     def aux_loss(self, pre_BF: torch.Tensor, residual_BD: torch.Tensor) -> torch.Tensor:
-        """Reconstruct what the live features miss with the top ``top_k_aux`` dead ones."""
-        dead = self.inactive_batches >= self.cfg["n_batches_to_dead"]
-        n_dead = int(dead.sum())
-        if n_dead == 0 or self.cfg["aux_penalty"] == 0:
+        """Reconstruct what the live features miss with each token's top ``top_k_aux`` dead ones."""
+        dead = torch.nonzero(self.inactive_batches >= self.cfg["n_batches_to_dead"]).flatten()
+        if dead.numel() == 0 or self.cfg["aux_penalty"] == 0:
             return pre_BF.new_zeros(())
-        k_aux = min(self.cfg["top_k_aux"], n_dead)
-        dead_pre = pre_BF[:, dead]
-        values, idx = dead_pre.topk(k_aux, dim=1)
-        aux_acts = torch.zeros_like(dead_pre).scatter(1, idx, values)
-        recon = aux_acts @ self.W_dec[dead]
+        B = pre_BF.shape[0]
+        k_aux = min(self.cfg["top_k_aux"], dead.numel())
+        values, idx = pre_BF[:, dead].topk(k_aux, dim=1)                      # [B, k_aux]
+        rows = torch.arange(B, device=pre_BF.device).repeat_interleave(k_aux)
+        recon = _weighted_row_sums(dead[idx].flatten(), rows, values.flatten(), self.W_dec, B)
         return self.cfg["aux_penalty"] * (recon - residual_BD).pow(2).mean()
 
     @torch.no_grad()

@@ -1,0 +1,188 @@
+"""``mtc``: the pipeline's stages outside DVC, plus the seed's one-command training runs.
+
+    mtc prepare-model | extract | train [NAME...] | evaluate NAME | mine NAME   (params.yaml)
+    mtc smoke --layer 8 --steps 2000                                           (quick transcoder)
+    mtc train --model-name gpt2 --source-layer 8 --target-layer 8 --config overrides.yaml
+    mtc train --mode multi                                                     (all, one pass)
+    mtc samples RUN_DIR [--feature F]                                          (show contexts)
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from mtc import pipeline
+from mtc.config import PipelineConfig, parse_params, read_yaml
+from mtc.pipeline import USER_ERRORS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Matryoshka transcoders and SAEs trained from cached activations.")
+
+ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="The params file.")
+
+
+def _load(params: Path, raw: Optional[dict] = None) -> PipelineConfig:
+    return parse_params(read_yaml(params) if raw is None else raw)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+@app.command("prepare-model")
+def prepare_model(params: Path = ParamsOption) -> None:
+    """Write model.name as a local model directory (data/models/{model.type})."""
+    typer.echo(f"wrote {pipeline.prepare_model(_load(params))}")
+
+
+@app.command()
+def extract(params: Path = ParamsOption) -> None:
+    """Run the model over the dataset and write the activation store."""
+    typer.echo(f"wrote {pipeline.extract(_load(params))}")
+
+
+@app.command()
+def evaluate(name: str, params: Path = ParamsOption) -> None:
+    """Held-out FVU per prefix, L0 and dead features of dictionary NAME -> metrics.json."""
+    typer.echo(f"wrote {pipeline.evaluate(_load(params), name)}")
+
+
+@app.command()
+def mine(name: str, params: Path = ParamsOption) -> None:
+    """Top-activating contexts of every feature of dictionary NAME."""
+    typer.echo(f"wrote {pipeline.mine(_load(params), name)}")
+
+
+def model_type_of(model_name: str) -> str:
+    """``packaged:X`` -> X, ``google/gemma-2-2b`` -> gemma-2-2b, ``/path/to/dir`` -> dir."""
+    name = model_name.removeprefix("packaged:").rstrip("/")
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name.split("/")[-1])
+
+
+def adhoc_params(raw: dict[str, Any], *, model_name: Optional[str], source_layer: int, target_layer: int,
+                 overrides: dict[str, Any], steps: Optional[int]) -> tuple[dict[str, Any], str]:
+    """params.yaml content for one transcoder run given on the command line (the seed's scripts)."""
+    raw = copy.deepcopy(raw)
+    if model_name:
+        raw["model"] = {**raw.get("model", {}), "name": model_name, "type": model_type_of(model_name)}
+    for section in ("model", "dataset", "extract", "evaluate", "mine"):
+        if isinstance(overrides.get(section), dict):
+            raw[section] = {**raw.get(section, {}), **overrides.pop(section)}
+    entry = {"kind": "transcoder", "source_site": "resid_mid", "target_site": "mlp_out", **overrides,
+             "layer": source_layer, "target_layer": target_layer}
+    if steps is not None:
+        entry["steps"] = steps
+    name = entry.pop("name", entry["kind"])
+    sites = sorted({entry["source_site"], entry["target_site"]})
+    raw["extract"] = {**raw.get("extract", {}), "layers": sorted({source_layer, target_layer}), "sites": sites}
+    raw["dictionaries"] = {name: entry}
+    return raw, name
+
+
+def _ensure_store(cfg: PipelineConfig) -> None:
+    """Extract (and prepare the model) first when no matching store exists."""
+    try:
+        store = pipeline.open_store(cfg)
+        for d in cfg.dictionaries.values():
+            store.site(d.layer, d.source_site), store.site(d.resolved_target_layer, d.target_site)
+        return
+    except pipeline.StoreError as e:
+        typer.echo(f"no usable store ({e}); extracting")
+    if not (cfg.model_dir / "config.json").is_file():
+        pipeline.prepare_model(cfg)
+    pipeline.extract(cfg)
+
+
+@app.command()
+def train(
+    names: list[str] = typer.Argument(None, help="Dictionaries of params.yaml to train (default: all)."),
+    params: Path = ParamsOption,
+    mode: str = typer.Option("single", help="single: one pass per dictionary; multi: one pass feeds all."),
+    model_name: Optional[str] = typer.Option(None, help="Train a transcoder on this model (hub id, dir, packaged:X)."),
+    source_layer: Optional[int] = typer.Option(None, help="Source layer of a command-line transcoder."),
+    target_layer: Optional[int] = typer.Option(None, help="Target layer (default: source layer)."),
+    config: Optional[Path] = typer.Option(None, help="YAML of dictionary settings (and optional model/dataset sections)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps of a command-line transcoder."),
+) -> None:
+    """Train dictionaries from the activation store.
+
+    With --model-name/--source-layer (the seed's full run) the store is extracted first when missing,
+    and the run is evaluated and mined after training.
+    """
+    if mode not in ("single", "multi"):
+        _fail(f"--mode: got {mode!r}; expected single or multi")
+    raw = read_yaml(params) if params.is_file() else {}
+    if model_name is not None or source_layer is not None:
+        if source_layer is None:
+            _fail("--source-layer: required with --model-name")
+        overrides = read_yaml(config) if config else {}
+        if not isinstance(overrides, dict):
+            _fail(f"{config}: expected a mapping of settings")
+        raw, name = adhoc_params(raw, model_name=model_name, source_layer=source_layer,
+                                 target_layer=source_layer if target_layer is None else target_layer,
+                                 overrides=overrides, steps=steps)
+        cfg = _load(params, raw)
+        _full_run(cfg, name)
+        return
+    cfg = _load(params, raw)
+    names = names or list(cfg.dictionaries)
+    if not names:
+        _fail(f"dictionaries: {params} defines none")
+    groups = [names] if mode == "multi" else [[n] for n in names]
+    for group in groups:
+        for run_dir in pipeline.train(cfg, group):
+            typer.echo(f"wrote {run_dir}")
+
+
+def _full_run(cfg: PipelineConfig, name: str) -> None:
+    _ensure_store(cfg)
+    for run_dir in pipeline.train(cfg, [name]):
+        typer.echo(f"wrote {run_dir}")
+    typer.echo(f"wrote {pipeline.evaluate(cfg, name)}")
+    typer.echo(f"wrote {pipeline.mine(cfg, name)}")
+
+
+@app.command()
+def smoke(layer: int = typer.Option(8), steps: int = typer.Option(2000), params: Path = ParamsOption,
+          model_name: Optional[str] = typer.Option(None, help="Default: model.name of params.yaml.")) -> None:
+    """Quick transcoder (resid_mid -> mlp_out at LAYER, the model's preset) end to end: the seed's
+    GPT-2 smoke test. Extracts first when no store matches."""
+    raw = read_yaml(params) if params.is_file() else {}
+    raw, name = adhoc_params(raw, model_name=model_name, source_layer=layer, target_layer=layer,
+                             overrides={}, steps=steps)
+    _full_run(_load(params, raw), name)
+
+
+@app.command()
+def samples(directory: Path = typer.Argument(..., help="A run directory or its activation_samples/<source>/."),
+            feature: Optional[int] = typer.Option(None, help="Feature to show (default: the 3 strongest)."),
+            n: int = typer.Option(5, help="Contexts per feature.")) -> None:
+    """Show top-activating contexts as text, the activating token in «»."""
+    from mtc.mine import META_FILE, ActivationSampleAnalyzer
+
+    if not (directory / META_FILE).is_file():
+        directory = directory / "activation_samples" / "mined"
+    if not (directory / META_FILE).is_file():
+        _fail(f"{directory}: no activation samples here (run mtc mine)")
+    analyzer = ActivationSampleAnalyzer(directory)
+    for f in [feature] if feature is not None else analyzer.features()[:3]:
+        typer.echo(analyzer.show(f, n))
+
+
+def main() -> None:
+    try:
+        app()
+    except USER_ERRORS as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""params.yaml is validated whole before any work; bad values name their key and the fix."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import yaml
+
+from mtc.config import (PRESETS, ConfigError, get_default_cfg, load_params, parse_params, post_init_cfg)
+from tests.conftest import REPO, tiny_params
+
+
+def bad(raw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_params(raw)
+
+
+def with_dict(**changes) -> dict:
+    raw = tiny_params()
+    raw["dictionaries"]["tc"].update(changes)
+    return raw
+
+
+def test_the_repository_params_are_valid():
+    cfg = load_params(REPO / "params.yaml")
+    assert cfg.dictionaries, "the default pipeline trains at least one dictionary"
+
+
+def test_group_sizes_must_sum_to_dict_size():
+    bad(with_dict(group_sizes=[32, 64, 100]), r"dictionaries\.tc\.group_sizes: .*sums to 196.*dict_size is 256")
+
+
+@pytest.mark.parametrize("sizes", [[0, 96, 160], [-32, 128, 160], [32.5, 63.5, 160], ["32", 64, 160]])
+def test_group_sizes_must_be_positive_integers(sizes):
+    bad(with_dict(group_sizes=sizes), r"dictionaries\.tc\.group_sizes\[\d\]")
+
+
+@pytest.mark.parametrize("k", [0, -1, 256, 1000])
+def test_top_k_must_be_between_one_and_dict_size(k):
+    bad(with_dict(top_k=k), r"dictionaries\.tc\.top_k")
+
+
+def test_unknown_keys_and_sites_are_named():
+    bad(with_dict(grup_sizes=[1]), r"dictionaries\.tc\.grup_sizes: unknown key")
+    bad(with_dict(source_site="resid_middle"), r"dictionaries\.tc\.source_site: got 'resid_middle'; expected one of")
+    raw = tiny_params()
+    raw["extract"]["sites"] = ["mlp_in"]
+    bad(raw, r"extract\.sites\[0\]")
+    raw = tiny_params()
+    raw["modell"] = {}
+    bad(raw, r"modell: unknown section")
+
+
+def test_a_dictionary_must_read_what_extraction_stores():
+    bad(with_dict(layer=3), r"dictionaries\.tc\.layer: got 3; expected one of the extracted layers")
+    bad(with_dict(target_site="resid_post"), r"dictionaries\.tc\.target_site: .*extracted sites")
+
+
+def test_an_sae_reconstructs_its_own_site():
+    bad(with_dict(kind="sae", source_site="mlp_out", target_site="resid_mid"), r"kind sae")
+
+
+def test_unknown_dtype_is_rejected():
+    raw = tiny_params()
+    raw["extract"]["dtype"] = "bf16"
+    bad(raw, r"extract\.dtype: got 'bf16'; expected one of float32, bfloat16, float16")
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("model:\n  name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: not valid YAML \(line \d+"):
+        load_params(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_presets_follow_the_seed():
+    assert PRESETS["gpt2"]["group_sizes"] == [768, 1536, 3072, 6912]
+    assert PRESETS["gemma-2-2b"]["group_sizes"] == [2304, 4608, 9216, 20736]
+    for preset in PRESETS.values():
+        assert sum(preset["group_sizes"]) == preset["dict_size"]
+        assert preset["dict_size"] == 16 * preset["act_size"]
+
+
+def test_get_default_cfg_and_post_init_cfg_like_the_seed():
+    cfg = get_default_cfg(model_type="gemma-2-2b")
+    cfg.update({"layer": 8, "source_site": "resid_mid", "target_site": "mlp_out", "dict_size": 12288,
+                "top_k": 64, "group_sizes": [768, 1536, 3072, 6912]})
+    cfg = post_init_cfg(cfg)
+    assert cfg["top_k"] == 64 and cfg["lr"] == 3e-4 and cfg["batch_size"] == 4096 and cfg["save_every"] == 1000
+    gpt2 = post_init_cfg(get_default_cfg("gpt2"))
+    assert gpt2["dict_size"] == 12288 and gpt2["top_k"] == round(12288 / 200)
+    smol = post_init_cfg(get_default_cfg("SmolLM2-135M-Instruct"))
+    assert smol["group_sizes"] == [576, 1152, 2304, 5184] and smol["top_k"] == 46
+
+
+def test_unknown_model_type_gets_a_16x_geometric_dictionary_from_act_size():
+    cfg = get_default_cfg("my-model")
+    cfg["act_size"] = 100
+    cfg = post_init_cfg(cfg)
+    assert cfg["dict_size"] == 1600 and cfg["group_sizes"] == [100, 200, 400, 900]
+    with pytest.raises(ConfigError, match="dict_size: not set"):
+        post_init_cfg(get_default_cfg("my-model"))
+
+
+def test_run_dirs_follow_the_seed_layout_and_keep_dictionaries_apart():
+    raw = tiny_params()
+    raw["dictionaries"]["tc2"] = copy.deepcopy(raw["dictionaries"]["tc"])
+    cfg = parse_params(raw)
+    a, b = cfg.dictionaries["tc"].run_dir(), cfg.dictionaries["tc2"].run_dir()
+    assert str(a) == "results/stories260K/2/150/tc" and a.parent == b.parent and a != b
+
+
+def test_dvc_yaml_paths_agree_with_the_library():
+    """dvc.yaml templates the paths the library computes; they must name the same files."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    cfg = load_params(REPO / "params.yaml")
+    for name, d in cfg.dictionaries.items():
+        for out in stages["train"]["do"]["outs"]:
+            path = (out.replace("${model.type}", cfg.model.type).replace("${item.layer}", str(d.layer))
+                    .replace("${item.steps}", str(d.steps)).replace("${key}", name))
+            assert path.startswith(str(d.run_dir()) + "/"), path
+    assert stages["extract"]["outs"] == ["data/activations/${model.type}"]
+    assert str(cfg.store_dir) == f"data/activations/{cfg.model.type}"
+    assert str(cfg.model_dir) == f"data/models/{cfg.model.type}"
+    assert re.search(r"\$\{key\}", stages["train"]["do"]["cmd"])

@@ -1,0 +1,106 @@
+"""The zarr activation store: exact round trips, held-out rows kept out, provenance checked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from mtc import pipeline
+from mtc.store import ActivationStore, StoreError, StoreWriter, check_provenance, decode, encode, site_path
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_encode_decode_round_trips_values_of_that_dtype(dtype):
+    x = torch.randn(100, 7) * 50
+    stored = encode(x, dtype)
+    assert stored.dtype == {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}[dtype]
+    torch.testing.assert_close(decode(stored, dtype), x.to(getattr(torch, dtype)).float(), rtol=0, atol=0)
+
+
+def make_store(path, n_seq=10, ctx=8, d=4, chunk_rows=16, holdout=2, dtype="float32"):
+    tokens = np.arange(n_seq * ctx, dtype=np.int32).reshape(n_seq, ctx)
+    writer = StoreWriter(path, {"prepend_bos": True, "n_holdout_sequences": holdout}, tokens, [(0, "mlp_out")],
+                         d, dtype, chunk_rows)
+    # Activation row r holds the value r everywhere, so every read can be checked against its row index.
+    rows = torch.arange(n_seq * ctx, dtype=torch.float32).reshape(n_seq, ctx, 1).expand(-1, -1, d)
+    for start in range(0, n_seq, 3):  # batches that do not align with chunks
+        writer.add({(0, "mlp_out"): rows[start:start + 3]})
+    writer.close()
+    return ActivationStore(path)
+
+
+def test_rows_read_back_in_place_with_the_token_ids(tmp_path):
+    store = make_store(tmp_path / "s")
+    site = store.site(0, "mlp_out")
+    torch.testing.assert_close(site.rows(5, 37)[:, 0], torch.arange(5, 37, dtype=torch.float32))
+    assert store.tokens().shape == (10, 8) and store.chunk_rows == 16
+    assert site.attrs["complete"] and site.mean_norm > 0
+
+
+def test_training_batches_cover_each_training_row_once_per_epoch_and_never_holdout_or_bos(tmp_path):
+    store = make_store(tmp_path / "s")
+    batches = store.iter_training_batches([(0, "mlp_out")], batch_size=7, seed=0, shuffle_chunks=2)
+    n_train = (10 - 2) * 8 * 7 // 8            # training windows x non-BOS positions
+    seen = []
+    while len(seen) < n_train // 7 * 7:
+        (x,), rows = next(batches)
+        torch.testing.assert_close(x[:, 0], rows.float())   # the row index travels with its values
+        seen += rows.tolist()
+    assert len(set(seen)) == len(seen), "no row twice within an epoch"
+    assert max(seen) < store.n_train_rows, "held-out rows are never trained on"
+    assert all(r % 8 != 0 for r in seen), "BOS positions are not trained on"
+
+
+def test_batches_are_shuffled_across_chunks_and_reproducible(tmp_path):
+    store = make_store(tmp_path / "s")
+    first = [next(store.iter_training_batches([(0, "mlp_out")], 16, seed=1))[1] for _ in range(2)]
+    torch.testing.assert_close(first[0], first[1])
+    assert len({int(r) // store.chunk_rows for r in first[0]}) > 1
+
+
+def test_holdout_iteration_reads_exactly_the_holdout_rows(tmp_path):
+    store = make_store(tmp_path / "s")
+    rows = torch.cat([r for _, r in store.iter_holdout([(0, "mlp_out")], 5)])
+    expected = [r for r in range(store.n_train_rows, store.n_rows) if r % 8 != 0]
+    assert rows.tolist() == expected
+
+
+def test_incomplete_or_missing_sites_are_refused(tmp_path):
+    store = make_store(tmp_path / "s")
+    with pytest.raises(StoreError, match=r"L3/resid_mid.zarr: not in the store \(has: L0/mlp_out.zarr\)"):
+        store.site(3, "resid_mid")
+    arr = zarr.open_array(str(site_path(tmp_path / "s", 0, "mlp_out")), mode="r+")
+    arr.attrs["complete"] = False
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore(tmp_path / "s").site(0, "mlp_out")
+    with pytest.raises(StoreError, match="no activation store here"):
+        ActivationStore(tmp_path / "nothing")
+
+
+def test_provenance_mismatch_names_the_fields(tmp_path):
+    store = make_store(tmp_path / "s")
+    with pytest.raises(StoreError, match=r"n_holdout_sequences: store has 2, params ask 3"):
+        check_provenance(store, {"prepend_bos": True, "n_holdout_sequences": 3})
+
+
+def test_extracted_store_holds_real_activations_with_provenance(tiny_pipeline):
+    store = pipeline.open_store(tiny_pipeline)
+    p = store.provenance
+    assert p["model_type"] == "stories260K" and p["context_size"] == 64 and p["prepend_bos"]
+    assert p["n_tokens"] == 32768 and p["dtype"] == "bfloat16" and p["encoding"] == "bfloat16-bits"
+    assert (store.tokens()[:, 0] == p["bos_token_id"]).all()
+    mid, mlp = store.site(2, "resid_mid"), store.site(2, "mlp_out")
+    assert mid.array.dtype == np.uint16 and mid.d_model == 64
+    assert mid.mean_norm > 0 and mlp.mean_norm > 0
+    x = mlp.rows(0, 256)
+    assert torch.isfinite(x).all() and x.abs().sum() > 0
+
+
+def test_a_store_made_from_other_params_is_refused(tiny_pipeline):
+    import dataclasses
+
+    other = dataclasses.replace(tiny_pipeline, dataset=dataclasses.replace(tiny_pipeline.dataset, context_size=32))
+    with pytest.raises(StoreError, match=r"context_size: store has 64, params ask 32"):
+        pipeline.open_store(other)

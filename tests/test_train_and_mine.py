@@ -1,0 +1,128 @@
+"""Training from the store, the results contract, evaluation and mined samples."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from mtc import pipeline
+from mtc.config import ConfigError, parse_params
+from mtc.dictionary import MatryoshkaBatchTopK
+from mtc.mine import ActivationSampleAnalyzer, TopActivations
+from tests.conftest import tiny_params
+
+
+def test_trained_transcoder_beats_the_trivial_predictor_on_held_out_rows(trained_transcoder):
+    cfg, run_dir = trained_transcoder
+    metrics = json.loads(pipeline.evaluate(cfg, "tc").read_text())
+    assert len(metrics["fvu_per_prefix"]) == 3
+    assert metrics["fvu_max"] < 1.0, metrics
+    assert metrics["fvu_min"] == min(metrics["fvu_per_prefix"]) and metrics["fvu_max"] == max(metrics["fvu_per_prefix"])
+    assert metrics["fvu_per_prefix"][-1] < metrics["fvu_per_prefix"][0], "the full dictionary beats its first group"
+    assert 0 <= metrics["dead_fraction"] <= 1 and metrics["l0"] > 0
+    assert metrics["n_tokens"] > 0
+
+
+def test_a_finished_run_honours_the_results_contract(trained_transcoder):
+    from datetime import datetime
+
+    cfg, run_dir = trained_transcoder
+    assert run_dir == cfg.results_root / "stories260K" / "2" / "150" / "tc"
+    config = json.loads((run_dir / "config.json").read_text())
+    datetime.fromisoformat(config["completed_at"])
+    for key in ("dict_size", "group_sizes", "top_k", "lr", "batch_size", "steps", "save_every", "layer",
+                "source_site", "target_site", "store_provenance"):
+        assert key in config
+    assert (run_dir / "dictionary.safetensors").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_100", "step_50"]
+    log = [json.loads(line) for line in (run_dir / "training_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 150 and log[-1]["loss"] < log[0]["loss"]
+
+
+def test_the_loaded_dictionary_works_on_raw_store_rows(trained_transcoder):
+    cfg, run_dir = trained_transcoder
+    store = pipeline.open_store(cfg)
+    d = MatryoshkaBatchTopK.load(run_dir)
+    (x, y), _ = store.read([(2, "resid_mid"), (2, "mlp_out")], store.n_train_rows, store.n_rows)
+    from mtc.metrics import compute_fvu
+    assert compute_fvu(y, d(x)) < 1.0
+
+
+def test_interrupted_training_resumes_from_its_last_checkpoint(tiny_pipeline, tmp_path):
+    cfg = dataclasses.replace(tiny_pipeline, results_root=tmp_path / "a")
+    [full] = pipeline.train(cfg, ["tc"])
+    # Simulate a crash after step 100: keep the checkpoints, drop the finished marker and weights.
+    resumed_cfg = dataclasses.replace(tiny_pipeline, results_root=tmp_path / "b")
+    import shutil
+    shutil.copytree(full, resumed_cfg.dictionaries["tc"].run_dir(tmp_path / "b"))
+    run_dir = resumed_cfg.dictionaries["tc"].run_dir(tmp_path / "b")
+    shutil.rmtree(run_dir / "checkpoints" / "step_50")
+    config = json.loads((run_dir / "config.json").read_text())
+    config.pop("completed_at")
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "dictionary.safetensors").unlink()
+    pipeline.train(resumed_cfg, ["tc"])
+    a, b = MatryoshkaBatchTopK.load(full), MatryoshkaBatchTopK.load(run_dir)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_a_finished_run_with_another_config_is_not_overwritten(trained_transcoder):
+    cfg, run_dir = trained_transcoder
+    changed = dataclasses.replace(cfg, dictionaries={"tc": dataclasses.replace(cfg.dictionaries["tc"], lr=0.01)})
+    with pytest.raises(ConfigError, match="holds a finished run with a different config"):
+        pipeline.train(changed, ["tc"])
+
+
+def test_multi_mode_trains_several_dictionaries_from_one_pass(tiny_pipeline, tmp_path):
+    raw = tiny_params()
+    raw["model"]["name"] = tiny_pipeline.model.name
+    raw["dictionaries"]["sae"] = {**raw["dictionaries"]["tc"], "kind": "sae", "source_site": "mlp_out"}
+    cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=tmp_path / "results")
+    single = dataclasses.replace(cfg, results_root=tmp_path / "single")
+    together = pipeline.train(cfg, ["tc", "sae"])
+    [alone] = pipeline.train(single, ["sae"])
+    assert [p.name for p in together] == ["tc", "sae"]
+    # Same batches in the same order: the SAE trained alongside equals the SAE trained alone.
+    a, b = MatryoshkaBatchTopK.load(together[1]), MatryoshkaBatchTopK.load(alone)
+    torch.testing.assert_close(a.W_dec, b.W_dec)
+
+
+def test_top_activations_keep_the_largest_values_per_feature_once():
+    top = TopActivations(dict_size=3, max_samples=2, threshold=0.1)
+    top.update(torch.tensor([[0.5, 0.0, 0.05], [0.9, 0.2, 0.0], [0.7, 0.0, 0.0]]), torch.tensor([10, 11, 12]))
+    top.update(torch.tensor([[0.8, 0.3, 0.0]]), torch.tensor([11]))      # row 11 again (a later epoch)
+    assert top.rows[0].tolist() == [11, 12] and top.values[0].tolist() == pytest.approx([0.9, 0.7])
+    assert top.rows[1].tolist() == [11, -1]
+    assert top.rows[2].tolist() == [-1, -1], "below the threshold"
+
+
+def test_mined_samples_show_text_with_the_activating_token_marked(trained_transcoder):
+    cfg, run_dir = trained_transcoder
+    out = pipeline.mine(cfg, "tc")
+    analyzer = ActivationSampleAnalyzer(out)
+    features = analyzer.features()
+    assert features, "some feature fired on held-out text"
+    samples = analyzer.samples(features[0])
+    assert 1 <= len(samples) <= cfg.mine.max_samples_per_feature
+    assert [s["activation"] for s in samples] == sorted((s["activation"] for s in samples), reverse=True)
+    store = pipeline.open_store(cfg)
+    tokens = store.tokens().reshape(-1)
+    first = samples[0]
+    assert first["row"] >= store.n_train_rows
+    assert first["token"] == analyzer.tokenizer.decode([int(tokens[first["row"]])])
+    assert f"«{first['token']}»" in first["text"]
+    assert "feature" in analyzer.show(features[0])
+
+
+def test_samples_collected_during_training(tiny_pipeline, tmp_path):
+    raw = tiny_params(save_activation_samples=True, sample_collection_freq=50, max_samples_per_feature=4)
+    raw["model"]["name"] = tiny_pipeline.model.name
+    cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=tmp_path)
+    [run_dir] = pipeline.train(cfg, ["tc"])
+    analyzer = ActivationSampleAnalyzer(run_dir / "activation_samples" / "training")
+    assert analyzer.meta["n_tokens_seen"] == 3 * 512
+    assert analyzer.features() and analyzer.samples(analyzer.features()[0])[0]["row"] < pipeline.open_store(cfg).n_train_rows
