@@ -185,7 +185,10 @@ class MatryoshkaBatchTopK(nn.Module):
         positive = acts_BF[acts_BF > 0]
         if positive.numel():
             m = self.cfg["threshold_momentum"]
-            self.threshold.mul_(1 - m).add_(m * positive.min())
+            if self.threshold == 0:  # first batch: start the average at its value, not at 0
+                self.threshold.copy_(positive.min())
+            else:
+                self.threshold.mul_(1 - m).add_(m * positive.min())
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:

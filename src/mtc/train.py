@@ -174,14 +174,14 @@ def train(cfgs: list[DictionaryConfig], store_dir: str | Path, results_root: str
                 if step == 1:
                     run.model.init_means(by_key[src], by_key[tgt])
                 out = run.model.training_forward(by_key[src], by_key[tgt])
+                if not torch.isfinite(out.loss):  # before the update: the weights stay good
+                    raise FloatingPointError(f"{run.cfg.name}: loss is {float(out.loss)} at step {step}; "
+                                             f"the last good checkpoint is kept in {run.run_dir / CHECKPOINTS}")
                 out.loss.backward()
                 run.model.remove_parallel_grad()
                 run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
                 run.model.normalize_decoder()
-                if not torch.isfinite(out.loss):
-                    raise FloatingPointError(f"{run.cfg.name}: loss is {float(out.loss)} at step {step}; "
-                                             f"the last good checkpoint is kept in {run.run_dir / CHECKPOINTS}")
                 if run.samples is not None and step % run.cfg.sample_collection_freq == 0:
                     run.samples.update(out.acts_BF, rows)
                 if step % LOG_EVERY == 0 or step == first.steps:
