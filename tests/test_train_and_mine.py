@@ -126,3 +126,29 @@ def test_samples_collected_during_training(tiny_pipeline, tmp_path):
     analyzer = ActivationSampleAnalyzer(run_dir / "activation_samples" / "training")
     assert analyzer.meta["n_tokens_seen"] == 3 * 512
     assert analyzer.features() and analyzer.samples(analyzer.features()[0])[0]["row"] < pipeline.open_store(cfg).n_train_rows
+
+
+def test_wandb_logs_offline_when_configured(tiny_pipeline, tmp_path, monkeypatch):
+    import wandb  # installed with transformer_lens
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    raw = tiny_params(wandb_project="mtc-test", steps=20, save_every=10)
+    raw["model"]["name"] = tiny_pipeline.model.name
+    cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=tmp_path / "results")
+    pipeline.train(cfg, ["tc"])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb")), "an offline wandb run was written"
+    assert wandb.run is None, "the run was finished"
+
+
+def test_wandb_stays_off_without_credentials(tiny_pipeline, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    raw = tiny_params(wandb_project="mtc-test", steps=10, save_every=10)
+    raw["model"]["name"] = tiny_pipeline.model.name
+    cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=tmp_path / "results")
+    pipeline.train(cfg, ["tc"])
+    assert not (tmp_path / "wandb").exists()

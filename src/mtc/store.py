@@ -244,40 +244,55 @@ class ActivationStore:
                 carry = ([x[n_full:] for x in xs], rows[n_full:])
 
 
-def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
-    """Run ``iterator`` in a background thread, ``depth`` items ahead (zarr decoding and
-    decompression release the GIL, so reading overlaps training)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    sentinel = object()
+class Prefetcher:
+    """Runs ``iterator`` in a background thread, ``depth`` items ahead (zarr decompression and
+    decoding release the GIL, so reading overlaps training). Use as a context manager: leaving it
+    stops and joins the thread, so no reader is left running in C code at interpreter exit."""
 
-    def work() -> None:
+    _DONE = object()
+
+    def __init__(self, iterator: Iterator, depth: int = 2):
+        self._iterator = iterator
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, daemon=True)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self) -> None:
         try:
-            for item in iterator:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+            for item in self._iterator:
+                if not self._put(item):
                     return
-            q.put(sentinel)
-        except BaseException as e:  # surfaced in the consumer
-            q.put(e)
+            self._put(self._DONE)
+        except BaseException as e:  # re-raised in the consumer
+            self._put(e)
 
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is sentinel:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    def __enter__(self) -> Prefetcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._DONE:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 def check_provenance(store: ActivationStore, expected: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.mine import TopActivations
 from mtc.models import resolve_device
 from mtc.results import atomic_write_json, completed_at, read_json, write_config
-from mtc.store import ActivationStore, prefetch
+from mtc.store import ActivationStore, Prefetcher
 
 LOG_FILE = "training_log.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -158,41 +158,48 @@ def train(cfgs: list[DictionaryConfig], store_dir: str | Path, results_root: str
     if any(s != start_step for _, s in started):
         raise ConfigError("checkpoints of the dictionaries trained together are at different steps; train them separately")
     keys = sorted({k for r in runs for k in r.keys})
-    batches = prefetch(store.iter_training_batches(keys, first.batch_size, first.seed, first.shuffle_chunks))
-    for _ in range(start_step):  # same data order after a resume
-        next(batches)
-
-    t0 = time.time()
-    with progress.bar(f"train {', '.join(c.name for c in cfgs)}", total=first.steps, unit="steps") as advance:
+    batches = Prefetcher(store.iter_training_batches(keys, first.batch_size, first.seed, first.shuffle_chunks))
+    with batches, progress.bar(f"train {', '.join(c.name for c in cfgs)}", total=first.steps, unit="steps") as advance:
+        for _ in range(start_step):  # same data order after a resume
+            next(batches)
+        t0 = time.time()
         advance(start_step)
         for step in range(start_step + 1, first.steps + 1):
             xs, rows = next(batches)
             by_key = {k: x.to(device, non_blocking=True) for k, x in zip(keys, xs)}
             info = {}
             for run in runs:
-                src, tgt = run.keys
-                if step == 1:
-                    run.model.init_means(by_key[src], by_key[tgt])
-                out = run.model.training_forward(by_key[src], by_key[tgt])
-                if not torch.isfinite(out.loss):  # before the update: the weights stay good
-                    raise FloatingPointError(f"{run.cfg.name}: loss is {float(out.loss)} at step {step}; "
-                                             f"the last good checkpoint is kept in {run.run_dir / CHECKPOINTS}")
-                out.loss.backward()
-                run.model.remove_parallel_grad()
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                run.model.normalize_decoder()
-                if run.samples is not None and step % run.cfg.sample_collection_freq == 0:
-                    run.samples.update(out.acts_BF, rows)
-                if step % LOG_EVERY == 0 or step == first.steps:
-                    info = _log(run, step, out, time.time() - t0)
-                if step % run.cfg.save_every == 0 and step < first.steps:
-                    _checkpoint(run, step)
+                record = _train_step(run, by_key, rows, step, t0)
+                info = record or info
             advance(1, **({"loss": info["loss"], "l0": info["l0"]} if info and len(runs) == 1 else {}))
 
     for run in runs:
         _finish(run, store, tokenizer_dir)
     return [r.run_dir for r in runs]
+
+
+def _train_step(run: Run, by_key: dict, rows: torch.Tensor, step: int, t0: float) -> dict[str, Any] | None:
+    """One optimizer step of one dictionary; returns the log record on logging steps."""
+    src, tgt = run.keys
+    if step == 1:
+        run.model.init_means(by_key[src], by_key[tgt])
+    out = run.model.training_forward(by_key[src], by_key[tgt])
+    if not torch.isfinite(out.loss):  # before the update: the weights stay good
+        raise FloatingPointError(f"{run.cfg.name}: loss is {float(out.loss)} at step {step}; "
+                                 f"the last good checkpoint is kept in {run.run_dir / CHECKPOINTS}")
+    out.loss.backward()
+    run.model.remove_parallel_grad()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.model.normalize_decoder()
+    if run.samples is not None and step % run.cfg.sample_collection_freq == 0:
+        run.samples.update(out.acts_BF, rows)
+    record = None
+    if step % LOG_EVERY == 0 or step == run.cfg.steps:
+        record = _log(run, step, out, time.time() - t0)
+    if step % run.cfg.save_every == 0 and step < run.cfg.steps:
+        _checkpoint(run, step)
+    return record
 
 
 def _finish(run: Run, store: ActivationStore, tokenizer_dir: str | Path | None) -> None:
