@@ -7,12 +7,13 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from mtc import pipeline
 from mtc.config import ConfigError, parse_params
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.mine import ActivationSampleAnalyzer, TopActivations
-from tests.conftest import tiny_params
+from tests.conftest import REPO, tiny_params
 
 
 def test_trained_transcoder_beats_the_trivial_predictor_on_held_out_rows(trained_transcoder):
@@ -40,6 +41,17 @@ def test_a_finished_run_honours_the_results_contract(trained_transcoder):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_100", "step_50"]
     log = [json.loads(line) for line in (run_dir / "training_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 150 and log[-1]["loss"] < log[0]["loss"]
+
+
+def test_every_dvc_output_exists_even_when_no_step_saves_a_checkpoint(tiny_pipeline, tmp_path):
+    raw = tiny_params(steps=20, save_every=20)
+    raw["model"]["name"] = tiny_pipeline.model.name
+    cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=tmp_path)
+    [run_dir] = pipeline.train(cfg, ["tc"])
+    outs = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["do"]["outs"]
+    for out in outs:
+        name = out.split("${key}/", 1)[1]
+        assert (run_dir / name).exists(), f"train@ declares {name} but did not write it"
 
 
 def test_the_loaded_dictionary_works_on_raw_store_rows(trained_transcoder):

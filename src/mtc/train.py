@@ -89,7 +89,7 @@ def _start_run(cfg: DictionaryConfig, store: ActivationStore, results_root: Path
             start_step = read_json(ckpt / "state.json")["step"]
         else:  # a finished run of the same config is retrained from scratch (same seed, same result)
             shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)  # a DVC output even when no step saves
     write_config(run_dir, record, completed=False)
     samples = None
     if cfg.save_activation_samples:
