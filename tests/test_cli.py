@@ -66,5 +66,5 @@ def test_smoke_run_extracts_trains_evaluates_and_mines(tmp_path, stories_model_d
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "results" / stories_model_dir.name / "2" / "40" / "transcoder"
     assert (run_dir / "metrics.json").is_file() and (run_dir / "activation_samples" / "mined" / "meta.json").is_file()
-    shown = mtc("samples", str(run_dir), cwd=tmp_path)
+    shown = mtc("samples", str(run_dir), "-n", "2", cwd=tmp_path)
     assert shown.returncode == 0 and "«" in shown.stdout, shown.stderr

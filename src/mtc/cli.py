@@ -163,7 +163,7 @@ def smoke(layer: int = typer.Option(8), steps: int = typer.Option(2000), params:
 @app.command()
 def samples(directory: Path = typer.Argument(..., help="A run directory or its activation_samples/<source>/."),
             feature: Optional[int] = typer.Option(None, help="Feature to show (default: the 3 strongest)."),
-            n: int = typer.Option(5, help="Contexts per feature.")) -> None:
+            n: int = typer.Option(5, "-n", "--n-samples", help="Contexts per feature.")) -> None:
     """Show top-activating contexts as text, the activating token in «»."""
     from mtc.mine import META_FILE, ActivationSampleAnalyzer
 

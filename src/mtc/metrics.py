@@ -7,7 +7,7 @@ import torch
 
 def compute_fvu(target_BD: torch.Tensor, recon_BD: torch.Tensor) -> float:
     """Fraction of variance unexplained: sum |t - r|^2 / sum |t - mean(t)|^2 (scale-invariant)."""
-    t, r = target_BD.double(), recon_BD.double()
+    t, r = target_BD.detach().double(), recon_BD.detach().double()
     return float((t - r).pow(2).sum() / (t - t.mean(dim=0)).pow(2).sum())
 
 
