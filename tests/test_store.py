@@ -104,3 +104,12 @@ def test_a_store_made_from_other_params_is_refused(tiny_pipeline):
     other = dataclasses.replace(tiny_pipeline, dataset=dataclasses.replace(tiny_pipeline.dataset, context_size=32))
     with pytest.raises(StoreError, match=r"context_size: store has 64, params ask 32"):
         pipeline.open_store(other)
+
+
+def test_a_second_extraction_into_the_same_store_fails_fast(tiny_pipeline):
+    from mtc.locks import LockedError, exclusive
+
+    with exclusive(tiny_pipeline.store_dir):
+        with pytest.raises(LockedError, match="another process"):
+            pipeline.extract(tiny_pipeline)
+    assert pipeline.open_store(tiny_pipeline).n_rows == 32768, "the finished store is untouched"

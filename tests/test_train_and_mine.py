@@ -164,3 +164,36 @@ def test_wandb_stays_off_without_credentials(tiny_pipeline, tmp_path, monkeypatc
     cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=tmp_path / "results")
     pipeline.train(cfg, ["tc"])
     assert not (tmp_path / "wandb").exists()
+
+
+def test_a_pickle_payload_in_a_checkpoint_is_refused_not_run(tiny_pipeline, tmp_path):
+    import pickle
+
+    from mtc.results import CheckpointError
+
+    cfg = dataclasses.replace(tiny_pipeline, results_root=tmp_path)
+    [run_dir] = pipeline.train(cfg, ["tc"])
+    config = json.loads((run_dir / "config.json").read_text())
+    config.pop("completed_at")                       # looks interrupted: the next run resumes
+    (run_dir / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (run_dir / "checkpoints" / "step_100" / "optimizer.pt").write_bytes(pickle.dumps(Payload(), protocol=2))
+    with pytest.raises(CheckpointError, match=r"step_100: cannot resume from it"):
+        pipeline.train(cfg, ["tc"])
+    assert not marker.exists(), "the pickle's code never ran"
+
+
+def test_a_second_writer_of_the_same_run_fails_fast(tiny_pipeline, tmp_path):
+    from mtc.locks import LockedError, exclusive
+
+    cfg = dataclasses.replace(tiny_pipeline, results_root=tmp_path)
+    with exclusive(cfg.dictionaries["tc"].run_dir(tmp_path)):
+        with pytest.raises(LockedError, match=r"tc: another process \(pid \d+\) is writing it"):
+            pipeline.train(cfg, ["tc"])
+    [run_dir] = pipeline.train(cfg, ["tc"])         # released: the next run goes ahead
+    assert json.loads((run_dir / "config.json").read_text())["completed_at"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mtc import models, progress
+from mtc import locks, models, progress
 from mtc.config import PipelineConfig
 from mtc.data import dataset_label, iter_texts, pack_tokens
 from mtc.store import StoreWriter
@@ -53,6 +53,11 @@ def check_sites(cfg: PipelineConfig, arch: models.Architecture) -> None:
 
 def extract(cfg: PipelineConfig, store_dir: str | Path | None = None) -> Path:
     store_dir = Path(store_dir or cfg.store_dir)
+    with locks.exclusive(store_dir):  # a second extraction into the same store fails fast
+        return _extract(cfg, store_dir)
+
+
+def _extract(cfg: PipelineConfig, store_dir: Path) -> Path:
     arch = models.read_architecture(cfg.model_dir)
     check_sites(cfg, arch)
     tokenizer = models.load_tokenizer(cfg.model_dir)

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from mtc.config import ConfigError, PipelineConfig, load_params
 from mtc.data import DatasetError
+from mtc.locks import LockedError
 from mtc.models import ModelError
+from mtc.results import CheckpointError
 from mtc.store import ActivationStore, StoreError, check_provenance
 
-USER_ERRORS = (ConfigError, StoreError, ModelError, DatasetError, FloatingPointError)
+USER_ERRORS = (ConfigError, StoreError, ModelError, DatasetError, LockedError, CheckpointError, FloatingPointError)
 
 
 def open_store(cfg: PipelineConfig) -> ActivationStore:

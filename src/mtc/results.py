@@ -18,6 +18,10 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded safely (never unpickled)."""
+
+
 def create_run_dir(model_type: str, layer: int | str, steps: int, name: str | None = None,
                    root: str | Path = "results") -> Path:
     """``root/model_type/layer/steps[/name]``, created."""

@@ -6,6 +6,7 @@ each batch is read once and fed to all of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,12 +17,12 @@ from typing import Any
 
 import torch
 
-from mtc import progress
+from mtc import locks, progress
 from mtc.config import ConfigError, DictionaryConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.mine import TopActivations
 from mtc.models import resolve_device
-from mtc.results import atomic_write_json, completed_at, read_json, write_config
+from mtc.results import CheckpointError, atomic_write_json, completed_at, read_json, write_config
 from mtc.store import ActivationStore, Prefetcher
 
 LOG_FILE = "training_log.jsonl"
@@ -84,9 +85,7 @@ def _start_run(cfg: DictionaryConfig, store: ActivationStore, results_root: Path
         ckpt = _latest_checkpoint(run_dir)
         if _same_config(old, record) and not completed_at(run_dir) and ckpt is not None:
             # An interrupted run of this very config: resume from its last checkpoint.
-            model.load_state_dict(_load_tensors(ckpt / "dictionary.safetensors", device))
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-            start_step = read_json(ckpt / "state.json")["step"]
+            start_step = _resume(model, optimizer, ckpt, device)
         else:  # a finished run of the same config is retrained from scratch (same seed, same result)
             shutil.rmtree(run_dir)
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)  # a DVC output even when no step saves
@@ -95,6 +94,18 @@ def _start_run(cfg: DictionaryConfig, store: ActivationStore, results_root: Path
     if cfg.save_activation_samples:
         samples = TopActivations(cfg.dict_size, cfg.max_samples_per_feature, cfg.sample_activation_threshold)
     return Run(cfg, run_dir, model, optimizer, samples, _start_wandb(cfg, record)), start_step
+
+
+def _resume(model: MatryoshkaBatchTopK, optimizer: torch.optim.Optimizer, ckpt: Path, device: torch.device) -> int:
+    """Load a checkpoint: tensors only (safetensors, and torch.load with weights_only=True, which
+    refuses pickled code). Returns the step it was saved at."""
+    try:
+        model.load_state_dict(_load_tensors(ckpt / "dictionary.safetensors", device))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        return int(read_json(ckpt / "state.json")["step"])
+    except Exception as e:  # unpickling refusals, truncated files and shape mismatches alike
+        raise CheckpointError(f"{ckpt}: cannot resume from it ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                              "only tensors are ever loaded; delete the checkpoint to start over") from None
 
 
 def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
@@ -151,8 +162,17 @@ def train(cfgs: list[DictionaryConfig], store_dir: str | Path, results_root: str
                 raise ConfigError(f"dictionaries.{c.name}.{key}: {getattr(c, key)} differs from {first.name}'s "
                                   f"{getattr(first, key)}; multi mode feeds every dictionary the same batches")
     store = ActivationStore(store_dir)
+    with contextlib.ExitStack() as held:
+        for c in cfgs:  # a second writer of the same run directory fails fast
+            held.enter_context(locks.exclusive(c.run_dir(results_root)))
+        return _train(cfgs, store, Path(results_root), tokenizer_dir)
+
+
+def _train(cfgs: list[DictionaryConfig], store: ActivationStore, results_root: Path,
+           tokenizer_dir: str | Path | None) -> list[Path]:
+    first = cfgs[0]
     device = resolve_device(first.device)
-    started = [_start_run(c, store, Path(results_root), device) for c in cfgs]
+    started = [_start_run(c, store, results_root, device) for c in cfgs]
     runs = [r for r, _ in started]
     start_step = min(s for _, s in started)
     if any(s != start_step for _, s in started):

@@ -1,0 +1,40 @@
+"""Exclusive locks on directories being written (a results run, an activation store).
+
+A second writer fails fast with a clear message instead of interleaving with the first. The lock is
+an ``flock`` on ``<dir>.lock``, so it is released by the OS when its holder dies, even on kill -9.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class LockedError(RuntimeError):
+    """Another process is writing the same directory."""
+
+
+@contextmanager
+def exclusive(directory: str | Path) -> Iterator[None]:
+    directory = Path(directory)
+    lock_path = directory.with_name(directory.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise LockedError(f"{directory}: another process (pid {holder}) is writing it; "
+                              "wait for it to finish or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
