@@ -68,3 +68,21 @@ def test_smoke_run_extracts_trains_evaluates_and_mines(tmp_path, stories_model_d
     assert (run_dir / "metrics.json").is_file() and (run_dir / "activation_samples" / "mined" / "meta.json").is_file()
     shown = mtc("samples", str(run_dir), "-n", "2", cwd=tmp_path)
     assert shown.returncode == 0 and "«" in shown.stdout, shown.stderr
+
+
+def test_facts_of_a_local_model_are_checked_before_anything_is_written(tmp_path, stories_model_dir):
+    raw = tiny_params(str(stories_model_dir))
+    raw["extract"]["layers"] = [2, 7]       # stories260K has layers 0..4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = mtc("prepare-model", cwd=tmp_path)
+    assert result.returncode == 2 and "layer 7 is out of range; the model has layers 0..4" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], "nothing written"
+
+
+def test_a_missing_local_dataset_is_named_before_any_work(tmp_path, stories_model_dir):
+    raw = tiny_params(str(stories_model_dir))
+    raw["dataset"]["path"] = "./no/such/corpus.jsonl"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = mtc("prepare-model", cwd=tmp_path)
+    assert result.returncode == 2 and "dataset.path: './no/such/corpus.jsonl' does not exist" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

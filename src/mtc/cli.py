@@ -28,7 +28,10 @@ ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="The par
 
 
 def _load(params: Path, raw: Optional[dict] = None) -> PipelineConfig:
-    return parse_params(read_yaml(params) if raw is None else raw)
+    """Validated params, checked against the model's config when it is on disk."""
+    cfg = parse_params(read_yaml(params) if raw is None else raw)
+    pipeline.check_model_facts(cfg)
+    return cfg
 
 
 def _fail(message: str) -> None:

@@ -109,11 +109,22 @@ class ModelConfig:
 
     def validate(self, p: str) -> None:
         _check_str(f"{p}.name", self.name)
+        _check_local_path(f"{p}.name", self.name)
         _check_name(f"{p}.type", self.type)
         if self.revision is not None:
             _check_str(f"{p}.revision", self.revision)
         _check_choice(f"{p}.dtype", self.dtype, DTYPES)
         _check_device(f"{p}.device", self.device)
+
+
+def looks_local(path: str) -> bool:
+    """A path meant for this disk (as opposed to a hub id such as ``NeelNanda/pile-10k``)."""
+    return path.startswith((".", "/", "~")) or path.endswith((".txt", ".jsonl", ".json", ".raw"))
+
+
+def _check_local_path(key: str, value: str) -> None:
+    if looks_local(value) and not Path(value).expanduser().exists():
+        raise ConfigError(f"{key}: {value!r} does not exist (relative paths start at the working directory)")
 
 
 def _check_device(key: str, value: Any) -> str:
@@ -143,6 +154,7 @@ class DatasetConfig:
 
     def validate(self, p: str) -> None:
         _check_str(f"{p}.path", self.path)
+        _check_local_path(f"{p}.path", self.path)
         _check_str(f"{p}.split", self.split)
         _check_str(f"{p}.text_field", self.text_field)
         _check_int(f"{p}.context_size", self.context_size, 2)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtc.config import ConfigError, DatasetConfig
+from mtc.config import ConfigError, DatasetConfig, looks_local
 
 BUILTIN = {
     # Python's own documentation text (the help() topics), ~465 KB of English in every install.
@@ -91,7 +91,7 @@ def iter_texts(cfg: DatasetConfig) -> Iterator[str]:
         for file in files:
             yield from _file_texts(file, cfg.text_field)
         return
-    if path.startswith((".", "/", "~")) or path.endswith((".txt", ".jsonl")):
+    if looks_local(path):
         raise ConfigError(f"dataset.path: {path!r} does not exist")
     yield from _hub_texts(cfg)
 

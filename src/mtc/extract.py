@@ -44,13 +44,6 @@ def store_provenance(cfg: PipelineConfig, bos_token_id: int | None) -> dict[str,
             "n_holdout_sequences": d.n_holdout_sequences}
 
 
-def check_sites(cfg: PipelineConfig, arch: models.Architecture) -> None:
-    """Every extracted and trained (layer, site) must exist in this model."""
-    for layer in cfg.extract.layers:
-        for site in cfg.extract.sites:
-            arch.check_site(site, layer, f"extract.sites ({site} at layer {layer})")
-
-
 def extract(cfg: PipelineConfig, store_dir: str | Path | None = None) -> Path:
     store_dir = Path(store_dir or cfg.store_dir)
     with locks.exclusive(store_dir):  # a second extraction into the same store fails fast
@@ -59,7 +52,6 @@ def extract(cfg: PipelineConfig, store_dir: str | Path | None = None) -> Path:
 
 def _extract(cfg: PipelineConfig, store_dir: Path) -> Path:
     arch = models.read_architecture(cfg.model_dir)
-    check_sites(cfg, arch)
     tokenizer = models.load_tokenizer(cfg.model_dir)
     tokens = pack_tokens(iter_texts(cfg.dataset), tokenizer, cfg.dataset)
     bridge = models.load_bridge(cfg.model_dir, cfg.model.dtype, cfg.model.device)

@@ -20,6 +20,27 @@ from mtc.store import ActivationStore, StoreError, check_provenance
 USER_ERRORS = (ConfigError, StoreError, ModelError, DatasetError, LockedError, CheckpointError, FloatingPointError)
 
 
+def check_model_facts(cfg: PipelineConfig) -> None:
+    """Check layers, sites and widths against the model's own config, when it is on disk already
+    (the prepared model directory, or a local ``model.name``): before any stage does work."""
+    from mtc.config import looks_local
+    from mtc.models import read_architecture
+
+    candidates = [cfg.model_dir]
+    if looks_local(cfg.model.name):
+        candidates.append(Path(cfg.model.name).expanduser())
+    model_dir = next((d for d in candidates if (d / "config.json").is_file()), None)
+    if model_dir is None:
+        return  # a hub or packaged model not prepared yet: prepare_model checks after loading it
+    arch = read_architecture(model_dir)
+    for layer in cfg.extract.layers:
+        for site in cfg.extract.sites:
+            arch.check_site(site, layer, f"extract.sites ({site} at layer {layer})")
+    for name, d in cfg.dictionaries.items():
+        if d.act_size is not None and d.act_size != arch.d_model:
+            raise ConfigError(f"dictionaries.{name}.act_size: got {d.act_size}; {cfg.model.name} has width {arch.d_model}")
+
+
 def open_store(cfg: PipelineConfig) -> ActivationStore:
     """The store for these params; refuses one made from other model/dataset settings."""
     from mtc.extract import store_provenance
@@ -34,7 +55,9 @@ def open_store(cfg: PipelineConfig) -> ActivationStore:
 def prepare_model(cfg: PipelineConfig) -> Path:
     from mtc.extract import prepare
 
-    return prepare(cfg)
+    out = prepare(cfg)
+    check_model_facts(cfg)  # a hub model's facts are known only once it is here
+    return out
 
 
 def extract(cfg: PipelineConfig) -> Path:
@@ -66,9 +89,11 @@ def mine(cfg: PipelineConfig, name: str) -> Path:
 
 
 def run_stage(stage: Callable[..., object], *args: str, params: str = "params.yaml") -> None:
-    """Validate params, run one stage; a user error ends in one line on stderr and exit code 2."""
+    """Validate params (and the model's facts), run one stage; a user error ends in one line on
+    stderr and exit code 2."""
     try:
         cfg = load_params(params)
+        check_model_facts(cfg)
         result = stage(cfg, *args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
