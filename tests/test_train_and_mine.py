@@ -197,3 +197,24 @@ def test_a_second_writer_of_the_same_run_fails_fast(tiny_pipeline, tmp_path):
             pipeline.train(cfg, ["tc"])
     [run_dir] = pipeline.train(cfg, ["tc"])         # released: the next run goes ahead
     assert json.loads((run_dir / "config.json").read_text())["completed_at"]
+
+
+def test_a_nan_in_the_activations_stops_training_naming_the_step(tiny_pipeline, tmp_path):
+    import shutil
+
+    import numpy as np
+    import zarr
+
+    from mtc.store import site_path
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_pipeline.data_root, data)
+    cfg = dataclasses.replace(tiny_pipeline, data_root=data, results_root=tmp_path / "results")
+    arr = zarr.open_array(str(site_path(cfg.store_dir, 2, "mlp_out")), mode="r+")
+    rows = arr[:]
+    rows[1::7] = np.uint16(0x7FC0)                   # bfloat16 NaN bits in every 7th row
+    arr[:] = rows
+    with pytest.raises(FloatingPointError, match=r"tc: loss is nan at step 1; the last good checkpoint"):
+        pipeline.train(cfg, ["tc"])
+    run_dir = cfg.dictionaries["tc"].run_dir(cfg.results_root)
+    assert "completed_at" not in json.loads((run_dir / "config.json").read_text())

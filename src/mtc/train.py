@@ -205,7 +205,7 @@ def _train_step(run: Run, by_key: dict, rows: torch.Tensor, step: int, t0: float
         run.model.init_means(by_key[src], by_key[tgt])
     out = run.model.training_forward(by_key[src], by_key[tgt])
     if not torch.isfinite(out.loss):  # before the update: the weights stay good
-        raise FloatingPointError(f"{run.cfg.name}: loss is {float(out.loss)} at step {step}; "
+        raise FloatingPointError(f"{run.cfg.name}: loss is {float(out.loss.detach())} at step {step}; "
                                  f"the last good checkpoint is kept in {run.run_dir / CHECKPOINTS}")
     out.loss.backward()
     run.model.remove_parallel_grad()
