@@ -37,6 +37,11 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 # ----------------------------------------------------------------------------- small checkers
+def _show(key: Any) -> str:
+    """A key as it can be printed on one line: plain when it is a plain name, else its repr."""
+    return str(key) if re.fullmatch(r"[\w.\-\[\]]+", str(key)) else repr(key)
+
+
 def _fail(key: str, value: Any, expected: str) -> None:
     raise ConfigError(f"{key}: got {value!r}; expected {expected}")
 
@@ -82,9 +87,9 @@ def _build(cls, section: Any, prefix: str):
     if not isinstance(section, dict):
         _fail(prefix, section, "a mapping of keys to values")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(section) - known)
+    unknown = sorted(set(section) - known, key=str)
     if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key; valid keys are {', '.join(sorted(known))}")
+        raise ConfigError(f"{prefix}.{_show(unknown[0])}: unknown key; valid keys are {', '.join(sorted(known))}")
     obj = cls(**section)
     obj.validate(prefix)
     return obj
@@ -431,7 +436,8 @@ def read_yaml(path: str | Path) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, whatever YAML says
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
 
 
 def parse_params(raw: Any, *, data_root: str | Path = "data", results_root: str | Path = "results") -> PipelineConfig:
@@ -443,7 +449,7 @@ def parse_params(raw: Any, *, data_root: str | Path = "data", results_root: str 
     sections = {"model", "dataset", "extract", "dictionaries", "evaluate", "mine"}
     unknown = sorted(set(raw) - sections, key=str)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section; valid sections are {', '.join(sorted(sections))}")
+        raise ConfigError(f"{_show(unknown[0])}: unknown section; valid sections are {', '.join(sorted(sections))}")
     model = _build(ModelConfig, raw.get("model"), "model")
     dataset = _build(DatasetConfig, raw.get("dataset"), "dataset")
     extract = _build(ExtractConfig, raw.get("extract"), "extract")
@@ -452,7 +458,7 @@ def parse_params(raw: Any, *, data_root: str | Path = "data", results_root: str 
         _fail("dictionaries", entries, "a mapping of dictionary names to settings")
     dictionaries = {}
     for name, entry in entries.items():
-        prefix = f"dictionaries.{name}"
+        prefix = f"dictionaries.{_show(name)}"
         _check_name(prefix, name)
         if entry is None:
             entry = {}
