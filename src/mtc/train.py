@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from mtc.config import ConfigError, DictionaryConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.mine import TopActivations
 from mtc.models import resolve_device
-from mtc.results import CheckpointError, atomic_write_json, completed_at, read_json, write_config
+from mtc.results import CheckpointError, atomic_write_json, atomic_write_text, completed_at, read_json, write_config
 from mtc.store import ActivationStore, Prefetcher
 
 LOG_FILE = "training_log.jsonl"
@@ -57,10 +59,24 @@ def _same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return json.loads(json.dumps(strip(a))) == json.loads(json.dumps(strip(b)))
 
 
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a ``step_N.tmp`` left by a crash is not one)."""
+    found = [p for p in (run_dir / CHECKPOINTS).glob("step_*") if re.fullmatch(r"step_\d+", p.name)]
+    return sorted((p for p in found if (p / "state.json").is_file()), key=lambda p: int(p.name[5:]))
+
+
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / CHECKPOINTS).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    ckpts = [c for c in ckpts if (c / "state.json").is_file()]
+    ckpts = _checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def _truncate_log(run_dir: Path, step: int) -> None:
+    """After a resume, drop log lines of steps that will be trained again."""
+    path = run_dir / LOG_FILE
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _start_run(cfg: DictionaryConfig, store: ActivationStore, results_root: Path, device: torch.device) -> tuple[Run, int]:
@@ -79,14 +95,12 @@ def _start_run(cfg: DictionaryConfig, store: ActivationStore, results_root: Path
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     if (run_dir / "config.json").is_file():
         old = read_json(run_dir / "config.json")
-        if not _same_config(old, record) and completed_at(run_dir):
-            raise ConfigError(f"{run_dir}: holds a finished run with a different config; "
-                              "rename the dictionary or remove that directory")
         ckpt = _latest_checkpoint(run_dir)
-        if _same_config(old, record) and not completed_at(run_dir) and ckpt is not None:
+        if _same_config(old, record) and ckpt is not None:
             # An interrupted run of this very config: resume from its last checkpoint.
             start_step = _resume(model, optimizer, ckpt, device)
-        else:  # a finished run of the same config is retrained from scratch (same seed, same result)
+            _truncate_log(run_dir, start_step)
+        else:  # an unfinished run of another config, or one with nothing saved yet: start over
             shutil.rmtree(run_dir)
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)  # a DVC output even when no step saves
     write_config(run_dir, record, completed=False)
@@ -133,7 +147,7 @@ def _checkpoint(run: Run, step: int) -> None:
     shutil.rmtree(ckpt, ignore_errors=True)
     tmp.rename(ckpt)
     # Keep only the newest checkpoint besides this one: they are for resuming, not for history.
-    for old in sorted((run.run_dir / CHECKPOINTS).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-2]:
+    for old in _checkpoints(run.run_dir)[:-2]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -165,7 +179,22 @@ def train(cfgs: list[DictionaryConfig], store_dir: str | Path, results_root: str
     with contextlib.ExitStack() as held:
         for c in cfgs:  # a second writer of the same run directory fails fast
             held.enter_context(locks.exclusive(c.run_dir(results_root)))
-        return _train(cfgs, store, Path(results_root), tokenizer_dir)
+        todo = [c for c in cfgs if not _already_finished(c, store, Path(results_root))]
+        if todo:
+            _train(todo, store, Path(results_root), tokenizer_dir)
+    return [c.run_dir(results_root) for c in cfgs]
+
+
+def _already_finished(cfg: DictionaryConfig, store: ActivationStore, results_root: Path) -> bool:
+    """A finished run of this very config is kept as it is (DVC removes outputs it wants redone)."""
+    run_dir = cfg.run_dir(results_root)
+    if not completed_at(run_dir) or not (run_dir / "dictionary.safetensors").is_file():
+        return False
+    if not _same_config(read_json(run_dir / "config.json"), _config_record(cfg, store)):
+        raise ConfigError(f"{run_dir}: holds a finished run with a different config; "
+                          "rename the dictionary or remove that directory")
+    print(f"{run_dir}: already finished with this config; delete it to train again", file=sys.stderr)
+    return True
 
 
 def _train(cfgs: list[DictionaryConfig], store: ActivationStore, results_root: Path,

@@ -1,0 +1,84 @@
+"""Training killed with kill -9 at random points resumes and ends with the same dictionary."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_params
+
+pytestmark = pytest.mark.slow
+KILL_POINTS = 4
+
+
+def start_training(cwd):
+    return subprocess.Popen([sys.executable, "-m", "mtc.cli", "train", "tc"], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "MTC_QUIET": "1"})
+
+
+def project(root, tiny_pipeline):
+    root.mkdir()
+    raw = tiny_params(tiny_pipeline.model.name, steps=300, save_every=25)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    (root / "data").symlink_to(tiny_pipeline.data_root.resolve())
+    return root / "results" / "stories260K" / "2" / "300" / "tc"
+
+
+def latest_checkpoint_step(run_dir) -> int:
+    steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*") if p.name[5:].isdigit()]
+    return max(steps, default=0)
+
+
+def logged_step(run_dir) -> int:
+    try:
+        lines = (run_dir / "training_log.jsonl").read_text().splitlines()
+        return yaml.safe_load(lines[-1])["step"] if lines else 0
+    except (FileNotFoundError, yaml.YAMLError, TypeError):
+        return 0  # not written yet, or caught mid-write
+
+
+def kill_after(proc, run_dir, step: int, extra: float) -> bool:
+    """kill -9 ``proc`` ``extra`` seconds after it logs ``step``; False if it finished first."""
+    while proc.poll() is None and logged_step(run_dir) < step:
+        time.sleep(0.02)
+    time.sleep(extra)
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_dictionary(tiny_pipeline, tmp_path):
+    reference = project(tmp_path / "reference", tiny_pipeline)
+    assert start_training(tmp_path / "reference").wait() == 0
+
+    run_dir = project(tmp_path / "killed", tiny_pipeline)
+    rng = random.Random(0)
+    targets = sorted(rng.sample(range(10, 300, 10), KILL_POINTS))
+    kills = []
+    for target in targets:
+        proc = start_training(tmp_path / "killed")
+        # A random moment shortly after the target step: mid-step, mid-checkpoint or mid-log write.
+        assert kill_after(proc, run_dir, target, rng.uniform(0, 0.2)), f"killed before step {target}"
+        kills.append((target, latest_checkpoint_step(run_dir)))
+    print(f"kill points (logged step, newest checkpoint): {kills}")
+    finish = start_training(tmp_path / "killed")
+    assert finish.wait() == 0, finish.stderr.read().decode()
+
+    expected = load_file(str(reference / "dictionary.safetensors"))
+    got = load_file(str(run_dir / "dictionary.safetensors"))
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    steps = [yaml.safe_load(line)["step"] for line in (run_dir / "training_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 300, "the log has each step once, in order"
