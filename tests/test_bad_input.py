@@ -1,0 +1,81 @@
+"""Each bad input stops the first stage in one line naming the key, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, tiny_params
+
+
+def dictionary(**changes):
+    def change(raw):
+        raw["dictionaries"]["tc"].update(changes)
+    return change
+
+
+def section(part, **changes):
+    def change(raw):
+        raw[part].update(changes)
+    return change
+
+
+CASES = {
+    "group_sizes do not sum to dict_size": (dictionary(group_sizes=[32, 64, 100]),
+                                            "dictionaries.tc.group_sizes: [32, 64, 100] sums to 196"),
+    "a zero group size": (dictionary(group_sizes=[0, 96, 160]), "dictionaries.tc.group_sizes[0]: got 0"),
+    "a fractional group size": (dictionary(group_sizes=[32.5, 63.5, 160]), "dictionaries.tc.group_sizes[0]: got 32.5"),
+    "top_k = 0": (dictionary(top_k=0), "dictionaries.tc.top_k: got 0"),
+    "top_k >= dict_size": (dictionary(top_k=256), "dictionaries.tc.top_k: got 256; expected an integer in [1, dict_size=256)"),
+    "unknown site": (dictionary(source_site="resid_middle"), "dictionaries.tc.source_site: got 'resid_middle'"),
+    "layer out of range": (lambda raw: (raw["extract"].update(layers=[2, 9])), "layer 9 is out of range"),
+    "dictionary layer not extracted": (dictionary(layer=3), "dictionaries.tc.layer: got 3; expected one of the extracted layers"),
+    "width that does not match the model": (dictionary(act_size=100), "dictionaries.tc.act_size: got 100"),
+    "unknown model path": (section("model", name="./no/such/model"), "model.name: './no/such/model' does not exist"),
+    "unknown dataset path": (section("dataset", path="./no/such.jsonl"), "dataset.path: './no/such.jsonl' does not exist"),
+    "unknown dtype": (section("extract", dtype="bf16"), "extract.dtype: got 'bf16'"),
+    "unknown key": (section("dataset", n_token=5), "dataset.n_token: unknown key"),
+}
+
+
+def run_first_stage(tmp_path, params_text):
+    (tmp_path / "params.yaml").write_text(params_text)
+    return subprocess.run([sys.executable, str(REPO / "stages" / "prepare_model.py")], cwd=tmp_path,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_value(case, tmp_path, stories_model_dir):
+    change, message = CASES[case]
+    raw = tiny_params(str(stories_model_dir))
+    change(raw)
+    result = run_first_stage(tmp_path, yaml.safe_dump(raw))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], "nothing written"
+
+
+def test_resid_mid_on_a_parallel_attention_model(tmp_path):
+    from tests.helpers import tiny_hf_models, tiny_random_llama_dir
+
+    model_dir = tmp_path / "neox"
+    tiny_hf_models()["neox"].save_pretrained(model_dir)
+    tiny_random_llama_dir(tmp_path / "tok")   # borrow a tokenizer
+    for f in (tmp_path / "tok").glob("*token*"):
+        f.rename(model_dir / f.name)
+    work = tmp_path / "work"
+    work.mkdir()
+    raw = tiny_params(str(model_dir), layer=1)
+    raw["extract"]["layers"] = [1]
+    result = run_first_stage(work, yaml.safe_dump(raw))
+    assert result.returncode == 2 and "resid_mid does not exist in gpt_neox" in result.stderr
+    assert "use resid_pre" in result.stderr and sorted(p.name for p in work.iterdir()) == ["params.yaml"]
+
+
+def test_malformed_yaml(tmp_path):
+    result = run_first_stage(tmp_path, "model:\n  name: [unclosed\n")
+    assert result.returncode == 2 and result.stderr.startswith("error: params.yaml: not valid YAML (line")
+    assert result.stderr.count("\n") == 1
