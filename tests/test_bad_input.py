@@ -31,7 +31,8 @@ CASES = {
     "top_k = 0": (dictionary(top_k=0), "dictionaries.tc.top_k: got 0"),
     "top_k >= dict_size": (dictionary(top_k=256), "dictionaries.tc.top_k: got 256; expected an integer in [1, dict_size=256)"),
     "unknown site": (dictionary(source_site="resid_middle"), "dictionaries.tc.source_site: got 'resid_middle'"),
-    "layer out of range": (lambda raw: (raw["extract"].update(layers=[2, 9])), "layer 9 is out of range"),
+    "layer out of range": (lambda raw: (raw["extract"].update(layers=[2, 9])),
+                           "extract.layers[1]: layer 9 is out of range; the model has layers 0..4"),
     "dictionary layer not extracted": (dictionary(layer=3), "dictionaries.tc.layer: got 3; expected one of the extracted layers"),
     "width that does not match the model": (dictionary(act_size=100), "dictionaries.tc.act_size: got 100"),
     "unknown model path": (section("model", name="./no/such/model"), "model.name: './no/such/model' does not exist"),
@@ -71,7 +72,7 @@ def test_resid_mid_on_a_parallel_attention_model(tmp_path):
     raw = tiny_params(str(model_dir), layer=1)
     raw["extract"]["layers"] = [1]
     result = run_first_stage(work, yaml.safe_dump(raw))
-    assert result.returncode == 2 and "resid_mid does not exist in gpt_neox" in result.stderr
+    assert result.returncode == 2 and "extract.sites: resid_mid does not exist in gpt_neox" in result.stderr
     assert "use resid_pre" in result.stderr and sorted(p.name for p in work.iterdir()) == ["params.yaml"]
 
 

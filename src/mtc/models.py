@@ -54,11 +54,14 @@ class Architecture:
         d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
         return cls(config.model_type, int(n_layers), int(d_model), parallel)
 
-    def check_site(self, site: str, layer: int, key: str = "site") -> None:
-        if site not in SITES:
-            raise ConfigError(f"{key}: got {site!r}; expected one of {', '.join(SITES)}")
+    def check_layer(self, layer: int, key: str = "layer") -> None:
         if not 0 <= layer < self.n_layers:
             raise ConfigError(f"{key}: layer {layer} is out of range; the model has layers 0..{self.n_layers - 1}")
+
+    def check_site(self, site: str, layer: int, key: str = "site") -> None:
+        self.check_layer(layer, key)
+        if site not in SITES:
+            raise ConfigError(f"{key}: got {site!r}; expected one of {', '.join(SITES)}")
         if site == "resid_mid" and self.parallel_attention:
             raise ConfigError(
                 f"{key}: resid_mid does not exist in {self.model_type} (parallel attention: attention and MLP "

@@ -33,9 +33,10 @@ def check_model_facts(cfg: PipelineConfig) -> None:
     if model_dir is None:
         return  # a hub or packaged model not prepared yet: prepare_model checks after loading it
     arch = read_architecture(model_dir)
-    for layer in cfg.extract.layers:
+    for i, layer in enumerate(cfg.extract.layers):
+        arch.check_layer(layer, f"extract.layers[{i}]")
         for site in cfg.extract.sites:
-            arch.check_site(site, layer, f"extract.sites ({site} at layer {layer})")
+            arch.check_site(site, layer, "extract.sites")
     for name, d in cfg.dictionaries.items():
         if d.act_size is not None and d.act_size != arch.d_model:
             raise ConfigError(f"dictionaries.{name}.act_size: got {d.act_size}; {cfg.model.name} has width {arch.d_model}")
