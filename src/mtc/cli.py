@@ -185,6 +185,11 @@ def main() -> None:
     except USER_ERRORS as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
+    except OSError as e:
+        if (message := pipeline.disk_full_message(e)) is None:
+            raise
+        typer.secho(f"error: {message}", fg="red", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 import torch.nn.functional as F
 from torch import nn
 
@@ -216,13 +217,11 @@ class MatryoshkaBatchTopK(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path, weights_file: str = WEIGHTS_FILE) -> None:
-        from mtc.results import atomic_write_text
+        from mtc.results import atomic_write_bytes, atomic_write_text
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (weights_file + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
-        tmp.replace(directory / weights_file)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write_bytes(directory / weights_file, save_tensors(tensors))
         atomic_write_text(directory / CONFIG_FILE, json.dumps(self.cfg, indent=2))
 
     @classmethod

@@ -20,13 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from mtc import progress
 from mtc.config import MineConfig, PipelineConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.models import load_tokenizer, resolve_device
-from mtc.results import atomic_write_json, read_json
+from mtc.results import atomic_write_bytes, atomic_write_json, read_json
 from mtc.store import ActivationStore
 
 SAMPLES_FILE = "samples.safetensors"
@@ -72,11 +73,9 @@ class TopActivations:
         valid = (offsets < ctx) & (offsets <= pos[..., None] + after) & (rows[..., None] >= 0)
         contexts = np.where(valid, tokens_SC[seq[..., None], np.minimum(offsets, ctx - 1)], -1).astype(np.int32)
         values = self.values.clamp_min(0.0)
-        save_file({"values": values.contiguous(), "rows": self.rows.contiguous(),
-                   "contexts": torch.from_numpy(contexts),
-                   "token_index": torch.from_numpy((pos - start).astype(np.int32) * (rows >= 0))},
-                  str(directory / (SAMPLES_FILE + ".tmp")))
-        (directory / (SAMPLES_FILE + ".tmp")).replace(directory / SAMPLES_FILE)
+        atomic_write_bytes(directory / SAMPLES_FILE, save_tensors({
+            "values": values.contiguous(), "rows": self.rows.contiguous(), "contexts": torch.from_numpy(contexts),
+            "token_index": torch.from_numpy((pos - start).astype(np.int32) * (rows >= 0))}))
         atomic_write_json(directory / META_FILE, {
             "dict_size": D, "max_samples_per_feature": M, "sample_context_size": context_size,
             "sample_activation_threshold": self.threshold, "n_tokens_seen": self.n_tokens_seen, **meta})

@@ -6,6 +6,7 @@ whole ``params.yaml`` first) and does one stage's work.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +90,15 @@ def mine(cfg: PipelineConfig, name: str) -> Path:
     return mine_run(cfg, name)
 
 
+def disk_full_message(e: OSError) -> str | None:
+    """One line for a full disk or quota (None for other OS errors, which are bugs to show whole)."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return (f"no space left on the device writing {e.filename or 'a file'}; finished stores, checkpoints "
+            "and results are intact (every file is written whole, then renamed): free space and re-run, "
+            "training resumes from its last checkpoint")
+
+
 def run_stage(stage: Callable[..., object], *args: str, params: str = "params.yaml") -> None:
     """Validate params (and the model's facts), run one stage; a user error ends in one line on
     stderr and exit code 2."""
@@ -98,6 +108,11 @@ def run_stage(stage: Callable[..., object], *args: str, params: str = "params.ya
         result = stage(cfg, *args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:
+        if (message := disk_full_message(e)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     if result is not None:
         print(f"wrote {result}")

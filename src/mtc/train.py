@@ -7,6 +7,7 @@ each batch is read once and fed to all of them.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from mtc.config import ConfigError, DictionaryConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.mine import TopActivations
 from mtc.models import resolve_device
-from mtc.results import CheckpointError, atomic_write_json, atomic_write_text, completed_at, read_json, write_config
+from mtc.results import CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text, completed_at, read_json, write_config
 from mtc.store import ActivationStore, Prefetcher
 
 LOG_FILE = "training_log.jsonl"
@@ -142,7 +143,9 @@ def _checkpoint(run: Run, step: int) -> None:
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     run.model.save(tmp)
-    torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+    buffer = io.BytesIO()  # serialised in memory: a full disk then fails as an OSError on write
+    torch.save(run.optimizer.state_dict(), buffer)
+    atomic_write_bytes(tmp / "optimizer.pt", buffer.getvalue())
     atomic_write_json(tmp / "state.json", {"step": step})
     shutil.rmtree(ckpt, ignore_errors=True)
     tmp.rename(ckpt)
