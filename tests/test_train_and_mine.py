@@ -218,3 +218,15 @@ def test_a_nan_in_the_activations_stops_training_naming_the_step(tiny_pipeline, 
         pipeline.train(cfg, ["tc"])
     run_dir = cfg.dictionaries["tc"].run_dir(cfg.results_root)
     assert "completed_at" not in json.loads((run_dir / "config.json").read_text())
+
+
+def test_gradient_clipping_changes_training_only_when_set(tiny_pipeline, tmp_path):
+    runs = {}
+    for clip in (None, 1e-4):
+        raw = tiny_params(steps=10, save_every=10, max_grad_norm=clip)
+        raw["model"]["name"] = tiny_pipeline.model.name
+        cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=tmp_path / str(clip))
+        [runs[clip]] = pipeline.train(cfg, ["tc"])
+    a, b = MatryoshkaBatchTopK.load(runs[None]), MatryoshkaBatchTopK.load(runs[1e-4])
+    moved = lambda m: (m.W_enc - MatryoshkaBatchTopK(64, 64, [32, 64, 160], 8, seed=0).W_enc).norm()  # noqa: E731
+    assert moved(b) < moved(a), "a tiny clip norm keeps the weights closer to their start"

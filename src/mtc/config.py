@@ -240,6 +240,8 @@ class DictionaryConfig:
     """A feature that stays silent this many batches counts as dead for the auxiliary loss."""
     threshold_momentum: float = 0.01
     """EMA rate of the inference threshold learned from the batch top-k."""
+    max_grad_norm: float | None = None
+    """Clip the global gradient norm to this (off when null)."""
     shuffle_chunks: int = 16
     """Store chunks mixed together when shuffling training rows."""
     device: str = "auto"
@@ -289,6 +291,8 @@ class DictionaryConfig:
         _check_int(f"{p}.seed", self.seed, 0)
         _check_float(f"{p}.aux_penalty", self.aux_penalty, 0.0, 1e3, low_open=False)
         _check_float(f"{p}.threshold_momentum", self.threshold_momentum, 0.0, 1.0)
+        if self.max_grad_norm is not None:
+            _check_float(f"{p}.max_grad_norm", self.max_grad_norm, 0.0, 1e9)
         _check_float(f"{p}.sample_activation_threshold", self.sample_activation_threshold, 0.0, 1e9, low_open=False)
         if not isinstance(self.save_activation_samples, bool):
             _fail(f"{p}.save_activation_samples", self.save_activation_samples, "true or false")

@@ -241,6 +241,8 @@ def _train_step(run: Run, by_key: dict, rows: torch.Tensor, step: int, t0: float
                                  f"the last good checkpoint is kept in {run.run_dir / CHECKPOINTS}")
     out.loss.backward()
     run.model.remove_parallel_grad()
+    if run.cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.model.normalize_decoder()
