@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -82,3 +83,58 @@ def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_dictionary(
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
     steps = [yaml.safe_load(line)["step"] for line in (run_dir / "training_log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 300, "the log has each step once, in order"
+
+
+def extraction_project(root, tiny_pipeline):
+    import shutil
+
+    root.mkdir()
+    raw = tiny_params(tiny_pipeline.model.name)
+    raw["extract"]["batch_size"] = 6          # batches that straddle chunk boundaries
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    shutil.copytree(tiny_pipeline.model_dir, root / "data" / "models" / "stories260K")
+    return root / "data" / "activations" / "stories260K"
+
+
+def rows_on_disk(partial) -> int:
+    try:
+        return json.loads((partial / "progress.json").read_text())["rows_written"]
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def test_kill_9_during_extraction_then_rerun_gives_a_bit_identical_store(tiny_pipeline, tmp_path):
+    import numpy as np
+    import zarr
+
+    def extract(cwd):
+        return subprocess.Popen([sys.executable, "-m", "mtc.cli", "extract"], cwd=cwd, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env={**os.environ, "MTC_QUIET": "1"})
+
+    reference = extraction_project(tmp_path / "reference", tiny_pipeline)
+    assert extract(tmp_path / "reference").wait() == 0
+    store = extraction_project(tmp_path / "killed", tiny_pipeline)
+    partial = store.with_name(store.name + ".partial")
+    rng = random.Random(1)
+    kills = []
+    for target in sorted(rng.sample(range(1024, 32768, 1024), KILL_POINTS)):
+        proc = extract(tmp_path / "killed")
+        while proc.poll() is None and rows_on_disk(partial) < target:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.05))       # mid-batch, mid-chunk write or mid-progress write
+        assert proc.poll() is None, "killed before it finished"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills.append(rows_on_disk(partial))
+        assert not store.exists(), "a half-written store is never in place"
+    print(f"kill points (rows on disk): {kills}")
+    first_chunk = partial / "L2" / "mlp_out.zarr" / "c" / "0" / "0"
+    written_before = first_chunk.stat().st_mtime_ns
+    assert extract(tmp_path / "killed").wait() == 0
+    moved = store / "L2" / "mlp_out.zarr" / "c" / "0" / "0"
+    assert moved.stat().st_mtime_ns == written_before, "the rerun resumed: chunks on disk were not rewritten"
+    for path in sorted(reference.rglob("zarr.json")):
+        a = zarr.open_array(str(path.parent), mode="r")
+        b = zarr.open_array(str(store / path.parent.relative_to(reference)), mode="r")
+        assert a.attrs.asdict() == b.attrs.asdict(), path
+        assert np.array_equal(a[:], b[:]), path

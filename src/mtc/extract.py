@@ -59,17 +59,21 @@ def _extract(cfg: PipelineConfig, store_dir: Path) -> Path:
     provenance = store_provenance(cfg, tokenizer.bos_token_id if tokenizer.bos_token_id is not None
                                   else tokenizer.eos_token_id)
 
-    # Build the store beside its final place and move it in only when complete.
+    # Build the store beside its final place and move it in only when complete. An interrupted
+    # extraction of the same params resumes after its last whole chunk; batches keep their
+    # boundaries (a resume re-runs the batch holding that chunk boundary), so the result is
+    # bit-identical to an uninterrupted run.
     tmp_dir = store_dir.with_name(store_dir.name + ".partial")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
     writer = StoreWriter(tmp_dir, provenance, tokens, wanted, arch.d_model, cfg.extract.dtype, cfg.extract.chunk_rows)
     device = models.resolve_device(cfg.model.device)
     batch = cfg.extract.batch_size
+    first = writer.first_window
     with progress.bar(f"extract {len(wanted)} site(s)", total=tokens.size, unit="tok") as advance:
-        for start in range(0, tokens.shape[0], batch):
+        advance(first * tokens.shape[1])
+        for start in range(first - first % batch, tokens.shape[0], batch):
             ids = torch.from_numpy(tokens[start:start + batch]).long().to(device)
-            writer.add(models.run_sites(bridge, ids, wanted))
-            advance(ids.numel())
+            writer.add(models.run_sites(bridge, ids, wanted), skip_windows=max(0, first - start))
+            advance(ids.numel() - max(0, first - start) * tokens.shape[1])
     writer.close()
     shutil.rmtree(store_dir, ignore_errors=True)
     store_dir.parent.mkdir(parents=True, exist_ok=True)

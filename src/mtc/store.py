@@ -18,7 +18,9 @@ rows are written. The last ``n_holdout_sequences`` windows are held out from tra
 
 from __future__ import annotations
 
+import json
 import queue
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,7 +64,14 @@ def decode(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ writing
 class StoreWriter:
-    """Writes token ids and the activations of several (layer, site)s, one whole chunk at a time."""
+    """Writes token ids and the activations of several (layer, site)s, one whole chunk at a time.
+
+    After every chunk, ``progress.json`` (written whole, then renamed) records the rows on disk and
+    the norm sums so far. A writer opened on a directory whose progress matches the same provenance
+    and sites resumes after its last whole chunk (``rows_written``); anything else starts afresh.
+    """
+
+    PROGRESS = "progress.json"
 
     def __init__(self, store_dir: str | Path, provenance: dict[str, Any], tokens: np.ndarray,
                  sites: list[tuple[int, str]], d_model: int, dtype: str, chunk_rows: int):
@@ -77,46 +86,81 @@ class StoreWriter:
                            "encoding": "bfloat16-bits" if dtype == "bfloat16" else dtype,
                            "chunk_rows": self.chunk_rows}
         self.skip_bos = bool(provenance.get("prepend_bos"))
+        self.keys = [tuple(k) for k in sites]
+        self.identity = {"provenance": self.provenance, "sites": [list(k) for k in self.keys], "d_model": d_model}
+        progress = self._read_progress()
+        if progress is not None and progress["identity"] == json.loads(json.dumps(self.identity)):
+            self.arrays = {k: zarr.open_array(str(site_path(self.dir, *k)), mode="r+") for k in self.keys}
+            self.rows_written = progress["rows_written"]
+            self.norm_sum = dict(zip(self.keys, progress["norm_sum"]))
+            self.norm_count = dict(zip(self.keys, progress["norm_count"]))
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self._create(tokens, d_model)
+            self.rows_written = 0
+            self.norm_sum = {k: 0.0 for k in self.keys}
+            self.norm_count = {k: 0 for k in self.keys}
+            self._write_progress()
+        self.buffers: dict[tuple[int, str], list[torch.Tensor]] = {k: [] for k in self.keys}
+        self.rows_buffered = 0
+
+    def _create(self, tokens: np.ndarray, d_model: int) -> None:
         tok = zarr.create_array(store=str(tokens_path(self.dir)), shape=tokens.shape,
-                                chunks=(max(1, self.chunk_rows // ctx), ctx), dtype="int32",
+                                chunks=(self.chunk_rows // self.ctx, self.ctx), dtype="int32",
                                 compressors=ZstdCodec(level=3), overwrite=True,
                                 attributes={**self.provenance, "complete": False})
         tok[:] = tokens
         tok.attrs["complete"] = True
         self.arrays = {}
-        for layer, site in sites:
+        for layer, site in self.keys:
             self.arrays[(layer, site)] = zarr.create_array(
                 store=str(site_path(self.dir, layer, site)), shape=(self.n_rows, d_model),
-                chunks=(self.chunk_rows, d_model), dtype=_NUMPY_DTYPE[dtype],
+                chunks=(self.chunk_rows, d_model), dtype=_NUMPY_DTYPE[self.dtype],
                 compressors=ZstdCodec(level=3), overwrite=True,
                 attributes={**self.provenance, "layer": layer, "site": site, "complete": False})
-        self.buffers: dict[tuple[int, str], list[torch.Tensor]] = {k: [] for k in self.arrays}
-        self.norm_sum = {k: 0.0 for k in self.arrays}
-        self.norm_count = {k: 0 for k in self.arrays}
-        self.rows_written = 0
-        self.rows_buffered = 0
 
-    def add(self, acts: dict[tuple[int, str], torch.Tensor]) -> None:
-        """Append activations [B, T, d] for the next B windows of every site."""
+    def _read_progress(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.dir / self.PROGRESS).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_progress(self) -> None:
+        from mtc.results import atomic_write_json
+
+        atomic_write_json(self.dir / self.PROGRESS, {
+            "identity": self.identity, "rows_written": self.rows_written,
+            "norm_sum": [self.norm_sum[k] for k in self.keys], "norm_count": [self.norm_count[k] for k in self.keys]})
+
+    @property
+    def first_window(self) -> int:
+        """The first window not on disk yet: where a resumed extraction starts."""
+        return self.rows_written // self.ctx
+
+    def add(self, acts: dict[tuple[int, str], torch.Tensor], skip_windows: int = 0) -> None:
+        """Append activations [B, T, d] of the next windows of every site, dropping the first
+        ``skip_windows`` of them (already on disk from before a resume)."""
         for key, x in acts.items():
-            x = x.detach().float().cpu()
-            norms = x.norm(dim=-1)
-            if self.skip_bos:
-                norms = norms[:, 1:]
-            self.norm_sum[key] += norms.double().sum().item()
-            self.norm_count[key] += norms.numel()
+            x = x[skip_windows:].detach().float().cpu()
             self.buffers[key].append(x.reshape(-1, x.shape[-1]))
-        self.rows_buffered += next(iter(acts.values())).shape[0] * self.ctx
+        self.rows_buffered += (next(iter(acts.values())).shape[0] - skip_windows) * self.ctx
         while self.rows_buffered >= self.chunk_rows:
             self._flush(self.chunk_rows)
 
     def _flush(self, n: int) -> None:
+        start = self.rows_written
+        keep = torch.ones(n, dtype=torch.bool)
+        if self.skip_bos:  # BOS rows are left out of the norm statistics
+            keep = torch.arange(start, start + n) % self.ctx != 0
         for key, parts in self.buffers.items():
             block = torch.cat(parts)
-            self.arrays[key][self.rows_written:self.rows_written + n] = encode(block[:n], self.dtype)
+            self.arrays[key][start:start + n] = encode(block[:n], self.dtype)
+            self.norm_sum[key] += block[:n][keep].norm(dim=-1).double().sum().item()
+            self.norm_count[key] += int(keep.sum())
             self.buffers[key] = [block[n:]] if block.shape[0] > n else []
         self.rows_written += n
         self.rows_buffered -= n
+        self._write_progress()  # only after the chunk is on disk
 
     def close(self) -> None:
         if self.rows_buffered:
@@ -125,6 +169,7 @@ class StoreWriter:
             raise StoreError(f"{self.dir}: wrote {self.rows_written} rows, expected {self.n_rows}")
         for key, arr in self.arrays.items():
             arr.attrs.update({"mean_norm": self.norm_sum[key] / max(1, self.norm_count[key]), "complete": True})
+        (self.dir / self.PROGRESS).unlink()
 
 
 # ------------------------------------------------------------------------------ reading
