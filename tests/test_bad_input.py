@@ -80,3 +80,59 @@ def test_malformed_yaml(tmp_path):
     result = run_first_stage(tmp_path, "model:\n  name: [unclosed\n")
     assert result.returncode == 2 and result.stderr.startswith("error: params.yaml: not valid YAML (line")
     assert result.stderr.count("\n") == 1
+
+
+@pytest.fixture
+def prepared(tiny_pipeline, tmp_path):
+    """A project directory whose model is prepared and whose store is extracted (tiny_pipeline's)."""
+    import shutil
+
+    shutil.copytree(tiny_pipeline.data_root, tmp_path / "data", symlinks=True)
+    raw = tiny_params(tiny_pipeline.model.name)
+    return tmp_path, raw
+
+
+def run_stage(cwd, stage, *args):
+    return subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py"), *args], cwd=cwd,
+                          capture_output=True, text=True)
+
+
+def listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_a_dataset_with_fewer_tokens_than_asked(prepared):
+    root, raw = prepared
+    raw["dataset"]["n_tokens"] = 10**8
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    before = listing(root)
+    result = run_stage(root, "extract")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "dataset.n_tokens: asked for 100000000 tokens but" in result.stderr and "lower dataset.n_tokens" in result.stderr
+    assert listing(root) == before, "nothing written"
+
+
+def test_a_store_whose_provenance_does_not_match(prepared):
+    root, raw = prepared
+    raw["dataset"]["holdout_fraction"] = 0.2
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = run_stage(root, "train", "tc")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "store does not match params (n_holdout_sequences: store has 52, params ask 103)" in result.stderr
+    assert not (root / "results").exists()
+
+
+def test_a_finished_run_with_a_different_config(prepared):
+    root, raw = prepared
+    raw["dictionaries"]["tc"]["steps"] = 20
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert run_stage(root, "train", "tc").returncode == 0
+    raw["dictionaries"]["tc"]["lr"] = 0.01
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    def stamps():  # the lock file beside the run is the lock, not the run
+        return {p: p.stat().st_mtime_ns for p in (root / "results").rglob("*") if p.suffix != ".lock"}
+
+    before = stamps()
+    result = run_stage(root, "train", "tc")
+    assert result.returncode == 2 and "holds a finished run with a different config" in result.stderr
+    assert stamps() == before, "the finished run is untouched"

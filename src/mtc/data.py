@@ -132,7 +132,8 @@ def pack_tokens(texts: Iterator[str], tokenizer, cfg: DatasetConfig, batch_docs:
     batch: list[str] = []
 
     def flush() -> None:
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+        # Whole documents, longer than the model's context: packing cuts them, so no length warning.
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
             stream.extend(ids)
             if eos is not None:
                 stream.append(eos)

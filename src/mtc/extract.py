@@ -46,14 +46,14 @@ def store_provenance(cfg: PipelineConfig, bos_token_id: int | None) -> dict[str,
 
 def extract(cfg: PipelineConfig, store_dir: str | Path | None = None) -> Path:
     store_dir = Path(store_dir or cfg.store_dir)
-    with locks.exclusive(store_dir):  # a second extraction into the same store fails fast
-        return _extract(cfg, store_dir)
-
-
-def _extract(cfg: PipelineConfig, store_dir: Path) -> Path:
-    arch = models.read_architecture(cfg.model_dir)
     tokenizer = models.load_tokenizer(cfg.model_dir)
-    tokens = pack_tokens(iter_texts(cfg.dataset), tokenizer, cfg.dataset)
+    tokens = pack_tokens(iter_texts(cfg.dataset), tokenizer, cfg.dataset)  # too little text fails here
+    with locks.exclusive(store_dir):  # a second extraction into the same store fails fast
+        return _extract(cfg, store_dir, tokenizer, tokens)
+
+
+def _extract(cfg: PipelineConfig, store_dir: Path, tokenizer, tokens) -> Path:
+    arch = models.read_architecture(cfg.model_dir)
     bridge = models.load_bridge(cfg.model_dir, cfg.model.dtype, cfg.model.device)
     wanted = [(layer, site) for layer in cfg.extract.layers for site in cfg.extract.sites]
     provenance = store_provenance(cfg, tokenizer.bos_token_id if tokenizer.bos_token_id is not None
