@@ -38,3 +38,18 @@ def test_training_on_a_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(tin
     assert complete, "at least one checkpoint was written before the disk filled"
     for c in complete:  # intact: every tensor loads
         assert load_file(str(c / "dictionary.safetensors"))["W_dec"].shape == (256, 64)
+
+
+def test_extraction_on_a_full_disk_stops_cleanly_and_never_leaves_a_store_in_place(tiny_pipeline, small_disk, tmp_path):
+    import shutil
+
+    raw = tiny_params(tiny_pipeline.model.name)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    shutil.copytree(tiny_pipeline.model_dir, tmp_path / "data" / "models" / "stories260K")
+    (tmp_path / "data" / "activations").symlink_to(small_disk)
+    result = subprocess.run([sys.executable, "-m", "mtc.cli", "extract"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    # (transformers' own "Loading weights" bar may come first)
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no space left on the device")
+    assert "Traceback" not in result.stderr
+    assert not (small_disk / "stories260K").exists(), "a half-written store is never moved into place"

@@ -95,8 +95,8 @@ def disk_full_message(e: OSError) -> str | None:
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
     return (f"no space left on the device writing {e.filename or 'a file'}; finished stores, checkpoints "
-            "and results are intact (every file is written whole, then renamed): free space and re-run, "
-            "training resumes from its last checkpoint")
+            "and results are intact (every file is written whole, then renamed): free space and re-run; "
+            "training resumes from its last checkpoint, extraction from its last whole chunk")
 
 
 def run_stage(stage: Callable[..., object], *args: str, params: str = "params.yaml") -> None:
