@@ -10,7 +10,7 @@ def test_fvu_is_zero_for_perfect_and_one_for_the_mean_predictor():
     assert compute_fvu(t, t) == 0
     assert abs(compute_fvu(t, t.mean(dim=0).expand_as(t)) - 1) < 1e-12
     r = t + torch.randn_like(t)
-    assert abs(compute_fvu(5 * t + 1, 5 * r + 1) - compute_fvu(t, r)) < 1e-12, "invariant to scale and shift"
+    assert abs(compute_fvu(5 * t + 1, 5 * r + 1) - compute_fvu(t, r)) < 1e-6, "invariant to scale and shift"
 
 
 def test_streamed_fvu_equals_the_direct_computation():
