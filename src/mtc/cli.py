@@ -93,8 +93,9 @@ def _ensure_store(cfg: PipelineConfig) -> None:
     """Extract (and prepare the model) first when no matching store exists."""
     try:
         store = pipeline.open_store(cfg)
-        for d in cfg.dictionaries.values():
-            store.site(d.layer, d.source_site), store.site(d.resolved_target_layer, d.target_site)
+        for d in cfg.dictionaries.values():  # every site the run reads must be in the store
+            store.site(d.layer, d.source_site)
+            store.site(d.resolved_target_layer, d.target_site)
         return
     except pipeline.StoreError as e:
         typer.echo(f"no usable store ({e}); extracting")
