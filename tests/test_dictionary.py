@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtc.dictionary import MatryoshkaBatchTopK, batch_topk_threshold
+from mtc.dictionary import MatryoshkaBatchTopK, batch_topk_pairs
 
 GROUPS = [8, 16, 40]
 
@@ -21,12 +21,37 @@ def make(kind="transcoder", d_in=12, d_out=12, k=4, seed=0):
     return m
 
 
+def _dense_batch_topk(pre, k):
+    """The k*B largest entries of pre that are > 0, as a set of (row, feature)."""
+    keep = (pre >= pre.flatten().topk(k * pre.shape[0]).values.min()) & (pre > 0)
+    return {tuple(p) for p in keep.nonzero().tolist()}
+
+
 @pytest.mark.parametrize("k", [1, 3, 17])
-def test_batch_topk_threshold_is_the_kB_th_largest_value(k):
-    pre = torch.rand(32, 64) * (torch.rand(32, 64) > 0.3)
-    pre[0, :40] += 5   # one row owns many of the top values: forces the exact fallback path
-    expected = pre.flatten().topk(k * 32).values.min()
-    assert batch_topk_threshold(pre, k) == expected
+def test_batch_topk_pairs_are_the_kB_largest_sorted_by_group_then_row(k):
+    torch.manual_seed(k)
+    mm, bias = torch.randn(32, 64), torch.randn(64)
+    mm[0, :40] += 8   # one row owns many of the top values
+    rows, feats = batch_topk_pairs(mm, bias, k, [8, 24, 64])
+    assert set(zip(rows.tolist(), feats.tolist())) == _dense_batch_topk(mm + bias, k)
+    group = torch.bucketize(feats, torch.tensor([8, 24, 64]), right=True)
+    key = (group * 32 + rows) * 64 + feats
+    assert (key[1:] > key[:-1]).all()
+
+
+def test_batch_topk_pairs_stays_exact_when_the_sample_overestimates_the_threshold(monkeypatch):
+    torch.manual_seed(0)
+    mm, bias = torch.randn(16, 100), torch.zeros(100)
+    best = mm.flatten().topk(10).indices  # a "sample" of only the ten largest entries
+    monkeypatch.setattr(torch, "randint", lambda high, size, **kw: best.repeat(size[0] // 10 + 1)[:size[0]])
+    rows, feats = batch_topk_pairs(mm, bias, 5, [100])
+    assert set(zip(rows.tolist(), feats.tolist())) == _dense_batch_topk(mm, 5)
+
+
+def test_batch_topk_pairs_keeps_exactly_kB_when_values_tie():
+    mm = torch.ones(8, 50, dtype=torch.bfloat16)   # every entry ties
+    rows, _ = batch_topk_pairs(mm, torch.zeros(50, dtype=torch.bfloat16), 3, [50])
+    assert rows.numel() == 3 * 8
 
 
 def test_prefix_loss_is_the_mean_of_each_prefix_reconstruction_error():
@@ -46,24 +71,56 @@ def test_prefix_loss_is_the_mean_of_each_prefix_reconstruction_error():
 
 
 @pytest.mark.parametrize("kind", ["transcoder", "sae"])
-@pytest.mark.parametrize("groups", [[64], [16, 48], [8, 16, 40], [4, 4, 8, 16, 32]])
-def test_sparse_prefix_decode_equals_dense_values_and_gradients(kind, groups):
+@pytest.mark.parametrize("groups", [[64], [16, 48], [8, 16, 40], [4, 4, 8, 16, 32], [1, 2, 5, 8, 16, 32]])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(kind, groups, with_dead):
     torch.manual_seed(0)
-    m = MatryoshkaBatchTopK(12, 12, groups, 5, kind=kind)
-    pre = torch.relu(torch.randn(30, 64)).requires_grad_()
-    active = pre.detach() >= batch_topk_threshold(pre.detach(), 5)
-    y = torch.randn(30, 12)
+    m = MatryoshkaBatchTopK(12, 12, groups, 5, kind=kind, top_k_aux=6)
+    with torch.no_grad():
+        m.b_enc.normal_(0, 0.3)
+        m.b_dec.normal_()
+        m.source_scale.fill_(0.7)
+        m.target_scale.fill_(1.3)
+        m.source_mean.normal_()
+    dead = torch.zeros(64, dtype=torch.long)
+    if with_dead:
+        dead[::3] = 100   # a third of the features feed the auxiliary loss
+    x, y = torch.randn(30, 12), torch.randn(30, 12)
     results = []
     for sparse in (True, False):
-        pre.grad, m.W_dec.grad, m.b_dec.grad = None, None, None
-        recons = m.prefix_reconstructions(pre, active) if sparse else m.prefix_reconstructions_dense(pre * active)
-        sum(((r - y) ** 2).mean() for r in recons).backward()
-        results.append(([r.detach() for r in recons], pre.grad.clone(), m.W_dec.grad.clone(), m.b_dec.grad.clone()))
-    (rs, *gs), (rd, *gd) = results
-    for a, b in zip(rs, rd):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for a, b in zip(gs, gd):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        m.zero_grad()
+        m.inactive_batches.copy_(dead)
+        if sparse:
+            out = m.training_forward(x, y)
+            loss, prefix_mse = out.loss, out.prefix_mse
+            assert (out.aux_loss > 0) == with_dead
+        else:
+            loss, prefix_mse = m.dense_reference_loss(x, y)
+        loss.backward()
+        results.append((loss.detach(), prefix_mse, *[p.grad.clone() for p in m.parameters()]))
+    for name, a, b in zip(["loss", "prefix_mse", *dict(m.named_parameters())], *results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda e: f"{name}: {e}")
+
+
+def test_bf16_encoder_matmul_stays_close_to_float32():
+    torch.manual_seed(0)
+    m = MatryoshkaBatchTopK(64, 64, [64, 192], 8)
+    x, y = torch.randn(256, 64), torch.randn(256, 64)
+    m.init_means(x, y)
+    outs, grads = [], []
+    for dtype in (torch.float32, torch.bfloat16):
+        m.zero_grad()
+        out = m.training_forward(x, y, dtype)
+        out.loss.backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    f32, b16 = outs
+    assert abs(float(b16.loss.detach()) / float(f32.loss.detach()) - 1) < 0.01
+    assert b16.codes.l0() == f32.codes.l0() == 8
+    same = len(set(zip(f32.codes.rows.tolist(), f32.codes.feats.tolist())) &
+               set(zip(b16.codes.rows.tolist(), b16.codes.feats.tolist())))
+    assert same / f32.codes.rows.numel() > 0.95
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
 
 
 def test_aux_loss_uses_only_dead_features():

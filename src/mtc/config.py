@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 SITES = ("resid_pre", "resid_mid", "mlp_out", "resid_post")
 DTYPES = ("float32", "bfloat16", "float16")
 KINDS = ("transcoder", "sae")
+MATMUL_DTYPES = ("float32", "bfloat16")
 
 # Presets of the seed: activation width, dictionary size and Matryoshka groups (geometric).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -245,6 +246,9 @@ class DictionaryConfig:
     shuffle_chunks: int = 16
     """Store chunks mixed together when shuffling training rows."""
     device: str = "auto"
+    matmul_dtype: str = "float32"
+    """dtype of the encoder matmul in training (bfloat16: faster on CPUs and GPUs with bf16 units;
+    weights, gradients and optimizer state stay float32)."""
     save_activation_samples: bool = False
     sample_collection_freq: int = 1000
     max_samples_per_feature: int = 100
@@ -297,6 +301,7 @@ class DictionaryConfig:
         if not isinstance(self.save_activation_samples, bool):
             _fail(f"{p}.save_activation_samples", self.save_activation_samples, "true or false")
         _check_device(f"{p}.device", self.device)
+        _check_choice(f"{p}.matmul_dtype", self.matmul_dtype, MATMUL_DTYPES)
         if self.wandb_project is not None:
             _check_str(f"{p}.wandb_project", self.wandb_project)
         if self.model_type is not None:

@@ -24,44 +24,151 @@ WEIGHTS_FILE = "dictionary.safetensors"
 CONFIG_FILE = "dictionary.json"
 
 
+class SparseCodes(NamedTuple):
+    """The batch's non-zero codes as (row, feature, value) triples, sorted by group, then row."""
+
+    rows: torch.Tensor    # [nnz] int64
+    feats: torch.Tensor   # [nnz] int64
+    vals: torch.Tensor    # [nnz] float, > 0
+    shape: tuple[int, int]  # (B, D)
+
+    def dense(self) -> torch.Tensor:
+        out = self.vals.new_zeros(self.shape)
+        out[self.rows, self.feats] = self.vals
+        return out
+
+    def l0(self) -> float:
+        return self.vals.numel() / self.shape[0]
+
+
 class TrainOutput(NamedTuple):
     loss: torch.Tensor            # scalar: mean prefix MSE + aux
     prefix_mse: torch.Tensor      # [n_groups] normalised-space MSE of each prefix
     aux_loss: torch.Tensor        # scalar
-    acts_BF: torch.Tensor         # [B, D] batch-top-k codes
+    codes: SparseCodes            # the batch-top-k codes
     recon_BD: torch.Tensor        # [B, d_out] full reconstruction, normalised space
+
+    @property
+    def acts_BF(self) -> torch.Tensor:
+        """Dense [B, D] codes (a B x D tensor: only for logging and tests)."""
+        return self.codes.dense()
 
 
 def batch_topk_threshold(pre_BF: torch.Tensor, k: int) -> torch.Tensor:
-    """Smallest value among the ``k * B`` largest entries of ``pre_BF`` (exact).
+    """Smallest value among the ``k * B`` largest entries of ``pre_BF`` (the dense reference)."""
+    return pre_BF.flatten().topk(k * pre_BF.shape[0], sorted=False).values.min()
 
-    A global top-k over B x D values is slow, so take each row's top ``4k`` as candidates. A row
-    whose candidates all reach the resulting threshold may hold more values above it (tokens with
-    outsized activations do), so such rows join the candidates whole; adding candidates can only
-    raise the threshold, so every other row's values above it are already among its candidates.
+
+def batch_topk_pairs(mm_BF: torch.Tensor, bias_F: torch.Tensor, k: int, boundaries: list[int],
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, features) of the k B largest entries of ``pre = mm_BF + bias_F``, less those <= 0,
+    sorted by group (``boundaries``), then row, then feature.
+
+    Exact, without a top-k over all B x D values and without materialising ``pre``: a random
+    sample of the entries gives a value ``t`` that about 1.3 k B entries exceed; when at least k B
+    do (checked, else ``t`` is lowered), the k B largest are all among them, and a top-k over those
+    few candidates finds the threshold. Costs two passes over ``mm_BF`` (compare, nonzero), one
+    group's columns at a time, which yields the pairs already in order.
     """
-    n = k * pre_BF.shape[0]
-    m = min(pre_BF.shape[1], 4 * k)
-    candidates = pre_BF.topk(m, dim=1, sorted=False).values
-    threshold = candidates.flatten().topk(n, sorted=False).values.min()
-    if m < pre_BF.shape[1]:
-        full = candidates.min(dim=1).values >= threshold
-        if bool(full.any()):
-            pool = torch.cat([candidates[~full].flatten(), pre_BF[full].flatten()])
-            threshold = pool.topk(n, sorted=False).values.min()
-    return threshold
+    B, D = mm_BF.shape
+    n = k * B
+    n_sample = min(B * D, 1 << 16)
+    sample = torch.randint(B * D, (n_sample,), generator=generator, device=mm_BF.device)
+    rank = min(n_sample, int(1.3 * n * n_sample / (B * D)) + 64)
+    t = (mm_BF.view(-1)[sample] + bias_F[sample % D]).topk(rank, sorted=False).values.min()
+    for _ in range(4):
+        pairs = torch.cat([torch.ge(mm_BF[:, a:b], t - bias_F[a:b]).nonzero() + mm_BF.new_tensor([0, a], dtype=torch.long)
+                           for a, b in zip([0, *boundaries], boundaries)])
+        if pairs.shape[0] >= n:
+            break
+        t = t - (t.abs() + 1) * 4  # rare (a sample far off): lower it until enough entries pass
+    rows, feats = pairs.unbind(1)
+    cand = mm_BF[rows, feats] + bias_F[feats]
+    keep = cand > 0
+    if cand.numel() > n:  # exactly n: ties at the threshold (common in bf16) are broken arbitrarily
+        top = torch.zeros_like(keep)
+        top[cand.topk(n, sorted=False).indices] = True
+        keep &= top
+    return rows[keep], feats[keep]
 
 
-def _weighted_row_sums(feats: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor, W: torch.Tensor,
-                       n_rows: int) -> torch.Tensor:
-    """out[r] = sum of vals[i] * W[feats[i]] over entries i with rows[i] == r; ``rows`` sorted.
-
-    One ``embedding_bag``: never materialises the [nnz, d] gathered rows, and its backward gives
-    the gradients of ``W`` (index-add) and ``vals`` (dot products) sparsely.
-    """
+def _row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """embedding_bag offsets of sorted bag ids ``rows`` (empty bags allowed)."""
     counts = torch.bincount(rows, minlength=n_rows)
-    offsets = torch.cumsum(counts, 0) - counts
-    return F.embedding_bag(feats, W, offsets, mode="sum", per_sample_weights=vals)
+    return torch.cumsum(counts, 0) - counts
+
+
+class _GatherPreActs(torch.autograd.Function):
+    """``pre[rows, feats]`` of ``pre = x @ W_enc + b_enc``, given ``mm = x @ W_enc`` computed
+    outside autograd.
+
+    The backward touches only the gathered entries: W_enc's gradient is, for each feature, a
+    weighted sum of the rows of ``x`` that selected it (one ``embedding_bag``, O(nnz * d)),
+    instead of the dense ``x.T @ grad_pre`` (O(B * d * D)).
+    """
+
+    @staticmethod
+    def forward(ctx, W_enc, b_enc, x, mm, rows, feats):
+        ctx.save_for_backward(x, rows, feats)
+        ctx.dict_size = mm.shape[1]
+        return mm[rows, feats].to(b_enc.dtype) + b_enc[feats]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rows, feats = ctx.saved_tensors
+        order = torch.argsort(feats)
+        grad_WT = F.embedding_bag(rows[order], x, _row_offsets(feats[order], ctx.dict_size), mode="sum",
+                                  per_sample_weights=grad[order])  # [D, d_in]
+        grad_b = torch.zeros(ctx.dict_size, dtype=grad.dtype, device=grad.device).index_add_(0, feats, grad)
+        return grad_WT.t(), grad_b, None, None, None, None
+
+
+class _PrefixLoss(torch.autograd.Function):
+    """MSE of every prefix's reconstruction of ``y`` from sparse codes: ([n_groups], last residual).
+
+    ``ptr`` splits the (row, feature, value) triples, sorted by group then row, into groups; the
+    forward adds one ``embedding_bag`` per group (a weighted sum of decoder rows per token) to a
+    running residual. The backward is sparse too: a prefix's gradient flows into every group it
+    contains (a reverse cumulative sum of residuals), the codes' gradient is one dot product per
+    triple, and W_dec's gradient is, per feature, a weighted sum of the residuals of the tokens
+    that used it (an ``embedding_bag`` over the triples sorted by feature).
+    """
+
+    @staticmethod
+    def forward(ctx, vals, W_dec, b_dec, y, rows, feats, ptr, boundaries):
+        B = y.shape[0]
+        residuals = y.new_empty(len(boundaries), *y.shape)
+        running, start = b_dec - y, 0
+        for g, end in enumerate(boundaries):
+            a, b = ptr[g], ptr[g + 1]
+            contrib = F.embedding_bag(feats[a:b] - start, W_dec[start:end], _row_offsets(rows[a:b], B),
+                                      mode="sum", per_sample_weights=vals[a:b])
+            running = torch.add(running, contrib, out=residuals[g])
+            start = end
+        ctx.save_for_backward(vals, W_dec, rows, feats, residuals)
+        ctx.ptr, ctx.boundaries = ptr, boundaries
+        ctx.mark_non_differentiable(running)
+        return residuals.pow(2).mean(dim=(1, 2)), running
+
+    @staticmethod
+    def backward(ctx, grad_mse, _):
+        vals, W_dec, rows, feats, residuals = ctx.saved_tensors
+        G, B, d = residuals.shape
+        scale = grad_mse * (2 / (B * d))
+        grad_vals, grad_W = torch.empty_like(vals), torch.empty_like(W_dec)
+        by_feat = torch.argsort(feats)  # a group's features are one range, so groups stay apart
+        feat_offsets = _row_offsets(feats, W_dec.shape[0])
+        grad_group = torch.zeros_like(residuals[0])
+        for g in reversed(range(G)):
+            grad_group.addcmul_(residuals[g], scale[g])  # prefix g and every longer one hold group g
+            a, b = ctx.ptr[g], ctx.ptr[g + 1]
+            start, end = ctx.boundaries[g - 1] if g else 0, ctx.boundaries[g]
+            grad_vals[a:b] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_group, W_dec[start:end], feats[a:b] - start, _row_offsets(rows[a:b], B), rows[a:b], 0, -1)
+            order = by_feat[a:b]
+            grad_W[start:end] = F.embedding_bag(rows[order], grad_group, feat_offsets[start:end] - a,
+                                                mode="sum", per_sample_weights=vals[order])
+        return grad_vals, grad_W, grad_group.sum(0), None, None, None, None, None
 
 
 class MatryoshkaBatchTopK(nn.Module):
@@ -130,77 +237,106 @@ class MatryoshkaBatchTopK(nn.Module):
             start = end
         return out
 
-    def prefix_reconstructions(self, pre_BF: torch.Tensor, active_BF: torch.Tensor) -> list[torch.Tensor]:
-        """Same as ``prefix_reconstructions_dense(pre_BF * active_BF)``, touching only active codes.
+    def prefix_losses(self, codes: SparseCodes, vals: torch.Tensor, y_BD: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MSE of every prefix's reconstruction of the normalised target ``y_BD``, the full
+        dictionary's residual), from the codes ``vals`` at ``codes``' (row, feature) pairs, which
+        must be sorted by group, then row. Equal to the dense computation; touches only the codes."""
+        group = torch.bucketize(codes.feats, codes.feats.new_tensor(self.boundaries), right=True)
+        ptr = [0, *torch.bincount(group, minlength=len(self.boundaries)).cumsum(0).tolist()]
+        return _PrefixLoss.apply(vals, self.W_dec, self.b_dec, y_BD, codes.rows, codes.feats, ptr, self.boundaries)
 
-        Active (row, feature) pairs are sorted by group, then row; each group's contribution is one
-        ``embedding_bag`` (a weighted sum of decoder rows per token), added to the running prefix.
+    def training_forward(self, x_BD: torch.Tensor, y_BD: torch.Tensor,
+                         matmul_dtype: torch.dtype = torch.float32) -> TrainOutput:
+        """Loss on a batch of raw source/target rows; updates the threshold and dead counters.
+
+        Only the encoder matmul is dense. BatchTopK keeps k*B of the B*D pre-activations; the
+        decoder, the encoder's gradient and the auxiliary loss work on those entries alone
+        (``tests/test_dictionary.py`` checks the loss and every gradient against the dense step).
+        ``matmul_dtype=torch.bfloat16`` runs that matmul (and the selection) in bf16; weights,
+        gradients and everything else stay float32.
         """
-        B = pre_BF.shape[0]
-        rows, feats = active_BF.nonzero(as_tuple=True)
-        group = torch.bucketize(feats, self._boundaries_tensor(feats.device), right=True)
-        order = torch.argsort(group * B + rows)
-        rows, feats, group = rows[order], feats[order], group[order]
-        vals = pre_BF[rows, feats]
-        ptr = torch.searchsorted(group, torch.arange(len(self.boundaries) + 1, device=group.device)).tolist()
-        out, recon, start = [], self.b_dec.expand(B, -1), 0
-        for g, end in enumerate(self.boundaries):
-            a, b = ptr[g], ptr[g + 1]
-            recon = recon + _weighted_row_sums(feats[a:b] - start, rows[a:b], vals[a:b], self.W_dec[start:end], B)
-            out.append(recon)
-            start = end
-        return out
+        B = x_BD.shape[0]
+        y = y_BD * self.target_scale
+        x = x_BD * self.source_scale - self.source_mean
+        with torch.no_grad():  # the one dense product; b_enc is added only where it is needed
+            mm = x.to(matmul_dtype) @ self.W_enc.to(matmul_dtype)
+        rows, feats = batch_topk_pairs(mm, self.b_enc.detach().to(matmul_dtype), self.top_k, self.boundaries,
+                                       self._sample_generator(mm.device))
+        aux_rows, aux_feats = self._aux_pairs(mm)
+        all_vals = _GatherPreActs.apply(self.W_enc, self.b_enc, x, mm,
+                                        torch.cat([rows, aux_rows]), torch.cat([feats, aux_feats]))
+        vals, aux_vals = all_vals[:rows.numel()], torch.relu(all_vals[rows.numel():])
+        codes = SparseCodes(rows, feats, vals.detach(), (B, self.dict_size))
+        prefix_mse, residual = self.prefix_losses(codes, vals, y)
+        aux = self._aux_loss(aux_rows, aux_feats, aux_vals, -residual)
+        self._update_stats(codes)
+        return TrainOutput(prefix_mse.mean() + aux, prefix_mse.detach(), aux.detach(), codes, residual + y)
 
-    def _boundaries_tensor(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.boundaries, device=device)
-
-    def training_forward(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> TrainOutput:
-        """Loss on a batch of raw source/target rows; updates the threshold and dead counters."""
+    def dense_reference_loss(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, prefix_mse) of ``training_forward`` computed the straightforward way: dense
+        codes, one dense decode per group, dense autograd. For tests and benchmarks only."""
         y = y_BD * self.target_scale
         pre = self.pre_acts(x_BD)
-        threshold = batch_topk_threshold(pre.detach(), self.top_k)
-        active = (pre.detach() >= threshold) & (pre.detach() > 0)
-        recons = self.prefix_reconstructions(pre, active)
-        prefix_mse = torch.stack([(r - y).pow(2).mean() for r in recons])
-        aux = self.aux_loss(pre, y - recons[-1].detach())
-        acts = pre.detach() * active
-        self._update_stats(acts)
-        return TrainOutput(prefix_mse.mean() + aux, prefix_mse.detach(), aux.detach(), acts, recons[-1].detach())
+        acts = pre * (pre >= batch_topk_threshold(pre.detach(), self.top_k))
+        prefix_mse = torch.stack([(r - y).pow(2).mean() for r in self.prefix_reconstructions_dense(acts)])
+        loss = prefix_mse.mean()
+        dead = torch.nonzero(self.inactive_batches >= self.cfg["n_batches_to_dead"]).flatten()
+        if dead.numel() and self.cfg["aux_penalty"]:
+            values, idx = pre[:, dead].topk(min(self.cfg["top_k_aux"], dead.numel()), dim=1)
+            aux_acts = torch.zeros_like(pre).scatter(1, dead[idx], values)
+            residual = y - (acts @ self.W_dec + self.b_dec).detach()
+            loss = loss + self.cfg["aux_penalty"] * (aux_acts @ self.W_dec - residual).pow(2).mean()
+        return loss, prefix_mse.detach()
 
-    def aux_loss(self, pre_BF: torch.Tensor, residual_BD: torch.Tensor) -> torch.Tensor:
-        """Reconstruct what the live features miss with each token's top ``top_k_aux`` dead ones."""
+    def _sample_generator(self, device: torch.device) -> torch.Generator:
+        # Only speeds up the threshold search (the result does not depend on it); not saved.
+        if getattr(self, "_generator", None) is None or self._generator.device != device:
+            self._generator = torch.Generator(device).manual_seed(0)
+        return self._generator
+
+    def _aux_pairs(self, mm_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's top ``top_k_aux`` dead features (cost O(B * n_dead)), row-major."""
         dead = torch.nonzero(self.inactive_batches >= self.cfg["n_batches_to_dead"]).flatten()
         if dead.numel() == 0 or self.cfg["aux_penalty"] == 0:
-            return pre_BF.new_zeros(())
-        B = pre_BF.shape[0]
+            empty = torch.zeros(0, dtype=torch.long, device=mm_BF.device)
+            return empty, empty
+        B = mm_BF.shape[0]
         k_aux = min(self.cfg["top_k_aux"], dead.numel())
-        values, idx = pre_BF[:, dead].topk(k_aux, dim=1)                      # [B, k_aux]
-        rows = torch.arange(B, device=pre_BF.device).repeat_interleave(k_aux)
-        recon = _weighted_row_sums(dead[idx].flatten(), rows, values.flatten(), self.W_dec, B)
-        return self.cfg["aux_penalty"] * (recon - residual_BD).pow(2).mean()
+        idx = (mm_BF[:, dead] + self.b_enc.detach()[dead].to(mm_BF.dtype)).topk(k_aux, dim=1, sorted=False).indices  # [B, k_aux]
+        rows = torch.arange(B, device=mm_BF.device).repeat_interleave(k_aux)
+        return rows, dead[idx].flatten()
+
+    def _aux_loss(self, rows, feats, vals, residual_BD: torch.Tensor) -> torch.Tensor:
+        """Reconstruct what the live features miss with each token's top ``top_k_aux`` dead ones."""
+        if rows.numel() == 0:
+            return residual_BD.new_zeros(())
+        no_bias = residual_BD.new_zeros(residual_BD.shape[1])
+        mse, _ = _PrefixLoss.apply(vals, self.W_dec, no_bias, residual_BD, rows, feats, [0, rows.numel()],
+                                   [self.dict_size])
+        return self.cfg["aux_penalty"] * mse[0]
 
     @torch.no_grad()
-    def _update_stats(self, acts_BF: torch.Tensor) -> None:
-        fired = (acts_BF > 0).any(dim=0)
+    def _update_stats(self, codes: SparseCodes) -> None:
+        fired = torch.bincount(codes.feats, minlength=self.dict_size) > 0
         self.inactive_batches.add_(1).masked_fill_(fired, 0)
-        positive = acts_BF[acts_BF > 0]
-        if positive.numel():
-            m = self.cfg["threshold_momentum"]
+        if codes.vals.numel():
+            m, smallest = self.cfg["threshold_momentum"], codes.vals.min()
             if self.threshold == 0:  # first batch: start the average at its value, not at 0
-                self.threshold.copy_(positive.min())
+                self.threshold.copy_(smallest)
             else:
-                self.threshold.mul_(1 - m).add_(m * positive.min())
+                self.threshold.mul_(1 - m).add_(m * smallest)
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
         """Drop the gradient component along each decoder row (it would only change its norm)."""
         if self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-            self.W_dec.grad -= parallel * self.W_dec
+            parallel = torch.einsum("fd,fd->f", self.W_dec.grad, self.W_dec)
+            self.W_dec.grad.addcmul_(parallel[:, None], self.W_dec, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def set_scales(self, source_mean_norm: float, target_mean_norm: float) -> None:

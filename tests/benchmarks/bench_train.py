@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import statistics
 import tempfile
@@ -20,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from mtc.dictionary import MatryoshkaBatchTopK, batch_topk_threshold
+from mtc.dictionary import MatryoshkaBatchTopK
+from mtc.train import make_optimizer
 from mtc.store import ActivationStore, StoreWriter
 
 SHAPES = {
@@ -29,23 +31,36 @@ SHAPES = {
 }
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def side_by_side(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, interleaved round by round (after one warm-up round),
+    so that a change in the machine's load hits every function alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+    return times
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a/b (each round's pair measured back to back)."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def make(d, groups, k, seed=0):
     m = MatryoshkaBatchTopK(d, d, groups, k, seed=seed)
-    return m, torch.optim.AdamW(m.parameters(), lr=3e-4)
+    return m, make_optimizer(m, 3e-4)
 
 
-def our_step(m, opt, x, y):
-    out = m.training_forward(x, y)
+def our_step(m, opt, x, y, matmul_dtype=torch.float32):
+    out = m.training_forward(x, y, matmul_dtype)
     out.loss.backward()
     m.remove_parallel_grad()
     opt.step()
@@ -54,13 +69,9 @@ def our_step(m, opt, x, y):
 
 
 def dense_step(m, opt, x, y):
-    """The straightforward step: dense encode, one dense decode per prefix, dense autograd."""
-    pre = m.pre_acts(x)
-    threshold = batch_topk_threshold(pre.detach(), m.top_k)
-    acts = pre * (pre >= threshold)
-    yn = y * m.target_scale
-    losses = [((acts[:, :end] @ m.W_dec[:end] + m.b_dec - yn) ** 2).mean() for end in m.boundaries]
-    torch.stack(losses).mean().backward()
+    """The straightforward step: dense encode, one dense decode per group, dense autograd."""
+    loss, _ = m.dense_reference_loss(x, y)
+    loss.backward()
     m.remove_parallel_grad()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -88,6 +99,23 @@ def loader_rows_per_s(d: int, batch: int, n_batches: int) -> float:
         return n_batches * batch / (time.perf_counter() - t)
 
 
+def peak_rss_gib(variant: str, shape: str, k: int) -> float:
+    """Peak RSS of a fresh process that builds the inputs and runs two steps of ``variant``."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_peak_rss_child, (variant, shape, k))
+
+
+def _peak_rss_child(variant: str, shape: str, k: int) -> float:
+    cfg = SHAPES[shape]
+    x, y = torch.randn(cfg["batch"], cfg["d"]), torch.randn(cfg["batch"], cfg["d"])
+    m, opt = make(cfg["d"], cfg["groups"], k)
+    m.init_means(x, y)
+    for _ in range(2):
+        (our_step if variant == "ours" else dense_step)(m, opt, x, y)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def bench(shape: str, k: int, repeats: int) -> dict:
     cfg = SHAPES[shape]
     d, groups, B = cfg["d"], cfg["groups"], cfg["batch"]
@@ -95,24 +123,33 @@ def bench(shape: str, k: int, repeats: int) -> dict:
     torch.manual_seed(0)
     x, y = torch.randn(B, d), torch.randn(B, d)
     W = torch.randn(d, D)
-    matmul = median_time(lambda: x @ W, repeats)
-    m, opt = make(d, groups, k)
-    m.init_means(x, y)
-    ours = median_time(lambda: our_step(m, opt, x, y), repeats)
-    md, optd = make(d, groups, k)
-    md.init_means(x, y)
-    dense = median_time(lambda: dense_step(md, optd, x, y), max(1, repeats // 2))
+    xb, Wb = x.bfloat16(), W.bfloat16()
+    (m, opt), (mb, optb), (md, optd) = make(d, groups, k), make(d, groups, k), make(d, groups, k)
     four = [make(d, groups, k, seed=s) for s in range(4)]
-    for mm, _ in four:
+    for mm, _ in [(m, opt), (mb, optb), (md, optd), *four]:
         mm.init_means(x, y)
-    multi4 = median_time(lambda: [our_step(mm, oo, x, y) for mm, oo in four], max(1, repeats // 2))
+    t = side_by_side({
+        "matmul": lambda: x @ W,
+        "matmul_bf16": lambda: xb @ Wb,
+        "ours": lambda: our_step(m, opt, x, y),
+        "ours_bf16": lambda: our_step(mb, optb, x, y, torch.bfloat16),
+        "dense": lambda: dense_step(md, optd, x, y),
+        "multi4": lambda: [our_step(mm, oo, x, y) for mm, oo in four],
+    }, repeats)
+    ours = statistics.median(t["ours"])
     loader = loader_rows_per_s(d, B, n_batches=8)
     return {
-        "shape": shape, "d": d, "dict_size": D, "k": k, "batch": B,
-        "ours_tokens_per_s": B / ours, "dense_tokens_per_s": B / dense,
-        "speedup_vs_dense": dense / ours, "step_over_matmul": ours / matmul,
-        "loader_over_train": loader / (B / ours), "multi4_over_one": multi4 / ours,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "shape": shape, "d": d, "dict_size": D, "k": k, "batch": B, "repeats": repeats,
+        "matmul_s": statistics.median(t["matmul"]), "ours_s": ours,
+        "ours_tokens_per_s": B / ours, "dense_tokens_per_s": B / statistics.median(t["dense"]),
+        "speedup_vs_dense": median_ratio(t["dense"], t["ours"]),
+        "step_over_matmul": median_ratio(t["ours"], t["matmul"]),
+        "dense_over_matmul": median_ratio(t["dense"], t["matmul"]),
+        "bf16_step_over_fp32_matmul": median_ratio(t["ours_bf16"], t["matmul"]),
+        "bf16_step_over_bf16_matmul": median_ratio(t["ours_bf16"], t["matmul_bf16"]),
+        "bf16_tokens_per_s": B / statistics.median(t["ours_bf16"]),
+        "loader_over_train": loader / (B / ours), "multi4_over_one": median_ratio(t["multi4"], t["ours"]),
+        "peak_rss_gib_ours": peak_rss_gib("ours", shape, k), "peak_rss_gib_dense": peak_rss_gib("dense", shape, k),
     }
 
 
@@ -124,12 +161,14 @@ def main() -> None:
     runs = [("gpt2", 64)] if args.quick else [("gpt2", 32), ("gpt2", 64), ("gemma-2-2b", 64)]
     repeats = args.repeats or (3 if args.quick else 5)
     results = [bench(shape, k, repeats) for shape, k in runs]
-    print(f"{'shape':<11}{'k':>4}{'ours tok/s':>12}{'dense tok/s':>13}{'vs dense':>10}{'/matmul':>9}"
-          f"{'loader/train':>14}{'multi4/one':>12}{'peak GiB':>10}")
+    print(f"fp32 unless noted; medians of {repeats} interleaved rounds")
+    print(f"{'shape':<11}{'k':>4}{'ours tok/s':>11}{'dense tok/s':>12}{'vs dense':>9}{'/matmul':>8}{'dense/mm':>9}"
+          f"{'bf16 tok/s':>11}{'bf16/mm32':>10}{'loader/train':>13}{'multi4/one':>11}{'GiB ours':>9}{'GiB dense':>10}")
     for r in results:
-        print(f"{r['shape']:<11}{r['k']:>4}{r['ours_tokens_per_s']:>12.0f}{r['dense_tokens_per_s']:>13.0f}"
-              f"{r['speedup_vs_dense']:>10.2f}{r['step_over_matmul']:>9.2f}{r['loader_over_train']:>14.1f}"
-              f"{r['multi4_over_one']:>12.2f}{r['peak_rss_gib']:>10.2f}")
+        print(f"{r['shape']:<11}{r['k']:>4}{r['ours_tokens_per_s']:>11.0f}{r['dense_tokens_per_s']:>12.0f}"
+              f"{r['speedup_vs_dense']:>9.2f}{r['step_over_matmul']:>8.2f}{r['dense_over_matmul']:>9.2f}"
+              f"{r['bf16_tokens_per_s']:>11.0f}{r['bf16_step_over_fp32_matmul']:>10.2f}{r['loader_over_train']:>13.1f}"
+              f"{r['multi4_over_one']:>11.2f}{r['peak_rss_gib_ours']:>9.2f}{r['peak_rss_gib_dense']:>10.2f}")
     headline = results[-1] if args.quick else results[1]
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in headline.items()}))
 
