@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
-import torch.nn.functional as F
 from torch import nn
 
 WEIGHTS_FILE = "dictionary.safetensors"
@@ -60,8 +60,8 @@ def batch_topk_threshold(pre_BF: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def batch_topk_pairs(mm_BF: torch.Tensor, bias_F: torch.Tensor, k: int, boundaries: list[int],
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, features) of the k B largest entries of ``pre = mm_BF + bias_F``, less those <= 0,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, features, values) of the k B largest entries of ``pre = mm_BF + bias_F``, less those <= 0,
     sorted by group (``boundaries``), then row, then feature.
 
     Exact, without a top-k over all B x D values and without materialising ``pre``: a random
@@ -75,21 +75,22 @@ def batch_topk_pairs(mm_BF: torch.Tensor, bias_F: torch.Tensor, k: int, boundari
     n_sample = min(B * D, 1 << 16)
     sample = torch.randint(B * D, (n_sample,), generator=generator, device=mm_BF.device)
     rank = min(n_sample, int(1.3 * n * n_sample / (B * D)) + 64)
-    t = (mm_BF.view(-1)[sample] + bias_F[sample % D]).topk(rank, sorted=False).values.min()
+    t = (mm_BF.view(-1)[sample].to(bias_F.dtype) + bias_F[sample % D]).topk(rank, sorted=False).values.min()
     for _ in range(4):
-        pairs = torch.cat([torch.ge(mm_BF[:, a:b], t - bias_F[a:b]).nonzero() + mm_BF.new_tensor([0, a], dtype=torch.long)
+        bound = (t - bias_F).to(mm_BF.dtype)  # mm >= t - bias  <=>  pre >= t
+        pairs = torch.cat([torch.ge(mm_BF[:, a:b], bound[a:b]).nonzero() + mm_BF.new_tensor([0, a], dtype=torch.long)
                            for a, b in zip([0, *boundaries], boundaries)])
         if pairs.shape[0] >= n:
             break
         t = t - (t.abs() + 1) * 4  # rare (a sample far off): lower it until enough entries pass
     rows, feats = pairs.unbind(1)
-    cand = mm_BF[rows, feats] + bias_F[feats]
+    cand = mm_BF[rows, feats].to(bias_F.dtype) + bias_F[feats]
     keep = cand > 0
     if cand.numel() > n:  # exactly n: ties at the threshold (common in bf16) are broken arbitrarily
         top = torch.zeros_like(keep)
         top[cand.topk(n, sorted=False).indices] = True
         keep &= top
-    return rows[keep], feats[keep]
+    return rows[keep], feats[keep], cand[keep]
 
 
 def _row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -98,9 +99,9 @@ def _row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-class _GatherPreActs(torch.autograd.Function):
-    """``pre[rows, feats]`` of ``pre = x @ W_enc + b_enc``, given ``mm = x @ W_enc`` computed
-    outside autograd.
+class _SparsePreActs(torch.autograd.Function):
+    """``pre[rows, feats]`` of ``pre = x @ W_enc + b_enc``, given those values (``pre_vals``),
+    computed outside autograd.
 
     The backward touches only the gathered entries: W_enc's gradient is, for each feature, a
     weighted sum of the rows of ``x`` that selected it (one ``embedding_bag``, O(nnz * d)),
@@ -108,19 +109,18 @@ class _GatherPreActs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, W_enc, b_enc, x, mm, rows, feats):
-        ctx.save_for_backward(x, rows, feats)
-        ctx.dict_size = mm.shape[1]
-        return mm[rows, feats].to(b_enc.dtype) + b_enc[feats]
+    def forward(ctx, W_enc, b_enc, x, pre_vals, rows, feats, by_feat):
+        ctx.save_for_backward(x, rows, feats, by_feat)
+        ctx.dict_size = b_enc.shape[0]
+        return pre_vals.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        x, rows, feats = ctx.saved_tensors
-        order = torch.argsort(feats)
+        x, rows, feats, order = ctx.saved_tensors  # order: the triples sorted by feature
         grad_WT = F.embedding_bag(rows[order], x, _row_offsets(feats[order], ctx.dict_size), mode="sum",
                                   per_sample_weights=grad[order])  # [D, d_in]
         grad_b = torch.zeros(ctx.dict_size, dtype=grad.dtype, device=grad.device).index_add_(0, feats, grad)
-        return grad_WT.t(), grad_b, None, None, None, None
+        return grad_WT.t(), grad_b, None, None, None, None, None
 
 
 class _PrefixLoss(torch.autograd.Function):
@@ -135,7 +135,7 @@ class _PrefixLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, vals, W_dec, b_dec, y, rows, feats, ptr, boundaries):
+    def forward(ctx, vals, W_dec, b_dec, y, rows, feats, by_feat, ptr, boundaries):
         B = y.shape[0]
         residuals = y.new_empty(len(boundaries), *y.shape)
         running, start = b_dec - y, 0
@@ -145,18 +145,18 @@ class _PrefixLoss(torch.autograd.Function):
                                       mode="sum", per_sample_weights=vals[a:b])
             running = torch.add(running, contrib, out=residuals[g])
             start = end
-        ctx.save_for_backward(vals, W_dec, rows, feats, residuals)
+        ctx.save_for_backward(vals, W_dec, rows, feats, by_feat, residuals)
         ctx.ptr, ctx.boundaries = ptr, boundaries
         ctx.mark_non_differentiable(running)
-        return residuals.pow(2).mean(dim=(1, 2)), running
+        mse = torch.linalg.vector_norm(residuals, dim=(1, 2)).square() / (B * y.shape[1])
+        return mse, running
 
     @staticmethod
     def backward(ctx, grad_mse, _):
-        vals, W_dec, rows, feats, residuals = ctx.saved_tensors
+        vals, W_dec, rows, feats, by_feat, residuals = ctx.saved_tensors
         G, B, d = residuals.shape
         scale = grad_mse * (2 / (B * d))
         grad_vals, grad_W = torch.empty_like(vals), torch.empty_like(W_dec)
-        by_feat = torch.argsort(feats)  # a group's features are one range, so groups stay apart
         feat_offsets = _row_offsets(feats, W_dec.shape[0])
         grad_group = torch.zeros_like(residuals[0])
         for g in reversed(range(G)):
@@ -165,10 +165,10 @@ class _PrefixLoss(torch.autograd.Function):
             start, end = ctx.boundaries[g - 1] if g else 0, ctx.boundaries[g]
             grad_vals[a:b] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
                 grad_group, W_dec[start:end], feats[a:b] - start, _row_offsets(rows[a:b], B), rows[a:b], 0, -1)
-            order = by_feat[a:b]
+            order = by_feat[a:b]  # a group's features are one range, so its triples are one slice
             grad_W[start:end] = F.embedding_bag(rows[order], grad_group, feat_offsets[start:end] - a,
                                                 mode="sum", per_sample_weights=vals[order])
-        return grad_vals, grad_W, grad_group.sum(0), None, None, None, None, None
+        return grad_vals, grad_W, grad_group.sum(0), None, None, None, None, None, None
 
 
 class MatryoshkaBatchTopK(nn.Module):
@@ -237,14 +237,17 @@ class MatryoshkaBatchTopK(nn.Module):
             start = end
         return out
 
-    def prefix_losses(self, codes: SparseCodes, vals: torch.Tensor, y_BD: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefix_losses(self, codes: SparseCodes, vals: torch.Tensor, y_BD: torch.Tensor,
+                      by_feat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(MSE of every prefix's reconstruction of the normalised target ``y_BD``, the full
         dictionary's residual), from the codes ``vals`` at ``codes``' (row, feature) pairs, which
-        must be sorted by group, then row. Equal to the dense computation; touches only the codes."""
+        must be sorted by group, then row (``by_feat``: their order by feature, if already known).
+        Equal to the dense computation; touches only the codes."""
         group = torch.bucketize(codes.feats, codes.feats.new_tensor(self.boundaries), right=True)
         ptr = [0, *torch.bincount(group, minlength=len(self.boundaries)).cumsum(0).tolist()]
-        return _PrefixLoss.apply(vals, self.W_dec, self.b_dec, y_BD, codes.rows, codes.feats, ptr, self.boundaries)
+        by_feat = torch.argsort(codes.feats) if by_feat is None else by_feat
+        return _PrefixLoss.apply(vals, self.W_dec, self.b_dec, y_BD, codes.rows, codes.feats, by_feat, ptr,
+                                 self.boundaries)
 
     def training_forward(self, x_BD: torch.Tensor, y_BD: torch.Tensor,
                          matmul_dtype: torch.dtype = torch.float32) -> TrainOutput:
@@ -261,15 +264,13 @@ class MatryoshkaBatchTopK(nn.Module):
         x = x_BD * self.source_scale - self.source_mean
         with torch.no_grad():  # the one dense product; b_enc is added only where it is needed
             mm = x.to(matmul_dtype) @ self.W_enc.to(matmul_dtype)
-        rows, feats = batch_topk_pairs(mm, self.b_enc.detach().to(matmul_dtype), self.top_k, self.boundaries,
-                                       self._sample_generator(mm.device))
-        aux_rows, aux_feats = self._aux_pairs(mm)
-        all_vals = _GatherPreActs.apply(self.W_enc, self.b_enc, x, mm,
-                                        torch.cat([rows, aux_rows]), torch.cat([feats, aux_feats]))
-        vals, aux_vals = all_vals[:rows.numel()], torch.relu(all_vals[rows.numel():])
+        rows, feats, pre_vals = batch_topk_pairs(mm, self.b_enc.detach(), self.top_k, self.boundaries,
+                                                 self._sample_generator(mm.device))
+        by_feat = torch.argsort(feats)  # the encoder's and the decoder's gradients both use it
+        vals = _SparsePreActs.apply(self.W_enc, self.b_enc, x, pre_vals, rows, feats, by_feat)
         codes = SparseCodes(rows, feats, vals.detach(), (B, self.dict_size))
-        prefix_mse, residual = self.prefix_losses(codes, vals, y)
-        aux = self._aux_loss(aux_rows, aux_feats, aux_vals, -residual)
+        prefix_mse, residual = self.prefix_losses(codes, vals, y, by_feat)
+        aux = self._aux_loss(x, mm, -residual)
         self._update_stats(codes)
         return TrainOutput(prefix_mse.mean() + aux, prefix_mse.detach(), aux.detach(), codes, residual + y)
 
@@ -295,24 +296,21 @@ class MatryoshkaBatchTopK(nn.Module):
             self._generator = torch.Generator(device).manual_seed(0)
         return self._generator
 
-    def _aux_pairs(self, mm_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each token's top ``top_k_aux`` dead features (cost O(B * n_dead)), row-major."""
+    def _aux_loss(self, x_BD: torch.Tensor, mm_BF: torch.Tensor, residual_BD: torch.Tensor) -> torch.Tensor:
+        """Reconstruct what the live features miss with each token's top ``top_k_aux`` dead ones.
+        Sparse like the main loss; its cost grows with B x n_dead (the top-k over dead features)."""
         dead = torch.nonzero(self.inactive_batches >= self.cfg["n_batches_to_dead"]).flatten()
         if dead.numel() == 0 or self.cfg["aux_penalty"] == 0:
-            empty = torch.zeros(0, dtype=torch.long, device=mm_BF.device)
-            return empty, empty
-        B = mm_BF.shape[0]
-        k_aux = min(self.cfg["top_k_aux"], dead.numel())
-        idx = (mm_BF[:, dead] + self.b_enc.detach()[dead].to(mm_BF.dtype)).topk(k_aux, dim=1, sorted=False).indices  # [B, k_aux]
-        rows = torch.arange(B, device=mm_BF.device).repeat_interleave(k_aux)
-        return rows, dead[idx].flatten()
-
-    def _aux_loss(self, rows, feats, vals, residual_BD: torch.Tensor) -> torch.Tensor:
-        """Reconstruct what the live features miss with each token's top ``top_k_aux`` dead ones."""
-        if rows.numel() == 0:
             return residual_BD.new_zeros(())
+        B = mm_BF.shape[0]
+        pre_dead = mm_BF[:, dead].to(self.b_enc.dtype) + self.b_enc.detach()[dead]
+        pre_vals, idx = pre_dead.topk(min(self.cfg["top_k_aux"], dead.numel()), dim=1, sorted=False)  # [B, k_aux]
+        rows = torch.arange(B, device=mm_BF.device).repeat_interleave(idx.shape[1])
+        feats = dead[idx].flatten()
+        by_feat = torch.argsort(feats)
+        vals = torch.relu(_SparsePreActs.apply(self.W_enc, self.b_enc, x_BD, pre_vals.flatten(), rows, feats, by_feat))
         no_bias = residual_BD.new_zeros(residual_BD.shape[1])
-        mse, _ = _PrefixLoss.apply(vals, self.W_dec, no_bias, residual_BD, rows, feats, [0, rows.numel()],
+        mse, _ = _PrefixLoss.apply(vals, self.W_dec, no_bias, residual_BD, rows, feats, by_feat, [0, rows.numel()],
                                    [self.dict_size])
         return self.cfg["aux_penalty"] * mse[0]
 

@@ -25,7 +25,15 @@ from mtc.config import ConfigError, DictionaryConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.mine import TopActivations
 from mtc.models import resolve_device
-from mtc.results import CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text, completed_at, read_json, write_config
+from mtc.results import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    completed_at,
+    read_json,
+    write_config,
+)
 from mtc.store import ActivationStore, Prefetcher
 
 LOG_FILE = "training_log.jsonl"

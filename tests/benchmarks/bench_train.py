@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from mtc.dictionary import MatryoshkaBatchTopK
-from mtc.train import make_optimizer
 from mtc.store import ActivationStore, StoreWriter
+from mtc.train import make_optimizer
 
 SHAPES = {
     "gpt2": dict(d=768, groups=[768, 1536, 3072, 6912], batch=4096),
