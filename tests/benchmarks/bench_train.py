@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import statistics
 import tempfile
 import time
@@ -113,7 +112,11 @@ def _peak_rss_child(variant: str, shape: str, k: int) -> float:
     m.init_means(x, y)
     for _ in range(2):
         (our_step if variant == "ours" else dense_step)(m, opt, x, y)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # VmHWM, not ru_maxrss: the latter survives exec, so a spawned child would report the parent's
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
 
 
 def bench(shape: str, k: int, repeats: int) -> dict:
