@@ -32,7 +32,7 @@ def test_batch_topk_pairs_are_the_kB_largest_sorted_by_group_then_row(k):
     torch.manual_seed(k)
     mm, bias = torch.randn(32, 64), torch.randn(64)
     mm[0, :40] += 8   # one row owns many of the top values
-    rows, feats, vals = batch_topk_pairs(mm, bias, k, [8, 24, 64])
+    rows, feats, vals = batch_topk_pairs(mm, bias, k * 32, [8, 24, 64])
     assert set(zip(rows.tolist(), feats.tolist())) == _dense_batch_topk(mm + bias, k)
     torch.testing.assert_close(vals, (mm + bias)[rows, feats])
     group = torch.bucketize(feats, torch.tensor([8, 24, 64]), right=True)
@@ -45,13 +45,13 @@ def test_batch_topk_pairs_stays_exact_when_the_sample_overestimates_the_threshol
     mm, bias = torch.randn(16, 100), torch.zeros(100)
     best = mm.flatten().topk(10).indices  # a "sample" of only the ten largest entries
     monkeypatch.setattr(torch, "randint", lambda high, size, **kw: best.repeat(size[0] // 10 + 1)[:size[0]])
-    rows, feats, _ = batch_topk_pairs(mm, bias, 5, [100])
+    rows, feats, _ = batch_topk_pairs(mm, bias, 5 * 16, [100])
     assert set(zip(rows.tolist(), feats.tolist())) == _dense_batch_topk(mm, 5)
 
 
 def test_batch_topk_pairs_keeps_exactly_kB_when_values_tie():
     mm = torch.ones(8, 50, dtype=torch.bfloat16)   # every entry ties
-    rows, _, _ = batch_topk_pairs(mm, torch.zeros(50), 3, [50])
+    rows, _, _ = batch_topk_pairs(mm, torch.zeros(50), 3 * 8, [50])
     assert rows.numel() == 3 * 8
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,34 +59,39 @@ def batch_topk_threshold(pre_BF: torch.Tensor, k: int) -> torch.Tensor:
     return pre_BF.flatten().topk(k * pre_BF.shape[0], sorted=False).values.min()
 
 
-def batch_topk_pairs(mm_BF: torch.Tensor, bias_F: torch.Tensor, k: int, boundaries: list[int],
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, features, values) of the k B largest entries of ``pre = mm_BF + bias_F``, less those <= 0,
-    sorted by group (``boundaries``), then row, then feature.
+def batch_topk_pairs(mm_BF: torch.Tensor, bias_F: torch.Tensor, n: int, boundaries: list[int],
+                     generator: torch.Generator | None = None,
+                     threshold_of: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, features, values) of the ``n`` largest entries of ``pre = mm_BF + bias_F``, less
+    those <= 0, sorted by group (``boundaries``), then row, then feature.
 
     Exact, without a top-k over all B x D values and without materialising ``pre``: a random
-    sample of the entries gives a value ``t`` that about 1.3 k B entries exceed; when at least k B
-    do (checked, else ``t`` is lowered), the k B largest are all among them, and a top-k over those
-    few candidates finds the threshold. Costs two passes over ``mm_BF`` (compare, nonzero), one
-    group's columns at a time, which yields the pairs already in order.
+    sample of the entries gives a value ``t`` that about 1.3 n entries exceed; when at least n do
+    (checked, else ``t`` is lowered), the n largest are all among them, and a top-k over those few
+    candidates finds the threshold. Costs two passes over ``mm_BF`` (compare, nonzero), one group's
+    columns at a time, which yields the pairs already in order. ``threshold_of(candidates, n)``, when
+    given, replaces that last top-k (data-parallel training takes the n-th largest over all ranks).
     """
     B, D = mm_BF.shape
-    n = k * B
     n_sample = min(B * D, 1 << 16)
     sample = torch.randint(B * D, (n_sample,), generator=generator, device=mm_BF.device)
     rank = min(n_sample, int(1.3 * n * n_sample / (B * D)) + 64)
     t = (mm_BF.view(-1)[sample].to(bias_F.dtype) + bias_F[sample % D]).topk(rank, sorted=False).values.min()
-    for _ in range(4):
+    for attempt in range(4):
         bound = (t - bias_F).to(mm_BF.dtype)  # mm >= t - bias  <=>  pre >= t
         pairs = torch.cat([torch.ge(mm_BF[:, a:b], bound[a:b]).nonzero() + mm_BF.new_tensor([0, a], dtype=torch.long)
                            for a, b in zip([0, *boundaries], boundaries)])
         if pairs.shape[0] >= n:
             break
-        t = t - (t.abs() + 1) * 4  # rare (a sample far off): lower it until enough entries pass
+        # rare (a sample far off): lower the bound, in the end to -inf (every entry)
+        t = t - (t.abs() + 1) * 4 if attempt < 2 else t.new_tensor(float("-inf"))
     rows, feats = pairs.unbind(1)
     cand = mm_BF[rows, feats].to(bias_F.dtype) + bias_F[feats]
     keep = cand > 0
-    if cand.numel() > n:  # exactly n: ties at the threshold (common in bf16) are broken arbitrarily
+    if threshold_of is not None:
+        keep &= cand >= threshold_of(cand, n)
+    elif cand.numel() > n:  # exactly n: ties at the threshold (common in bf16) are broken arbitrarily
         top = torch.zeros_like(keep)
         top[cand.topk(n, sorted=False).indices] = True
         keep &= top
@@ -264,8 +269,7 @@ class MatryoshkaBatchTopK(nn.Module):
         x = x_BD * self.source_scale - self.source_mean
         with torch.no_grad():  # the one dense product; b_enc is added only where it is needed
             mm = x.to(matmul_dtype) @ self.W_enc.to(matmul_dtype)
-        rows, feats, pre_vals = batch_topk_pairs(mm, self.b_enc.detach(), self.top_k, self.boundaries,
-                                                 self._sample_generator(mm.device))
+        rows, feats, pre_vals = self._select(mm)
         by_feat = torch.argsort(feats)  # the encoder's and the decoder's gradients both use it
         vals = _SparsePreActs.apply(self.W_enc, self.b_enc, x, pre_vals, rows, feats, by_feat)
         codes = SparseCodes(rows, feats, vals.detach(), (B, self.dict_size))
@@ -289,6 +293,11 @@ class MatryoshkaBatchTopK(nn.Module):
             residual = y - (acts @ self.W_dec + self.b_dec).detach()
             loss = loss + self.cfg["aux_penalty"] * (aux_acts @ self.W_dec - residual).pow(2).mean()
         return loss, prefix_mse.detach()
+
+    def _select(self, mm_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's top ``k * B`` codes (rows, features, values); see ``batch_topk_pairs``."""
+        return batch_topk_pairs(mm_BF, self.b_enc.detach(), self.top_k * mm_BF.shape[0], self.boundaries,
+                                self._sample_generator(mm_BF.device))
 
     def _sample_generator(self, device: torch.device) -> torch.Generator:
         # Only speeds up the threshold search (the result does not depend on it); not saved.
