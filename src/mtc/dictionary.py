@@ -95,13 +95,13 @@ def batch_topk_pairs(mm_BF: torch.Tensor, bias_F: torch.Tensor, n: int, boundari
         top = torch.zeros_like(keep)
         top[cand.topk(n, sorted=False).indices] = True
         keep &= top
-    return rows[keep], feats[keep], cand[keep]
+    kept = keep.nonzero().squeeze(1)
+    return rows[kept], feats[kept], cand[kept]
 
 
 def _row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """embedding_bag offsets of sorted bag ids ``rows`` (empty bags allowed)."""
-    counts = torch.bincount(rows, minlength=n_rows)
-    return torch.cumsum(counts, 0) - counts
+    """embedding_bag offsets of sorted bag ids ``rows`` (empty bags allowed): where each starts."""
+    return torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
 
 
 class _SparsePreActs(torch.autograd.Function):
@@ -143,15 +143,16 @@ class _PrefixLoss(torch.autograd.Function):
     def forward(ctx, vals, W_dec, b_dec, y, rows, feats, by_feat, ptr, boundaries):
         B = y.shape[0]
         residuals = y.new_empty(len(boundaries), *y.shape)
-        running, start = b_dec - y, 0
+        running, start, offsets = b_dec - y, 0, []
         for g, end in enumerate(boundaries):
             a, b = ptr[g], ptr[g + 1]
-            contrib = F.embedding_bag(feats[a:b] - start, W_dec[start:end], _row_offsets(rows[a:b], B),
+            offsets.append(_row_offsets(rows[a:b], B))
+            contrib = F.embedding_bag(feats[a:b] - start, W_dec[start:end], offsets[-1],
                                       mode="sum", per_sample_weights=vals[a:b])
             running = torch.add(running, contrib, out=residuals[g])
             start = end
         ctx.save_for_backward(vals, W_dec, rows, feats, by_feat, residuals)
-        ctx.ptr, ctx.boundaries = ptr, boundaries
+        ctx.ptr, ctx.boundaries, ctx.offsets = ptr, boundaries, offsets
         ctx.mark_non_differentiable(running)
         mse = torch.linalg.vector_norm(residuals, dim=(1, 2)).square() / (B * y.shape[1])
         return mse, running
@@ -162,14 +163,14 @@ class _PrefixLoss(torch.autograd.Function):
         G, B, d = residuals.shape
         scale = grad_mse * (2 / (B * d))
         grad_vals, grad_W = torch.empty_like(vals), torch.empty_like(W_dec)
-        feat_offsets = _row_offsets(feats, W_dec.shape[0])
+        feat_offsets = _row_offsets(feats[by_feat], W_dec.shape[0])
         grad_group = torch.zeros_like(residuals[0])
         for g in reversed(range(G)):
             grad_group.addcmul_(residuals[g], scale[g])  # prefix g and every longer one hold group g
             a, b = ctx.ptr[g], ctx.ptr[g + 1]
             start, end = ctx.boundaries[g - 1] if g else 0, ctx.boundaries[g]
             grad_vals[a:b] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_group, W_dec[start:end], feats[a:b] - start, _row_offsets(rows[a:b], B), rows[a:b], 0, -1)
+                grad_group, W_dec[start:end], feats[a:b] - start, ctx.offsets[g], rows[a:b], 0, -1)
             order = by_feat[a:b]  # a group's features are one range, so its triples are one slice
             grad_W[start:end] = F.embedding_bag(rows[order], grad_group, feat_offsets[start:end] - a,
                                                 mode="sum", per_sample_weights=vals[order])
