@@ -77,11 +77,7 @@ def _extract(cfg: PipelineConfig, store_dir: Path, tokenizer, tokens, dist: dist
     batch = cfg.extract.batch_size
     label = f"extract {len(wanted)} site(s)" + (f" [rank {dist.rank}/{dist.world_size}]" if dist.world_size > 1 else "")
     with writer, progress.bar(label, total=writer.rows_todo, unit="tok") as advance:
-        for first, stop in writer.todo_windows():
-            for start in range(first - first % batch, stop, batch):
-                ids = torch.from_numpy(tokens[start:start + batch]).long().to(device)
-                writer.add(models.run_sites(bridge, ids, wanted), at_window=start)
-                advance((min(start + batch, stop) - max(start, first)) * tokens.shape[1])
+        fill(writer, bridge, tokens, wanted, batch, device, advance)
         writer.close()
     if dist.rank == 0:
         shutil.rmtree(store_dir, ignore_errors=True)
@@ -89,3 +85,14 @@ def _extract(cfg: PipelineConfig, store_dir: Path, tokenizer, tokens, dist: dist
         tmp_dir.rename(store_dir)
     dist.barrier()  # every rank returns once the store is in place
     return store_dir
+
+
+def fill(writer: StoreWriter, bridge, tokens, wanted: list[tuple[int, str]], batch: int, device,
+         advance=lambda n: None) -> None:
+    """Run the model over the windows ``writer`` still needs and hand it the activations; the
+    writer's thread compresses and writes while the next batch runs."""
+    for first, stop in writer.todo_windows():
+        for start in range(first - first % batch, stop, batch):
+            ids = torch.from_numpy(tokens[start:start + batch]).long().to(device)
+            writer.add(models.run_sites(bridge, ids, wanted), at_window=start)
+            advance((min(start + batch, stop) - max(start, first)) * tokens.shape[1])

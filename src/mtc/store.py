@@ -99,7 +99,7 @@ class StoreWriter:
     def __init__(self, store_dir: str | Path, provenance: dict[str, Any], tokens: np.ndarray,
                  sites: list[tuple[int, str]], d_model: int, dtype: str, chunk_rows: int, *,
                  shard_rows: int | None = None, rank: int = 0, world_size: int = 1,
-                 barrier: Callable[[], None] | None = None, queue_depth: int = 2):
+                 barrier: Callable[[], None] | None = None, queue_depth: int = 4):
         self.dir = Path(store_dir)
         self.dtype = dtype
         self.d_model = d_model
@@ -209,17 +209,9 @@ class StoreWriter:
             lo, hi = max(a, r0), min(b, r1)
             if lo >= hi:
                 continue
-            data, norms, filled = self._filling.setdefault(s, (
-                {k: np.empty((b - a, self.d_model), dtype=_NUMPY_DTYPE[self.dtype]) for k in self.keys},
-                {k: np.empty(b - a, dtype=np.float32) for k in self.keys}, np.zeros(b - a, dtype=bool)))
-            for key in self.keys:
-                x = acts[key].detach().reshape(-1, acts[key].shape[-1])[lo - r0:hi - r0].float().cpu()
-                data[key][lo - a:hi - a] = encode(x, self.dtype)
-                norms[key][lo - a:hi - a] = x.norm(dim=-1).numpy()
-            filled[lo - a:hi - a] = True  # a batch computed twice (it straddles two runs) fills rows once
-            if filled.all():
-                del self._filling[s]
-                self._put((s, data, norms))
+            # Only a view of the batch goes to the writer thread: the cast to the stored dtype,
+            # the norms, compression and disk writes all run there, beside the next forward pass.
+            self._put((s, lo - a, {k: x.detach().reshape(-1, x.shape[-1])[lo - r0:hi - r0] for k, x in acts.items()}))
 
     def _put(self, item) -> None:
         while True:
@@ -242,15 +234,34 @@ class StoreWriter:
                 return
             try:
                 if self._error is None:
-                    self._write_shard(*item)
+                    self._fill(*item)
             except BaseException as e:  # re-raised in the producer by add() / close()
                 self._error = e
+
+    def _fill(self, shard: int, offset: int, xs: dict[tuple[int, str], torch.Tensor]) -> None:
+        """Copy rows into the shard's buffer (stored dtype, plus each row's norm); write it when full."""
+        a, b = self.shard_range(shard)
+        data, norms, filled = self._filling.setdefault(shard, (
+            {k: np.empty((b - a, self.d_model), dtype=_NUMPY_DTYPE[self.dtype]) for k in self.keys},
+            {k: np.empty(b - a, dtype=np.float32) for k in self.keys}, np.zeros(b - a, dtype=bool)))
+        n = next(iter(xs.values())).shape[0]
+        for key in self.keys:
+            x = xs[key].float().cpu()
+            data[key][offset:offset + n] = encode(x, self.dtype)
+            norms[key][offset:offset + n] = x.norm(dim=-1).numpy()
+        filled[offset:offset + n] = True  # a batch computed twice (it straddles two runs) fills rows once
+        if filled.all():
+            del self._filling[shard]
+            self._write_shard(shard, data, norms)
 
     def _write_shard(self, shard: int, data: dict, norms: dict) -> None:
         from mtc.results import atomic_write_json
 
         a, b = self.shard_range(shard)
         for key in self.keys:
+            # zarr merges a write into an existing shard file, reading it first: a file left
+            # half-written by a killed run would fail its checksum, so it goes first.
+            (site_path(self.dir, *key) / "c" / str(shard) / "0").unlink(missing_ok=True)
             self.arrays[key][a:b] = data[key]
         keep = torch.ones(b - a, dtype=torch.bool)
         if self.skip_bos:  # BOS rows are left out of the norm statistics
