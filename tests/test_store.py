@@ -106,6 +106,21 @@ def test_a_store_made_from_other_params_is_refused(tiny_pipeline):
         pipeline.open_store(other)
 
 
+def test_a_mismatch_names_every_differing_field_and_dictionary_params_never_matter(tiny_pipeline):
+    import dataclasses
+
+    other = dataclasses.replace(tiny_pipeline, dataset=dataclasses.replace(tiny_pipeline.dataset, prepend_bos=False),
+                                extract=dataclasses.replace(tiny_pipeline.extract, dtype="float16"))
+    with pytest.raises(StoreError) as e:
+        pipeline.open_store(other)
+    assert "prepend_bos: store has True, params ask False" in str(e.value)
+    assert "dtype: store has 'bfloat16', params ask 'float16'" in str(e.value)
+    tc = tiny_pipeline.dictionaries["tc"]
+    retrained = dataclasses.replace(tiny_pipeline, dictionaries={
+        "tc": dataclasses.replace(tc, dict_size=512, group_sizes=[64, 448], top_k=4, lr=0.1, batch_size=64)})
+    assert pipeline.open_store(retrained).n_rows == 32768
+
+
 def test_a_second_extraction_into_the_same_store_fails_fast(tiny_pipeline):
     from mtc.locks import LockedError, exclusive
 

@@ -81,7 +81,7 @@ def main() -> None:
         "write_store_s": round(write_s, 1), "dvc_save_s": round(save_s, 1),
         "store_plus_cache_MiB": round((store_kib + extra_cache_kib) / 1024, 1),
         "cache_extra_MiB": round(extra_cache_kib / 1024, 1), "link_counts": sorted(links),
-        "cache_type": open(REPO / ".dvc" / "config").read().split("type = ")[1].split()[0],
+        "cache_type": (REPO / ".dvc" / "config").read_text().split("type = ")[1].split()[0].strip('"'),
     }))
 
 
