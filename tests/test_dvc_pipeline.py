@@ -67,7 +67,7 @@ def test_a_teammate_pulls_the_store_and_trains_without_the_model(project, tmp_pa
     never even on disk, and the new dictionary trains from the pulled store."""
     import shutil
 
-    store_files = [p for p in (project / "data" / "activations").rglob("*") if p.is_file()]
+    store_files = [p for p in (project / "data" / "activations" / "stories260K").rglob("*") if p.is_file()]
     assert {p.stat().st_nlink for p in store_files} == {2}, "the store is hardlinked to the cache, not copied"
 
     remote = tmp_path / "remote"

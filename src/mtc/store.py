@@ -125,6 +125,7 @@ class StoreWriter:
         self._barrier()  # every rank sees the arrays and the same shard markers from here on
         self.arrays = {k: zarr.open_array(str(site_path(self.dir, *k)), mode="r+") for k in self.keys}
         undone = [s for s in range(self.n_shards) if s not in self._done_shards()]
+        self._barrier()  # nobody writes a marker before every rank has listed them
         self.todo = undone[rank * len(undone) // world_size:(rank + 1) * len(undone) // world_size]
         self._todo_set = set(self.todo)
         self._filling: dict[int, tuple[dict, dict, np.ndarray]] = {}
