@@ -196,7 +196,7 @@ def test_a_missing_shard_file_is_reported_not_read_as_zeros(tmp_path):
     write_rows(writer, 10, 8, 4)
     writer.close()
     (tmp_path / "s" / "L0" / "mlp_out.zarr" / "c" / "2" / "0").unlink()
-    with pytest.raises(StoreError, match=r"mlp_out.zarr: 1 of its 5 shard files are missing"):
+    with pytest.raises(StoreError, match=r"mlp_out.zarr: 1 of its 5 shard files are missing \(shard 2 first\)"):
         ActivationStore(tmp_path / "s").site(0, "mlp_out")
 
 
@@ -214,3 +214,22 @@ def test_a_store_reads_the_same_through_an_fsspec_url(tmp_path):
         with pytest.raises(StoreError, match=r"memory://stores/s/L1/resid_mid.zarr: not in the store|"
                                              r"/L1/resid_mid.zarr: not in the store \(has: L0/mlp_out.zarr\)"):
             remote.site(1, "resid_mid")
+
+
+def test_an_error_in_the_writer_thread_reaches_the_extraction_loop(tmp_path):
+    import errno
+
+    writer = open_writer(tmp_path / "s")
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer._write_shard = disk_full
+    rows = torch.zeros(10, 8, 4)
+    with pytest.raises(OSError, match="No space left"), writer:
+        for start in range(0, 10, 2):            # the failure surfaces at a later add(), or at close()
+            writer.add({(0, "mlp_out"): rows[start:start + 2]}, at_window=start)
+        writer.close()
+    assert not writer._thread.is_alive(), "the writer thread is stopped"
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore(tmp_path / "s")

@@ -423,11 +423,13 @@ class ActivationStore:
         """zarr reads a missing shard file as zeros: a complete store must have all of them."""
         if getattr(array, "shards", None) is None:
             return
-        expected = -(-array.shape[0] // array.shards[0])
-        found = len(self._fs.find(f"{self._root}/{rel}/c"))
-        if found != expected:
-            raise StoreError(f"{self._where(rel)}: {expected - found} of its {expected} shard files are missing; "
-                             "restore the store (dvc pull, dvc checkout) or re-run extract")
+        n_shards = -(-array.shape[0] // array.shards[0])
+        prefix = f"{self._root}/{rel}/c/"
+        found = {p.removeprefix(prefix) for p in self._fs.find(prefix)}
+        missing = [i for i in range(n_shards) if f"{i}/0" not in found]
+        if missing:
+            raise StoreError(f"{self._where(rel)}: {len(missing)} of its {n_shards} shard files are missing "
+                             f"(shard {missing[0]} first); restore the store (dvc pull, dvc checkout) or re-run extract")
 
     @property
     def n_train_rows(self) -> int:
