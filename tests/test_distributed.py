@@ -74,3 +74,38 @@ def test_data_parallel_training_on_2_ranks_gives_the_single_process_dictionary(t
     for name in expected:   # float tolerance: matmuls over half the rows round differently
         torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-4, msg=name)
     assert (double / "training_log.jsonl").is_file() and (double / "config.json").is_file()
+
+
+def _select_on_rank(rank: int, init_file: str, mm_parts, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from mtc.distributed import DataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = DataParallel(8, 8, [16, 48], top_k=4)
+    with torch.no_grad():
+        model.b_enc.copy_(torch.linspace(-0.5, 0.5, 64))
+    rows, feats, vals = model._select(mm_parts[rank])
+    torch.save((rows, feats, vals), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("skew", [1.0, 50.0])
+def test_global_batch_top_k_selects_what_one_process_selects_on_the_whole_batch(tmp_path, skew):
+    """skew 50: rank 0 holds nearly all of the global top k x B, far more than its share, so the
+    first, candidate-based threshold is short and the selection is redone from it."""
+    import torch.multiprocessing as mp
+
+    from mtc.dictionary import batch_topk_pairs
+
+    gen = torch.Generator().manual_seed(0)
+    mm = [torch.randn(32, 64, generator=gen) * skew, torch.randn(32, 64, generator=gen)]
+    mp.spawn(_select_on_rank, args=(str(tmp_path / "init"), mm, str(tmp_path)), nprocs=2, join=True)
+    got = set()
+    for rank in (0, 1):
+        rows, feats, vals = torch.load(tmp_path / f"rank{rank}.pt")
+        got |= {(int(r) + 32 * rank, int(f), round(float(v), 5)) for r, f, v in zip(rows, feats, vals)}
+    bias = torch.linspace(-0.5, 0.5, 64)
+    rows, feats, vals = batch_topk_pairs(torch.cat(mm), bias, 4 * 64, [16, 64])
+    expected = {(int(r), int(f), round(float(v), 5)) for r, f, v in zip(rows, feats, vals)}
+    assert got == expected and len(expected) == 4 * 64
