@@ -233,3 +233,13 @@ def test_an_error_in_the_writer_thread_reaches_the_extraction_loop(tmp_path):
     assert not writer._thread.is_alive(), "the writer thread is stopped"
     with pytest.raises(StoreError, match="incomplete"):
         ActivationStore(tmp_path / "s")
+
+
+def test_training_reads_a_store_through_an_fsspec_url(tiny_pipeline, tmp_path):
+    import dataclasses
+
+    from mtc.train import train
+
+    cfg = dataclasses.replace(tiny_pipeline.dictionaries["tc"], steps=5, save_every=5, save_activation_samples=False)
+    [run_dir] = train([cfg], f"file://{tiny_pipeline.store_dir.resolve()}", tmp_path / "results")
+    assert (run_dir / "dictionary.safetensors").is_file()
