@@ -80,5 +80,5 @@ def copy_project(dest: Path) -> Path:
     shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
+    shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")   # the project's cache settings
     return dest

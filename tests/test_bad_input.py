@@ -136,3 +136,16 @@ def test_a_finished_run_with_a_different_config(prepared):
     result = run_stage(root, "train", "tc")
     assert result.returncode == 2 and "holds a finished run with a different config" in result.stderr
     assert stamps() == before, "the finished run is untouched"
+
+
+def test_a_corrupted_store_chunk_stops_training_in_one_line(prepared):
+    root, raw = prepared
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    shard = root / "data" / "activations" / "stories260K" / "L2" / "mlp_out.zarr" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF               # a byte inside one of the shard's inner chunks
+    shard.write_bytes(bytes(data))
+    result = run_stage(root, "train", "tc")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "L2/mlp_out.zarr: chunk " in result.stderr and "is corrupt or truncated" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -59,3 +59,36 @@ def test_adding_a_dictionary_reruns_only_its_own_stages(project):
     out = dvc(project, "repro")
     ran = [line for line in out.splitlines() if line.startswith("Running stage")]
     assert sorted(ran) == sorted(f"Running stage '{s}@sae':" for s in ("train", "evaluate", "mine")), out
+
+
+def test_a_teammate_pulls_the_store_and_trains_without_the_model(project, tmp_path):
+    """dvc push to a local-directory remote; a fresh copy of the project (no data) pulls only the
+    store, adds a dictionary and reproduces: extract (and prepare_model) are skipped, the model is
+    never even on disk, and the new dictionary trains from the pulled store."""
+    import shutil
+
+    store_files = [p for p in (project / "data" / "activations" / "stories260K").rglob("*") if p.is_file()]
+    assert {p.stat().st_nlink for p in store_files} == {2}, "the store is hardlinked to the cache, not copied"
+
+    remote = tmp_path / "remote"
+    dvc(project, "remote", "add", "-f", "-d", "team", str(remote))
+    dvc(project, "push")
+    assert any(remote.rglob("*")), "the remote holds the cache"
+
+    clone = copy_project(tmp_path / "clone")
+    for name in ("params.yaml", "dvc.lock"):
+        shutil.copy(project / name, clone / name)
+    dvc(clone, "remote", "add", "-d", "team", str(remote))
+    dvc(clone, "pull", "extract")                        # the store only
+    store = clone / "data" / "activations" / "stories260K"
+    assert (store / "tokens.zarr" / "zarr.json").is_file()
+    assert not (clone / "data" / "models").exists(), "the model is not pulled"
+
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["dictionaries"]["tc2"] = {**params["dictionaries"]["tc"], "top_k": 4, "steps": 20, "save_every": 20}
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc(clone, "repro", "--allow-missing", "train@tc2", "evaluate@tc2")
+    ran = sorted(line for line in out.splitlines() if line.startswith("Running stage"))
+    assert ran == ["Running stage 'evaluate@tc2':", "Running stage 'train@tc2':"], out
+    metrics = json.loads((clone / "results" / "stories260K" / "2" / "20" / "tc2" / "metrics.json").read_text())
+    assert metrics["fvu_max"] < 1.5

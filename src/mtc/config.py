@@ -195,7 +195,10 @@ class ExtractConfig:
     batch_size: int = 16
     """Windows per forward pass."""
     chunk_rows: int = 4096
-    """Rows (tokens) per zarr chunk, rounded to whole windows."""
+    """Rows (tokens) per zarr chunk, rounded to whole windows: the unit of reading."""
+    shard_rows: int = 65536
+    """Rows per shard file, rounded to whole chunks: the unit of writing and of resuming. Memory
+    while extracting is about 2-3 shards x sites x d_model x 2 bytes."""
 
     def validate(self, p: str) -> None:
         if not isinstance(self.layers, list) or not self.layers:
@@ -209,6 +212,7 @@ class ExtractConfig:
         _check_choice(f"{p}.dtype", self.dtype, DTYPES)
         _check_int(f"{p}.batch_size", self.batch_size, 1)
         _check_int(f"{p}.chunk_rows", self.chunk_rows, 1)
+        _check_int(f"{p}.shard_rows", self.shard_rows, 1)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mtc import locks, models, progress
+from mtc import distributed, locks, models, progress
 from mtc.config import PipelineConfig
 from mtc.data import dataset_label, iter_texts, pack_tokens
 from mtc.store import StoreWriter
@@ -41,41 +42,57 @@ def store_provenance(cfg: PipelineConfig, bos_token_id: int | None) -> dict[str,
             "dataset_text_field": d.text_field, "context_size": d.context_size, "prepend_bos": d.prepend_bos,
             "bos_token_id": bos_token_id if d.prepend_bos else None,
             "n_tokens": d.n_sequences * d.context_size, "n_sequences": d.n_sequences,
-            "n_holdout_sequences": d.n_holdout_sequences}
+            "n_holdout_sequences": d.n_holdout_sequences, "dtype": cfg.extract.dtype}
 
 
 def extract(cfg: PipelineConfig, store_dir: str | Path | None = None) -> Path:
+    """Write the store for ``cfg``. Under ``torchrun`` every rank runs this: rank 0 creates the
+    store and each rank fills a disjoint block of its shards (see ``StoreWriter``)."""
     store_dir = Path(store_dir or cfg.store_dir)
     tokenizer = models.load_tokenizer(cfg.model_dir)
     tokens = pack_tokens(iter_texts(cfg.dataset), tokenizer, cfg.dataset)  # too little text fails here
-    with locks.exclusive(store_dir):  # a second extraction into the same store fails fast
-        return _extract(cfg, store_dir, tokenizer, tokens)
+    dist = distributed.from_env()
+    # A second extraction into the same store fails fast (rank 0 holds the lock for the job).
+    with locks.exclusive(store_dir) if dist.rank == 0 else contextlib.nullcontext():
+        return _extract(cfg, store_dir, tokenizer, tokens, dist)
 
 
-def _extract(cfg: PipelineConfig, store_dir: Path, tokenizer, tokens) -> Path:
+def _extract(cfg: PipelineConfig, store_dir: Path, tokenizer, tokens, dist: distributed.Context) -> Path:
     arch = models.read_architecture(cfg.model_dir)
-    bridge = models.load_bridge(cfg.model_dir, cfg.model.dtype, cfg.model.device)
+    device = dist.device(cfg.model.device)
+    bridge = models.load_bridge(cfg.model_dir, cfg.model.dtype, str(device))
     wanted = [(layer, site) for layer in cfg.extract.layers for site in cfg.extract.sites]
     provenance = store_provenance(cfg, tokenizer.bos_token_id if tokenizer.bos_token_id is not None
                                   else tokenizer.eos_token_id)
 
     # Build the store beside its final place and move it in only when complete. An interrupted
-    # extraction of the same params resumes after its last whole chunk; batches keep their
-    # boundaries (a resume re-runs the batch holding that chunk boundary), so the result is
-    # bit-identical to an uninterrupted run.
+    # extraction of the same params resumes: shards already on disk are kept. Batches always start
+    # at multiples of batch_size (a resumed or parallel run recomputes the batch that straddles a
+    # shard boundary), so every row comes from the same forward pass as in one uninterrupted run
+    # and the store is bit-identical.
     tmp_dir = store_dir.with_name(store_dir.name + ".partial")
-    writer = StoreWriter(tmp_dir, provenance, tokens, wanted, arch.d_model, cfg.extract.dtype, cfg.extract.chunk_rows)
-    device = models.resolve_device(cfg.model.device)
+    writer = StoreWriter(tmp_dir, provenance, tokens, wanted, arch.d_model, cfg.extract.dtype,
+                         cfg.extract.chunk_rows, shard_rows=cfg.extract.shard_rows,
+                         rank=dist.rank, world_size=dist.world_size, barrier=dist.barrier)
     batch = cfg.extract.batch_size
-    first = writer.first_window
-    with progress.bar(f"extract {len(wanted)} site(s)", total=tokens.size, unit="tok") as advance:
-        advance(first * tokens.shape[1])
-        for start in range(first - first % batch, tokens.shape[0], batch):
-            ids = torch.from_numpy(tokens[start:start + batch]).long().to(device)
-            writer.add(models.run_sites(bridge, ids, wanted), skip_windows=max(0, first - start))
-            advance(ids.numel() - max(0, first - start) * tokens.shape[1])
-    writer.close()
-    shutil.rmtree(store_dir, ignore_errors=True)
-    store_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir.rename(store_dir)
+    label = f"extract {len(wanted)} site(s)" + (f" [rank {dist.rank}/{dist.world_size}]" if dist.world_size > 1 else "")
+    with writer, progress.bar(label, total=writer.rows_todo, unit="tok") as advance:
+        fill(writer, bridge, tokens, wanted, batch, device, advance)
+        writer.close()
+    if dist.rank == 0:
+        shutil.rmtree(store_dir, ignore_errors=True)
+        store_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir.rename(store_dir)
+    dist.barrier()  # every rank returns once the store is in place
     return store_dir
+
+
+def fill(writer: StoreWriter, bridge, tokens, wanted: list[tuple[int, str]], batch: int, device,
+         advance=lambda n: None) -> None:
+    """Run the model over the windows ``writer`` still needs and hand it the activations; the
+    writer's thread compresses and writes while the next batch runs."""
+    for first, stop in writer.todo_windows():
+        for start in range(first - first % batch, stop, batch):
+            ids = torch.from_numpy(tokens[start:start + batch]).long().to(device)
+            writer.add(models.run_sites(bridge, ids, wanted), at_window=start)
+            advance((min(start + batch, stop) - max(start, first)) * tokens.shape[1])

@@ -6,14 +6,17 @@ Layout of a store directory (``data/activations/{model.type}/``)::
     L{layer}/{site}.zarr      uint16 [n_tokens, d_model]           one row per token (row = seq * ctx + pos)
 
 Row ``r`` of every site array is the token ``tokens[r // ctx, r % ctx]``. Arrays are chunked by
-whole rows (``chunk_rows`` tokens x ``d_model``) and zstd-compressed, so reading any row range
-touches only the chunks it needs. zarr 3 has no bfloat16 data type: bfloat16 values are stored as
-their raw 16 bits in a uint16 array (attr ``encoding: bfloat16-bits``) and viewed back as
-bfloat16 on read. float16/float32 stores use zarr's own dtypes.
+whole rows (``chunk_rows`` tokens x ``d_model``, whole windows) and sharded (``shard_rows`` rows,
+whole chunks, per file: ``c/{shard}/0``); every chunk is zstd-compressed and crc32c-checksummed, so
+reading any row range touches only the chunks it needs and a damaged chunk is reported, never
+returned. zarr 3 has no bfloat16 data type: bfloat16 values are stored as their raw 16 bits in a
+uint16 array (attr ``encoding: bfloat16-bits``) and viewed back as bfloat16 on read.
+float16/float32 stores use zarr's own dtypes.
 
 Every array's attrs hold the provenance (model, revision, dataset, split, context size, BOS,
 dtype, token counts, held-out windows), the site's mean L2 norm, and ``complete: true`` once all
-rows are written. The last ``n_holdout_sequences`` windows are held out from training.
+rows are written. The last ``n_holdout_sequences`` windows are held out from training. A store can
+be read from a local directory or from any fsspec URL (``s3://…``, ``gs://…``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import json
 import queue
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 FORMAT_VERSION = 1
 _NUMPY_DTYPE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
@@ -63,113 +66,263 @@ def decode(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ writing
-class StoreWriter:
-    """Writes token ids and the activations of several (layer, site)s, one whole chunk at a time.
+def chunk_codecs() -> list:
+    """Codecs of every inner chunk: zstd level 1, then a crc32c checksum (chosen by measurement on
+    real SmolLM2 activations: see the README's codec table and tests/benchmarks/bench_codecs.py).
+    The sharding codec adds its own crc32c over each shard's index."""
+    return [ZstdCodec(level=1), Crc32cCodec()]
 
-    After every chunk, ``progress.json`` (written whole, then renamed) records the rows on disk and
-    the norm sums so far. A writer opened on a directory whose progress matches the same provenance
-    and sites resumes after its last whole chunk (``rows_written``); anything else starts afresh.
+
+DEFAULT_SHARD_ROWS = 65536
+
+
+class StoreWriter:
+    """Writes token ids and the activations of several (layer, site)s, one whole shard at a time.
+
+    Arrays are zarr 3 *sharded*: a shard file holds ``shard_rows // chunk_rows`` inner chunks, each
+    zstd-compressed and crc32c-checksummed, so a store of a billion tokens is thousands of files, not
+    millions. A shard is written whole, by a background thread (compression and disk writes overlap
+    the forward pass), then ``progress/shard_NNNNNN.json`` records it with its per-chunk norm sums.
+    A writer opened on a directory whose ``progress/identity.json`` matches the same provenance and
+    sites resumes: shards with a marker are kept, the rest are (re)written. A shard is never
+    partially rewritten, so a kill -9 at any moment loses at most the shards in flight.
+
+    Several processes (torchrun ranks) write one store together: rank 0 creates (or resumes) it,
+    ``barrier()``, then every rank takes a disjoint, contiguous block of the shards still to write.
+    ``close()`` waits for all ranks; rank 0 then combines the norm sums chunk by chunk in row
+    order (the same additions as a single process, so the result is bit-identical) and marks
+    the store complete.
     """
 
-    PROGRESS = "progress.json"
+    PROGRESS = "progress"
 
     def __init__(self, store_dir: str | Path, provenance: dict[str, Any], tokens: np.ndarray,
-                 sites: list[tuple[int, str]], d_model: int, dtype: str, chunk_rows: int):
+                 sites: list[tuple[int, str]], d_model: int, dtype: str, chunk_rows: int, *,
+                 shard_rows: int | None = None, rank: int = 0, world_size: int = 1,
+                 barrier: Callable[[], None] | None = None, queue_depth: int = 4):
         self.dir = Path(store_dir)
         self.dtype = dtype
+        self.d_model = d_model
         n_seq, ctx = tokens.shape
         self.ctx = ctx
         self.n_rows = n_seq * ctx
-        # Whole windows per chunk, so a chunk never splits a context.
+        # Whole windows per chunk, so a chunk never splits a context; whole chunks per shard.
         self.chunk_rows = max(1, chunk_rows // ctx) * ctx
+        self.shard_rows = max(1, (shard_rows or DEFAULT_SHARD_ROWS) // self.chunk_rows) * self.chunk_rows
+        self.n_shards = -(-self.n_rows // self.shard_rows)
         self.provenance = {**provenance, "format_version": FORMAT_VERSION, "dtype": dtype,
                            "encoding": "bfloat16-bits" if dtype == "bfloat16" else dtype,
-                           "chunk_rows": self.chunk_rows}
+                           "chunk_rows": self.chunk_rows, "shard_rows": self.shard_rows}
         self.skip_bos = bool(provenance.get("prepend_bos"))
         self.keys = [tuple(k) for k in sites]
-        self.identity = {"provenance": self.provenance, "sites": [list(k) for k in self.keys], "d_model": d_model}
-        progress = self._read_progress()
-        if progress is not None and progress["identity"] == json.loads(json.dumps(self.identity)):
-            self.arrays = {k: zarr.open_array(str(site_path(self.dir, *k)), mode="r+") for k in self.keys}
-            self.rows_written = progress["rows_written"]
-            self.norm_sum = dict(zip(self.keys, progress["norm_sum"]))
-            self.norm_count = dict(zip(self.keys, progress["norm_count"]))
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self._create(tokens, d_model)
-            self.rows_written = 0
-            self.norm_sum = {k: 0.0 for k in self.keys}
-            self.norm_count = {k: 0 for k in self.keys}
-            self._write_progress()
-        self.buffers: dict[tuple[int, str], list[torch.Tensor]] = {k: [] for k in self.keys}
-        self.rows_buffered = 0
+        self.identity = json.loads(json.dumps(
+            {"provenance": self.provenance, "sites": [list(k) for k in self.keys], "d_model": d_model}))
+        self.rank, self.world_size = rank, world_size
+        self._barrier = barrier or (lambda: None)
 
-    def _create(self, tokens: np.ndarray, d_model: int) -> None:
-        tok = zarr.create_array(store=str(tokens_path(self.dir)), shape=tokens.shape,
-                                chunks=(self.chunk_rows // self.ctx, self.ctx), dtype="int32",
-                                compressors=ZstdCodec(level=3), overwrite=True,
-                                attributes={**self.provenance, "complete": False})
-        tok[:] = tokens
-        tok.attrs["complete"] = True
-        self.arrays = {}
-        for layer, site in self.keys:
-            self.arrays[(layer, site)] = zarr.create_array(
-                store=str(site_path(self.dir, layer, site)), shape=(self.n_rows, d_model),
-                chunks=(self.chunk_rows, d_model), dtype=_NUMPY_DTYPE[self.dtype],
-                compressors=ZstdCodec(level=3), overwrite=True,
-                attributes={**self.provenance, "layer": layer, "site": site, "complete": False})
+        if rank == 0:
+            self._open_or_create(tokens)
+        self._barrier()  # every rank sees the arrays and the same shard markers from here on
+        self.arrays = {k: zarr.open_array(str(site_path(self.dir, *k)), mode="r+") for k in self.keys}
+        undone = [s for s in range(self.n_shards) if s not in self._done_shards()]
+        self._barrier()  # nobody writes a marker before every rank has listed them
+        self.todo = undone[rank * len(undone) // world_size:(rank + 1) * len(undone) // world_size]
+        self._todo_set = set(self.todo)
+        self._filling: dict[int, tuple[dict, dict, np.ndarray]] = {}
+        self._cursor = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
+        self._thread.start()
 
-    def _read_progress(self) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.dir / self.PROGRESS).read_text())
-        except (OSError, ValueError):
-            return None
+    # -------------------------------------------------------------- layout and progress
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Rows [start, stop) of ``shard``."""
+        return shard * self.shard_rows, min((shard + 1) * self.shard_rows, self.n_rows)
 
-    def _write_progress(self) -> None:
-        from mtc.results import atomic_write_json
-
-        atomic_write_json(self.dir / self.PROGRESS, {
-            "identity": self.identity, "rows_written": self.rows_written,
-            "norm_sum": [self.norm_sum[k] for k in self.keys], "norm_count": [self.norm_count[k] for k in self.keys]})
+    def todo_windows(self) -> list[tuple[int, int]]:
+        """Window ranges [start, stop) this writer still has to fill, contiguous runs merged."""
+        runs: list[list[int]] = []
+        for s in self.todo:
+            a, b = (r // self.ctx for r in self.shard_range(s))
+            if runs and runs[-1][1] == a:
+                runs[-1][1] = b
+            else:
+                runs.append([a, b])
+        return [(a, b) for a, b in runs]
 
     @property
+    def rows_todo(self) -> int:
+        return sum(b - a for a, b in (self.shard_range(s) for s in self.todo))
+
+    def _progress_dir(self) -> Path:
+        return self.dir / self.PROGRESS
+
+    def _marker(self, shard: int) -> Path:
+        return self._progress_dir() / f"shard_{shard:06d}.json"
+
+    def _done_shards(self) -> set[int]:
+        return {int(p.stem[6:]) for p in self._progress_dir().glob("shard_*.json")}
+
+    def _open_or_create(self, tokens: np.ndarray) -> None:
+        try:
+            same = json.loads((self._progress_dir() / "identity.json").read_text()) == self.identity
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return  # resume: arrays exist, markers say which shards are on disk
+        shutil.rmtree(self.dir, ignore_errors=True)
+        tok = zarr.create_array(store=str(tokens_path(self.dir)), shape=tokens.shape,
+                                chunks=(self.chunk_rows // self.ctx, self.ctx),
+                                shards=(self.shard_rows // self.ctx, self.ctx), dtype="int32",
+                                compressors=chunk_codecs(), overwrite=True,
+                                attributes={**self.provenance, "complete": False})
+        tok[:] = tokens
+        for layer, site in self.keys:
+            zarr.create_array(store=str(site_path(self.dir, layer, site)), shape=(self.n_rows, self.d_model),
+                              chunks=(self.chunk_rows, self.d_model), shards=(self.shard_rows, self.d_model),
+                              dtype=_NUMPY_DTYPE[self.dtype], compressors=chunk_codecs(), overwrite=True,
+                              attributes={**self.provenance, "layer": layer, "site": site, "complete": False})
+        from mtc.results import atomic_write_json
+
+        atomic_write_json(self._progress_dir() / "identity.json", self.identity)  # last: the store is usable
+
+    # -------------------------------------------------------------- adding rows
+    @property
     def first_window(self) -> int:
-        """The first window not on disk yet: where a resumed extraction starts."""
-        return self.rows_written // self.ctx
+        """The first window of the first shard still to write (where a resumed extraction starts)."""
+        runs = self.todo_windows()
+        return runs[0][0] if runs else self.n_rows // self.ctx
 
-    def add(self, acts: dict[tuple[int, str], torch.Tensor], skip_windows: int = 0) -> None:
-        """Append activations [B, T, d] of the next windows of every site, dropping the first
-        ``skip_windows`` of them (already on disk from before a resume)."""
-        for key, x in acts.items():
-            x = x[skip_windows:].detach().float().cpu()
-            self.buffers[key].append(x.reshape(-1, x.shape[-1]))
-        self.rows_buffered += (next(iter(acts.values())).shape[0] - skip_windows) * self.ctx
-        while self.rows_buffered >= self.chunk_rows:
-            self._flush(self.chunk_rows)
+    def add(self, acts: dict[tuple[int, str], torch.Tensor], at_window: int | None = None) -> None:
+        """Activations [B, T, d] of every site for windows ``at_window .. at_window + B`` (by default
+        right after the previous ``add``). Rows outside this writer's shards are ignored, so a
+        caller can run whole batches that straddle shard boundaries."""
+        self._raise_if_failed()
+        start_window = self._cursor if at_window is None else at_window
+        n_windows = next(iter(acts.values())).shape[0]
+        self._cursor = start_window + n_windows
+        r0, r1 = start_window * self.ctx, (start_window + n_windows) * self.ctx
+        for s in range(r0 // self.shard_rows, min(self.n_shards, -(-r1 // self.shard_rows))):
+            if s not in self._todo_set:
+                continue
+            a, b = self.shard_range(s)
+            lo, hi = max(a, r0), min(b, r1)
+            if lo >= hi:
+                continue
+            # Only a view of the batch goes to the writer thread: the cast to the stored dtype,
+            # the norms, compression and disk writes all run there, beside the next forward pass.
+            self._put((s, lo - a, {k: x.detach().reshape(-1, x.shape[-1])[lo - r0:hi - r0] for k, x in acts.items()}))
 
-    def _flush(self, n: int) -> None:
-        start = self.rows_written
-        keep = torch.ones(n, dtype=torch.bool)
+    def _put(self, item) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # -------------------------------------------------------------- the writer thread
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                if self._error is None:
+                    self._fill(*item)
+            except BaseException as e:  # re-raised in the producer by add() / close()
+                self._error = e
+
+    def _fill(self, shard: int, offset: int, xs: dict[tuple[int, str], torch.Tensor]) -> None:
+        """Copy rows into the shard's buffer (stored dtype, plus each row's norm); write it when full."""
+        a, b = self.shard_range(shard)
+        data, norms, filled = self._filling.setdefault(shard, (
+            {k: np.empty((b - a, self.d_model), dtype=_NUMPY_DTYPE[self.dtype]) for k in self.keys},
+            {k: np.empty(b - a, dtype=np.float32) for k in self.keys}, np.zeros(b - a, dtype=bool)))
+        n = next(iter(xs.values())).shape[0]
+        for key in self.keys:
+            x = xs[key].float().cpu()
+            data[key][offset:offset + n] = encode(x, self.dtype)
+            norms[key][offset:offset + n] = x.norm(dim=-1).numpy()
+        filled[offset:offset + n] = True  # a batch computed twice (it straddles two runs) fills rows once
+        if filled.all():
+            del self._filling[shard]
+            self._write_shard(shard, data, norms)
+
+    def _write_shard(self, shard: int, data: dict, norms: dict) -> None:
+        from mtc.results import atomic_write_json
+
+        a, b = self.shard_range(shard)
+        for key in self.keys:
+            # zarr merges a write into an existing shard file, reading it first: a file left
+            # half-written by a killed run would fail its checksum, so it goes first.
+            (site_path(self.dir, *key) / "c" / str(shard) / "0").unlink(missing_ok=True)
+            self.arrays[key][a:b] = data[key]
+        keep = torch.ones(b - a, dtype=torch.bool)
         if self.skip_bos:  # BOS rows are left out of the norm statistics
-            keep = torch.arange(start, start + n) % self.ctx != 0
-        for key, parts in self.buffers.items():
-            block = torch.cat(parts)
-            self.arrays[key][start:start + n] = encode(block[:n], self.dtype)
-            self.norm_sum[key] += block[:n][keep].norm(dim=-1).double().sum().item()
-            self.norm_count[key] += int(keep.sum())
-            self.buffers[key] = [block[n:]] if block.shape[0] > n else []
-        self.rows_written += n
-        self.rows_buffered -= n
-        self._write_progress()  # only after the chunk is on disk
+            keep = torch.arange(a, b) % self.ctx != 0
+        sums = {}
+        for key in self.keys:
+            n = torch.from_numpy(norms[key])
+            sums[f"L{key[0]}/{key[1]}"] = [n[c:c + self.chunk_rows][keep[c:c + self.chunk_rows]].double().sum().item()
+                                           for c in range(0, b - a, self.chunk_rows)]
+        counts = [int(keep[c:c + self.chunk_rows].sum()) for c in range(0, b - a, self.chunk_rows)]
+        atomic_write_json(self._marker(shard), {"shard": shard, "norm_sum": sums, "norm_count": counts})
+
+    # -------------------------------------------------------------- finishing
+    def _stop_thread(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def abort(self) -> None:
+        """Stop the writer thread after the shard in hand (on an error in the producer)."""
+        self._error = self._error or RuntimeError("aborted")
+        self._stop_thread()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
 
     def close(self) -> None:
-        if self.rows_buffered:
-            self._flush(self.rows_buffered)
-        if self.rows_written != self.n_rows:
-            raise StoreError(f"{self.dir}: wrote {self.rows_written} rows, expected {self.n_rows}")
+        """Wait for this writer's shards; then (rank 0, after every rank) mark the store complete."""
+        self._stop_thread()
+        self._raise_if_failed()
+        if self._filling:
+            missing = sorted(self._filling)
+            raise StoreError(f"{self.dir}: shards {missing} were only partly given rows; every window must be added")
+        self._barrier()
+        if self.rank == 0:
+            self._finalise()
+        self._barrier()
+
+    def _finalise(self) -> None:
+        done = self._done_shards()
+        missing = [s for s in range(self.n_shards) if s not in done]
+        if missing:
+            raise StoreError(f"{self.dir}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} of "
+                             f"{self.n_shards} are not on disk; re-run extract to finish them")
+        markers = [json.loads(self._marker(s).read_text()) for s in range(self.n_shards)]
         for key, arr in self.arrays.items():
-            arr.attrs.update({"mean_norm": self.norm_sum[key] / max(1, self.norm_count[key]), "complete": True})
-        (self.dir / self.PROGRESS).unlink()
+            name = f"L{key[0]}/{key[1]}"
+            norm_sum, count = 0.0, 0
+            for m in markers:  # chunk by chunk in row order, whoever wrote them
+                for chunk_sum, chunk_count in zip(m["norm_sum"][name], m["norm_count"]):
+                    norm_sum += chunk_sum
+                    count += chunk_count
+            arr.attrs.update({"mean_norm": norm_sum / max(1, count), "complete": True})
+        # The token ids are marked complete last: ActivationStore checks them first.
+        zarr.open_array(str(tokens_path(self.dir)), mode="r+").attrs["complete"] = True
+        shutil.rmtree(self._progress_dir())
 
 
 # ------------------------------------------------------------------------------ reading
@@ -180,6 +333,8 @@ class SiteArray:
     array: Any
     layer: int
     site: str
+    where: str = ""
+    """The array's path or URL, for error messages."""
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -194,21 +349,57 @@ class SiteArray:
         return float(self.attrs["mean_norm"])
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        return decode(self.array[start:stop], self.attrs["dtype"])
+        return decode(read_checked(self.array, start, stop, self.where), self.attrs["dtype"])
+
+
+def read_checked(array: Any, start: int, stop: int, where: str) -> np.ndarray:
+    """``array[start:stop]``; a chunk that fails its checksum (or cannot be decoded) becomes a
+    StoreError naming the array and the chunk."""
+    try:
+        return array[start:stop]
+    except Exception as first:
+        rows_per_chunk = array.chunks[0]
+        for c in range(start // rows_per_chunk, -(-stop // rows_per_chunk)):
+            a, b = c * rows_per_chunk, min((c + 1) * rows_per_chunk, array.shape[0])
+            try:
+                array[a:b]
+            except Exception as e:
+                raise _corrupt(where, c, a, b, array, e) from None
+        raise _corrupt(where, start // rows_per_chunk, start, stop, array, first) from None
+
+
+def _corrupt(where: str, chunk: int, a: int, b: int, array: Any, e: Exception) -> StoreError:
+    shard = f", shard {a // array.shards[0]}" if getattr(array, "shards", None) else ""
+    detail = (str(e).splitlines() or [""])[0][:120]
+    return StoreError(f"{where}: chunk {chunk} (rows {a}..{b - 1}{shard}) is corrupt or truncated "
+                      f"({type(e).__name__}: {detail}); restore the store (dvc pull, dvc checkout) or re-run extract")
+
+
+def is_url(store_dir: str | Path) -> bool:
+    """``s3://bucket/store``, ``gs://…``, ``memory://…``, ``file://…``: read through fsspec."""
+    return "://" in str(store_dir)
 
 
 class ActivationStore:
-    """Read side of a store directory."""
+    """Read side of a store directory, or of a store URL read through fsspec (``s3://…``)."""
 
     def __init__(self, store_dir: str | Path):
-        self.dir = Path(store_dir)
-        path = tokens_path(self.dir)
-        if not path.exists():
+        import fsspec
+
+        self.url = str(store_dir) if is_url(store_dir) else None
+        self.dir = self.url or Path(store_dir)
+        self._fs, self._root = fsspec.core.url_to_fs(str(store_dir))
+        self._zarr_root = None
+        if self.url:
+            from zarr.storage import FsspecStore
+
+            self._zarr_root = FsspecStore.from_url(self.url, read_only=True)
+        if not self._exists("tokens.zarr"):
             raise StoreError(f"{self.dir}: no activation store here (tokens.zarr missing); run the extract stage")
-        self.tokens_array = zarr.open_array(str(path), mode="r")
+        self.tokens_array = self._open("tokens.zarr")
         self.provenance = self.tokens_array.attrs.asdict()
         if not self.provenance.get("complete"):
-            raise StoreError(f"{path}: store is incomplete (extraction did not finish); re-run extract")
+            raise StoreError(f"{self._where('tokens.zarr')}: store is incomplete (extraction did not finish); re-run extract")
         self.n_sequences, self.context_size = self.tokens_array.shape
         self.n_rows = self.n_sequences * self.context_size
         self.chunk_rows = int(self.provenance["chunk_rows"])
@@ -216,25 +407,51 @@ class ActivationStore:
         self.skip_bos = bool(self.provenance.get("prepend_bos"))
         self._sites: dict[tuple[int, str], SiteArray] = {}
 
+    # -------------------------------------------------------------- local directory or fsspec URL
+    def _where(self, rel: str) -> str:
+        return f"{self.url.rstrip('/')}/{rel}" if self.url else str(self.dir / rel)
+
+    def _exists(self, rel: str) -> bool:
+        return self._fs.exists(f"{self._root}/{rel}/zarr.json")
+
+    def _open(self, rel: str):
+        if self._zarr_root is not None:
+            return zarr.open_array(store=self._zarr_root, path=rel, mode="r")
+        return zarr.open_array(str(self.dir / rel), mode="r")
+
+    def _check_shards(self, rel: str, array: Any) -> None:
+        """zarr reads a missing shard file as zeros: a complete store must have all of them."""
+        if getattr(array, "shards", None) is None:
+            return
+        n_shards = -(-array.shape[0] // array.shards[0])
+        prefix = f"{self._root}/{rel}/c/"
+        found = {p.removeprefix(prefix) for p in self._fs.find(prefix)}
+        missing = [i for i in range(n_shards) if f"{i}/0" not in found]
+        if missing:
+            raise StoreError(f"{self._where(rel)}: {len(missing)} of its {n_shards} shard files are missing "
+                             f"(shard {missing[0]} first); restore the store (dvc pull, dvc checkout) or re-run extract")
+
     @property
     def n_train_rows(self) -> int:
         return (self.n_sequences - self.n_holdout_sequences) * self.context_size
 
     def tokens(self) -> np.ndarray:
-        return self.tokens_array[:]
+        return read_checked(self.tokens_array, 0, self.n_sequences, self._where("tokens.zarr"))
 
     def site(self, layer: int, site: str) -> SiteArray:
         key = (layer, site)
         if key not in self._sites:
-            path = site_path(self.dir, layer, site)
-            if not path.exists():
-                have = sorted(str(p.relative_to(self.dir)) for p in self.dir.glob("L*/*.zarr"))
-                raise StoreError(f"{path}: not in the store (has: {', '.join(have) or 'nothing'}); "
+            rel = f"L{layer}/{site}.zarr"
+            if not self._exists(rel):
+                have = sorted(p.removeprefix(self._root).strip("/").removesuffix("/zarr.json")
+                              for p in self._fs.glob(f"{self._root}/L*/*.zarr/zarr.json"))
+                raise StoreError(f"{self._where(rel)}: not in the store (has: {', '.join(have) or 'nothing'}); "
                                  "add the layer/site to extract.layers/extract.sites and re-run extract")
-            arr = zarr.open_array(str(path), mode="r")
+            arr = self._open(rel)
             if not arr.attrs.get("complete"):
-                raise StoreError(f"{path}: incomplete (extraction did not finish); re-run extract")
-            self._sites[key] = SiteArray(arr, layer, site)
+                raise StoreError(f"{self._where(rel)}: incomplete (extraction did not finish); re-run extract")
+            self._check_shards(rel, arr)
+            self._sites[key] = SiteArray(arr, layer, site, self._where(rel))
         return self._sites[key]
 
     def keep_mask(self, start: int, stop: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mtc import locks, progress
+from mtc import distributed, locks, progress
 from mtc.config import ConfigError, DictionaryConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.mine import TopActivations
@@ -96,7 +96,8 @@ def _start_run(cfg: DictionaryConfig, store: ActivationStore, results_root: Path
     run_dir = cfg.run_dir(results_root)
     record = _config_record(cfg, store)
     start_step = 0
-    model = MatryoshkaBatchTopK(src.d_model, tgt.d_model, cfg.group_sizes, cfg.k, top_k_aux=cfg.top_k_aux,
+    model_cls = distributed.DataParallel if distributed.from_env().active else MatryoshkaBatchTopK
+    model = model_cls(src.d_model, tgt.d_model, cfg.group_sizes, cfg.k, top_k_aux=cfg.top_k_aux,
                                 aux_penalty=cfg.aux_penalty, n_batches_to_dead=cfg.n_batches_to_dead,
                                 threshold_momentum=cfg.threshold_momentum, kind=cfg.kind, seed=cfg.seed)
     model.set_scales(src.mean_norm, tgt.mean_norm)
@@ -194,12 +195,19 @@ def train(cfgs: list[DictionaryConfig], store_dir: str | Path, results_root: str
                 raise ConfigError(f"dictionaries.{c.name}.{key}: {getattr(c, key)} differs from {first.name}'s "
                                   f"{getattr(first, key)}; multi mode feeds every dictionary the same batches")
     store = ActivationStore(store_dir)
+    dist = distributed.from_env()
+    if dist.active:  # torchrun: data-parallel, rank 0 writes the results (see mtc.distributed)
+        distributed.check_batch_size(first.batch_size, first.name)
+        results_root, cfgs = distributed.follower_results_root(results_root, cfgs)
     with contextlib.ExitStack() as held:
         for c in cfgs:  # a second writer of the same run directory fails fast
             held.enter_context(locks.exclusive(c.run_dir(results_root)))
         todo = [c for c in cfgs if not _already_finished(c, store, Path(results_root))]
         if todo:
             _train(todo, store, Path(results_root), tokenizer_dir)
+    if dist.rank != 0:
+        shutil.rmtree(results_root, ignore_errors=True)
+        return []
     return [c.run_dir(results_root) for c in cfgs]
 
 
@@ -233,7 +241,7 @@ def _train(cfgs: list[DictionaryConfig], store: ActivationStore, results_root: P
         advance(start_step)
         for step in range(start_step + 1, first.steps + 1):
             t = time.time()
-            xs, rows = next(batches)
+            xs, rows = distributed.shard_batch(*next(batches))
             clock["data_wait"] += time.time() - t
             by_key = {k: x.to(device, non_blocking=True) for k, x in zip(keys, xs)}
             info = {}
@@ -257,6 +265,8 @@ def _train_step(run: Run, by_key: dict, rows: torch.Tensor, step: int, clock: di
         raise FloatingPointError(f"{run.cfg.name}: loss is {float(out.loss.detach())} at step {step}; "
                                  f"the last good checkpoint is kept in {run.run_dir / CHECKPOINTS}")
     out.loss.backward()
+    if distributed.from_env().active:
+        distributed.average_gradients(run.model)
     run.model.remove_parallel_grad()
     if run.cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
