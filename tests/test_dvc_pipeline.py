@@ -37,8 +37,25 @@ def test_dvc_repro_runs_every_stage_and_writes_the_results_contract(project):
     assert {"fvu_per_prefix", "fvu_min", "fvu_mean", "fvu_max", "l0", "dead_fraction"} <= set(metrics)
     assert metrics["fvu_max"] < 1
     assert (run_dir / "activation_samples" / "mined" / "samples.safetensors").is_file()
-    shown = json.loads(dvc(project, "metrics", "show", "--json"))
-    assert "fvu_mean" in json.dumps(shown)
+    assert (run_dir / "browser" / "index.html").is_file()
+    shown = json.dumps(json.loads(dvc(project, "metrics", "show", "--json")))
+    for headline in ("fvu_mean", "ce_recovered_vs_zero", "ce_recovered_vs_mean", "kl", "dense_features"):
+        assert f'"{headline}"' in shown, headline
+
+
+def test_dvc_plots_show_renders_every_declared_plot(project):
+    plots = json.loads(dvc(project, "plots", "show", "--json"))
+    assert not plots.get("errors"), plots["errors"]
+    base = "results/stories260K/2/100/tc/plots/"
+    for name, n_points in (("fvu", 3), ("ce_recovered_vs_zero", 3), ("ce_recovered_vs_mean", 3), ("kl", 3)):
+        [spec] = plots["data"][base + name + ".json"]
+        values = spec["content"]["data"]["values"]
+        assert len(values) == n_points and all(v["features"] in (32, 96, 256) for v in values), name
+    [hist] = plots["data"][base + "frequency_histogram.json"]
+    assert hist["content"]["mark"]["type"] == "bar"
+    assert sum(int(v["features"]) for v in hist["content"]["data"]["values"]) == 256
+    dvc(project, "plots", "show", "-o", "plots_html")
+    assert (project / "plots_html" / "index.html").stat().st_size > 1000
 
 
 def test_a_second_repro_does_nothing(project):
@@ -54,8 +71,8 @@ def test_adding_a_dictionary_reruns_only_its_own_stages(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = dvc(project, "status")
     assert "train@sae" in status and "evaluate@sae" in status and "mine@sae" in status
-    for stage in ("extract", "prepare_model", "train@tc", "evaluate@tc", "mine@tc"):
+    for stage in ("extract", "prepare_model", "train@tc", "evaluate@tc", "mine@tc", "browse@tc"):
         assert f"{stage}:" not in status, status
     out = dvc(project, "repro")
     ran = [line for line in out.splitlines() if line.startswith("Running stage")]
-    assert sorted(ran) == sorted(f"Running stage '{s}@sae':" for s in ("train", "evaluate", "mine")), out
+    assert sorted(ran) == sorted(f"Running stage '{s}@sae':" for s in ("train", "evaluate", "mine", "browse")), out

@@ -384,8 +384,8 @@ class MineConfig:
 @dataclass
 class BrowseConfig:
     max_feature_pages: int | None = None
-    """Feature pages written at most (features that fired, most frequent first); null: all that fired.
-    The index lists every feature either way."""
+    """Feature pages written at most (features that fired, lowest index, i.e. earliest group, first);
+    null: a page for every feature that fired. The index lists every feature either way."""
     contexts_per_feature: int = 10
     """Top-activating contexts shown on a feature page (the quantile samples are shown as well)."""
 
