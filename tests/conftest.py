@@ -31,6 +31,7 @@ def tiny_params(model_name: str | None = None, **dictionary) -> dict:
         "dictionaries": {"tc": entry},
         "evaluate": {"batch_size": 1024},
         "mine": {"max_samples_per_feature": 5, "sample_context_size": 12, "batch_size": 1024},
+        "browse": {"max_feature_pages": None},   # dvc.yaml's browse stage depends on the section
     }
 
 

@@ -136,3 +136,19 @@ def test_a_finished_run_with_a_different_config(prepared):
     result = run_stage(root, "train", "tc")
     assert result.returncode == 2 and "holds a finished run with a different config" in result.stderr
     assert stamps() == before, "the finished run is untouched"
+
+
+def test_evaluate_without_the_model_and_browse_without_mined_samples(prepared):
+    import shutil
+
+    root, raw = prepared
+    raw["dictionaries"]["tc"]["steps"] = 10
+    raw["dictionaries"]["tc"]["save_every"] = 10
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert run_stage(root, "train", "tc").returncode == 0
+    result = run_stage(root, "browse", "tc")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no mined samples" in result.stderr
+    shutil.rmtree(root / "data" / "models")
+    result = run_stage(root, "evaluate", "tc")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "no model here (config.json missing)" in result.stderr and "Traceback" not in result.stderr

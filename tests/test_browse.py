@@ -33,7 +33,7 @@ def run(tiny_pipeline, tmp_path_factory):
 
 def chromium(*args: str) -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars"]
-    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_the_site_is_self_contained(run):
@@ -54,7 +54,7 @@ def test_chromium_renders_the_index_and_a_feature_page(run, tmp_path):
         if os.environ.get("MTC_REQUIRE_CHROMIUM") == "1":
             pytest.fail(message + ", and MTC_REQUIRE_CHROMIUM=1 (CI) asks for it")
         pytest.skip(message)
-    cfg, run_dir, index = run
+    cfg, _, index = run
     dom = chromium("--dump-dom", index.as_uri() + "#sort=frequency").stdout
     rows = re.findall(r'<tr data-group="(\d)"[^>]*><td data-v="(\d+)">', dom)
     assert len(rows) == 256, "the index lists every feature"
@@ -78,13 +78,14 @@ def test_chromium_renders_the_index_and_a_feature_page(run, tmp_path):
 def test_mtc_browse_writes_the_site_where_asked_and_names_a_run_without_samples(run, tmp_path):
     _, run_dir, _ = run
     result = subprocess.run([sys.executable, "-m", "mtc.cli", "browse", str(run_dir), "--out", str(tmp_path / "site"),
-                             "--max-feature-pages", "5"], capture_output=True, text=True)
+                             "--max-feature-pages", "5"], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "site" / "features").glob("*.html"))) == 5
-    result = subprocess.run([sys.executable, "-m", "mtc.cli", "browse", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "mtc.cli", "browse", str(tmp_path)], capture_output=True, text=True,
+                            check=False)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no mined samples" in result.stderr
     result = subprocess.run([sys.executable, "-m", "mtc.cli", "browse", str(run_dir), "--max-feature-pages", "-1"],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "--max-feature-pages: got -1" in result.stderr and "Traceback" not in result.stderr
 
 

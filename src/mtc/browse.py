@@ -66,15 +66,15 @@ if(m){const th=document.querySelector('#features th[data-key="'+m[1]+'"]'); if(t
 
 
 def token_strings(tokenizer: Any, ids: set[int]) -> dict[int, str]:
-    """How each token reads in a context: SentencePiece's and GPT-2's space and newline markers
-    turned back into spaces and newlines, byte tokens into their character."""
+    """How each token reads inside a context: the tokenizer's own piece-to-text conversion (byte-level
+    BPE bytes and SentencePiece byte tokens become characters), keeping SentencePiece's leading space,
+    which decoding a single piece drops."""
     ids = sorted(i for i in ids if i >= 0)
     out = {}
     for i, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
         piece = piece or ""
-        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-            piece = chr(int(piece[3:5], 16))
-        out[i] = piece.replace("▁", " ").replace("Ġ", " ").replace("Ċ", "\n").replace("ĉ", "\t")
+        text = tokenizer.convert_tokens_to_string([piece])
+        out[i] = " " + text if piece.startswith("▁") and not text.startswith(" ") else text
     return out
 
 

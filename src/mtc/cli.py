@@ -54,13 +54,13 @@ def extract(params: Path = ParamsOption) -> None:
 
 @app.command()
 def evaluate(name: str, params: Path = ParamsOption) -> None:
-    """Held-out FVU per prefix, L0 and dead features of dictionary NAME -> metrics.json."""
+    """Held-out FVU, feature statistics and spliced loss per prefix of dictionary NAME -> metrics.json, plots/."""
     typer.echo(f"wrote {pipeline.evaluate(_load(params), name)}")
 
 
 @app.command()
 def mine(name: str, params: Path = ParamsOption) -> None:
-    """Top-activating contexts of every feature of dictionary NAME."""
+    """Top and quantile contexts, histograms and logit effects of every feature of dictionary NAME."""
     typer.echo(f"wrote {pipeline.mine(_load(params), name)}")
 
 

@@ -24,7 +24,7 @@ from mtc import progress
 from mtc.config import EvaluateConfig, PipelineConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.metrics import DENSE_FREQUENCY, FVUAccumulator, fvu_summary, log10_frequency, per_group_counts
-from mtc.models import resolve_device
+from mtc.models import read_architecture, resolve_device
 from mtc.results import METRICS_FILE, atomic_write_bytes, atomic_write_json
 from mtc.spliced import check_splice_order
 from mtc.store import ActivationStore
@@ -89,12 +89,11 @@ def heldout_windows(store: ActivationStore, n: int) -> torch.Tensor:
 def spliced_metrics(dictionary: MatryoshkaBatchTopK, store: ActivationStore, mean_target_D: torch.Tensor,
                     source: tuple[int, str], target: tuple[int, str], cfg: EvaluateConfig, model_dir: Path) -> dict[str, Any]:
     """The spliced-loss metrics on ``cfg.n_ce_sequences`` held-out windows (none when 0)."""
-    from mtc.models import load_bridge, read_architecture
+    from mtc.models import load_bridge
     from mtc.spliced import Replacements, spliced_loss
 
     if cfg.n_ce_sequences == 0:
         return {}
-    read_architecture(model_dir)  # one clear line when the model is not there
     bridge = load_bridge(model_dir, cfg.dtype, cfg.device)
     device = next(bridge.parameters()).device
     windows = heldout_windows(store, min(cfg.n_ce_sequences, store.n_holdout_sequences))
@@ -136,6 +135,8 @@ def evaluate_run(cfg: PipelineConfig, name: str) -> Path:
     d = cfg.dictionary(name)
     source, target = (d.layer, d.source_site), (d.resolved_target_layer, d.target_site)
     check_splice_order(source, target, f"dictionaries.{name}.target_site")
+    if cfg.evaluate.n_ce_sequences:
+        read_architecture(cfg.model_dir)  # the spliced loss needs the model: say so before any work
     run_dir = d.run_dir(cfg.results_root)
     dictionary = MatryoshkaBatchTopK.load(run_dir)
     store = ActivationStore(cfg.store_dir)

@@ -25,7 +25,6 @@ from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.metrics import ce_and_kl_sums, ce_loss_recovered
 from mtc.models import hook_name
 
-
 # Order of the sites within a layer: a site can only be spliced from sources computed before it.
 SITE_ORDER = {site: i for i, site in enumerate(SITES)}
 
@@ -87,6 +86,18 @@ class Replacements:
         return out
 
 
+def clean_run(bridge: Any, tokens_BT: torch.Tensor, source: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean logits [B, T, V] and the source activation [B, T, d] of the same forward pass."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        captured["source"] = x.detach()
+        return x
+
+    logits = bridge.run_with_hooks(tokens_BT, fwd_hooks=[(hook_name(source[1], source[0]), capture)])
+    return logits, captured["source"]
+
+
 @torch.no_grad()
 def spliced_loss(bridge: Any, windows_ST: torch.Tensor, replacements: Replacements, source: tuple[int, str],
                  target: tuple[int, str], *, batch_size: int, skip_bos: bool) -> dict[str, Any]:
@@ -108,17 +119,11 @@ def spliced_loss(bridge: Any, windows_ST: torch.Tensor, replacements: Replacemen
                 keep_BT[:, 0] = True
                 scored_BT[:, 0] = False
             targets_N = tokens[:, 1:][scored_BT]
-            captured: dict[str, torch.Tensor] = {}
-
-            def capture(x: torch.Tensor, hook: Any) -> torch.Tensor:
-                captured["source"] = x.detach()
-                return x
-
-            logits = bridge.run_with_hooks(tokens, fwd_hooks=[(hook_name(source[1], source[0]), capture)])
+            logits, source_BTD = clean_run(bridge, tokens, source)
             clean_logp_NV = torch.log_softmax(logits[:, :-1][scored_BT].float(), dim=-1)
             ce["clean"] += float(-clean_logp_NV.gather(1, targets_N[:, None]).sum())
             n_scored += targets_N.numel()
-            for name, value in replacements.build(captured["source"], d_out).items():
+            for name, value in replacements.build(source_BTD, d_out).items():
                 logits = bridge.run_with_hooks(tokens, fwd_hooks=splice_hooks(target, value, keep_BT))
                 c, k = ce_and_kl_sums(clean_logp_NV, logits[:, :-1][scored_BT], targets_N)
                 ce[name] += c
