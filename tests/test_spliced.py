@@ -29,7 +29,7 @@ def model(tiny_pipeline):
 def splice(model, dictionary, source, target):
     bridge, store, windows, mean = model
     return spliced_loss(bridge, windows, Replacements(dictionary, mean), source, target,
-                        batch_size=8, skip_bos=store.skip_bos)
+                        batch_size=16, skip_bos=store.skip_bos)
 
 
 def identity_sae(d: int) -> MatryoshkaBatchTopK:
