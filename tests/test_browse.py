@@ -24,6 +24,7 @@ def run(tiny_pipeline, tmp_path_factory):
     raw = tiny_params(steps=60, save_every=60)
     raw["model"]["name"] = tiny_pipeline.model.name
     raw["evaluate"]["n_ce_sequences"] = 0   # the browser shows the spliced loss when there is one; not needed here
+    raw["browse"]["max_feature_pages"] = None
     root = tmp_path_factory.mktemp("browse")
     cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=root / "results")
     [run_dir] = pipeline.train(cfg, ["tc"])
