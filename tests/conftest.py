@@ -29,8 +29,9 @@ def tiny_params(model_name: str | None = None, **dictionary) -> dict:
                     "n_tokens": 32768, "context_size": 64, "holdout_fraction": 0.1},
         "extract": {"layers": [2], "sites": ["resid_mid", "mlp_out"], "chunk_rows": 1024},
         "dictionaries": {"tc": entry},
-        "evaluate": {"batch_size": 1024},
+        "evaluate": {"batch_size": 1024, "n_ce_sequences": 8, "ce_batch_size": 8},
         "mine": {"max_samples_per_feature": 5, "sample_context_size": 12, "batch_size": 1024},
+        "browse": {"max_feature_pages": 24},   # dvc.yaml's browse stage depends on the section
     }
 
 

@@ -149,3 +149,19 @@ def test_a_corrupted_store_chunk_stops_training_in_one_line(prepared):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "L2/mlp_out.zarr: chunk " in result.stderr and "is corrupt or truncated" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_evaluate_without_the_model_and_browse_without_mined_samples(prepared):
+    import shutil
+
+    root, raw = prepared
+    raw["dictionaries"]["tc"]["steps"] = 10
+    raw["dictionaries"]["tc"]["save_every"] = 10
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert run_stage(root, "train", "tc").returncode == 0
+    result = run_stage(root, "browse", "tc")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no mined samples" in result.stderr
+    shutil.rmtree(root / "data" / "models")
+    result = run_stage(root, "evaluate", "tc")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "no model here (config.json missing)" in result.stderr and "Traceback" not in result.stderr

@@ -37,8 +37,25 @@ def test_dvc_repro_runs_every_stage_and_writes_the_results_contract(project):
     assert {"fvu_per_prefix", "fvu_min", "fvu_mean", "fvu_max", "l0", "dead_fraction"} <= set(metrics)
     assert metrics["fvu_max"] < 1
     assert (run_dir / "activation_samples" / "mined" / "samples.safetensors").is_file()
-    shown = json.loads(dvc(project, "metrics", "show", "--json"))
-    assert "fvu_mean" in json.dumps(shown)
+    assert (run_dir / "browser" / "index.html").is_file()
+    shown = json.dumps(json.loads(dvc(project, "metrics", "show", "--json")))
+    for headline in ("fvu_mean", "ce_recovered_vs_zero", "ce_recovered_vs_mean", "kl", "dense_features"):
+        assert f'"{headline}"' in shown, headline
+
+
+def test_dvc_plots_show_renders_every_declared_plot(project):
+    plots = json.loads(dvc(project, "plots", "show", "--json"))
+    assert not plots.get("errors"), plots["errors"]
+    base = "results/stories260K/2/100/tc/plots/"
+    for name, n_points in (("fvu", 3), ("ce_recovered_vs_zero", 3), ("ce_recovered_vs_mean", 3), ("kl", 3)):
+        [spec] = plots["data"][base + name + ".json"]
+        values = spec["content"]["data"]["values"]
+        assert len(values) == n_points and all(v["features"] in (32, 96, 256) for v in values), name
+    [hist] = plots["data"][base + "frequency_histogram.json"]
+    assert hist["content"]["mark"]["type"] == "bar"
+    assert sum(int(v["features"]) for v in hist["content"]["data"]["values"]) == 256
+    dvc(project, "plots", "show", "-o", "plots_html")
+    assert (project / "plots_html" / "index.html").stat().st_size > 1000
 
 
 def test_a_second_repro_does_nothing(project):
@@ -54,17 +71,17 @@ def test_adding_a_dictionary_reruns_only_its_own_stages(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = dvc(project, "status")
     assert "train@sae" in status and "evaluate@sae" in status and "mine@sae" in status
-    for stage in ("extract", "prepare_model", "train@tc", "evaluate@tc", "mine@tc"):
+    for stage in ("extract", "prepare_model", "train@tc", "evaluate@tc", "mine@tc", "browse@tc"):
         assert f"{stage}:" not in status, status
     out = dvc(project, "repro")
     ran = [line for line in out.splitlines() if line.startswith("Running stage")]
-    assert sorted(ran) == sorted(f"Running stage '{s}@sae':" for s in ("train", "evaluate", "mine")), out
+    assert sorted(ran) == sorted(f"Running stage '{s}@sae':" for s in ("train", "evaluate", "mine", "browse")), out
 
 
 def test_a_teammate_pulls_the_store_and_trains_without_the_model(project, tmp_path):
     """dvc push to a local-directory remote; a fresh copy of the project (no data) pulls only the
-    store, adds a dictionary and reproduces: extract (and prepare_model) are skipped, the model is
-    never even on disk, and the new dictionary trains from the pulled store."""
+    store, adds a dictionary and trains it from the pulled store without the model on disk; after
+    pulling the rest, `dvc repro` evaluates it and neither prepare_model nor extract runs."""
     import shutil
 
     store_files = [p for p in (project / "data" / "activations" / "stories260K").rglob("*") if p.is_file()]
@@ -87,8 +104,15 @@ def test_a_teammate_pulls_the_store_and_trains_without_the_model(project, tmp_pa
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["dictionaries"]["tc2"] = {**params["dictionaries"]["tc"], "top_k": 4, "steps": 20, "save_every": 20}
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = dvc(clone, "repro", "--allow-missing", "train@tc2", "evaluate@tc2")
+    out = dvc(clone, "repro", "--allow-missing", "train@tc2")
     ran = sorted(line for line in out.splitlines() if line.startswith("Running stage"))
-    assert ran == ["Running stage 'evaluate@tc2':", "Running stage 'train@tc2':"], out
+    assert ran == ["Running stage 'train@tc2':"], out
+    assert (clone / "results" / "stories260K" / "2" / "20" / "tc2" / "dictionary.safetensors").is_file()
+
+    # Evaluating (the spliced loss) and mining (the unembedding) need the model: pull the rest.
+    dvc(clone, "pull", "--allow-missing")  # tc2's own outputs were never pushed
+    out = dvc(clone, "repro")
+    ran = sorted(line for line in out.splitlines() if line.startswith("Running stage"))
+    assert ran == sorted(f"Running stage '{s}@tc2':" for s in ("evaluate", "mine", "browse")), out
     metrics = json.loads((clone / "results" / "stories260K" / "2" / "20" / "tc2" / "metrics.json").read_text())
     assert metrics["fvu_max"] < 1.5

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from mtc import pipeline
 from mtc.config import ConfigError, parse_params
@@ -25,6 +26,28 @@ def test_trained_transcoder_beats_the_trivial_predictor_on_held_out_rows(trained
     assert metrics["fvu_per_prefix"][-1] < metrics["fvu_per_prefix"][0], "the full dictionary beats its first group"
     assert 0 <= metrics["dead_fraction"] <= 1 and metrics["l0"] > 0
     assert metrics["n_tokens"] > 0
+    # Spliced loss at every prefix: the transcoder is closer to the clean model than zero-ablating the MLP.
+    for key in ("ce_spliced_per_prefix", "ce_recovered_vs_zero_per_prefix", "ce_recovered_vs_mean_per_prefix",
+                "kl_per_prefix"):
+        assert len(metrics[key]) == 3, key
+    assert metrics["ce_zero_ablation"] > metrics["ce_clean"]
+    assert metrics["kl_per_prefix"][-1] < metrics["kl_zero_ablation"]
+    assert metrics["ce_recovered_vs_zero"] == metrics["ce_recovered_vs_zero_per_prefix"][-1] > 0
+    assert metrics["ce_n_sequences"] == cfg.evaluate.n_ce_sequences == 8
+    # Feature statistics: frequencies on disk, dead and dense counted per group.
+    freq = load_file(str(run_dir / "feature_frequency.safetensors"))
+    assert freq["log10_frequency"].shape == (256,)
+    assert int((freq["fire_count"] == 0).sum()) == metrics["dead_features"] == sum(metrics["dead_per_group"])
+    assert int((freq["fire_count"] > 0.1 * metrics["n_tokens"]).sum()) == sum(metrics["dense_per_group"])
+    assert len(metrics["dense_per_group"]) == 3
+    # DVC plots: one row per prefix, and the histogram counts every feature.
+    fvu_rows = json.loads((run_dir / "plots" / "fvu.json").read_text())
+    assert [r["features"] for r in fvu_rows] == [32, 96, 256]
+    assert [r["fvu"] for r in fvu_rows] == metrics["fvu_per_prefix"]
+    hist = json.loads((run_dir / "plots" / "frequency_histogram.json").read_text())
+    assert sum(r["features"] for r in hist) == 256 and hist[-1]["log10_frequency"] == "dead"
+    labels = [r["log10_frequency"] for r in hist[:-1]]
+    assert labels == sorted(labels), "bars sort alphabetically in frequency order"
 
 
 def test_a_finished_run_honours_the_results_contract(trained_transcoder):
@@ -128,6 +151,38 @@ def test_mined_samples_show_text_with_the_activating_token_marked(trained_transc
     assert first["token"] == analyzer.tokenizer.decode([int(tokens[first["row"]])])
     assert f"«{first['token']}»" in first["text"]
     assert "feature" in analyzer.show(features[0])
+    # The feature's activation on every context token: at the activating token it is the sample's value.
+    for s in samples + analyzer.quantile_samples(features[0]):
+        assert s["token_acts"][s["token_index"]] == pytest.approx(s["activation"], rel=2e-3)
+
+
+def test_mining_keeps_quantile_samples_histograms_frequencies_and_logit_effects(trained_transcoder):
+    cfg, run_dir = trained_transcoder
+    analyzer = ActivationSampleAnalyzer(pipeline.mine(cfg, "tc"))
+    info = analyzer.feature_info
+    fired = torch.nonzero(info["fire_count"] > 0).flatten().tolist()
+    assert len(fired) > 100
+    # Same held-out tokens, same encoder: mine's fire counts are evaluate's (its spliced loss skipped here).
+    metrics = pipeline.evaluate(dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, n_ce_sequences=0)), "tc")
+    assert "ce_clean" not in json.loads(metrics.read_text())
+    torch.testing.assert_close(info["fire_count"], load_file(str(run_dir / "feature_frequency.safetensors"))["fire_count"])
+    torch.testing.assert_close(info["histogram"].sum(dim=1), info["fire_count"])
+    bands, per_band = cfg.mine.quantile_bands, cfg.mine.samples_per_band
+    for f in fired[:50]:
+        tail = analyzer.quantile_samples(f)
+        assert len(tail) == min(bands * per_band, int(info["fire_count"][f]))
+        values = [s["activation"] for s in tail]
+        assert values == sorted(values), "lowest activation first"
+        assert [s["band"] for s in tail] == sorted(s["band"] for s in tail)
+        assert max(values) <= float(info["max_activation"][f]) + 1e-6
+    busy = max(fired, key=lambda f: int(info["fire_count"][f]))
+    assert {s["band"] for s in analyzer.quantile_samples(busy)} == set(range(bands))
+    # Quantile samples reach below the top contexts.
+    assert analyzer.quantile_samples(busy)[0]["activation"] < analyzer.samples(busy)[-1]["activation"]
+    effects = analyzer.logit_effects(busy)
+    promoted, suppressed = [s for _, s in effects["promoted"]], [s for _, s in effects["suppressed"]]
+    assert len(promoted) == cfg.mine.n_logit_tokens and promoted == sorted(promoted, reverse=True)
+    assert suppressed == sorted(suppressed) and suppressed[0] < promoted[-1]
 
 
 def test_samples_collected_during_training(tiny_pipeline, tmp_path):

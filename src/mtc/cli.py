@@ -5,6 +5,7 @@
     mtc train --model-name gpt2 --source-layer 8 --target-layer 8 --config overrides.yaml
     mtc train --mode multi                                                     (all, one pass)
     mtc samples RUN_DIR [--feature F]                                          (show contexts)
+    mtc browse RUN_DIR [--out DIR]                                             (static HTML browser)
 """
 
 from __future__ import annotations
@@ -53,13 +54,13 @@ def extract(params: Path = ParamsOption) -> None:
 
 @app.command()
 def evaluate(name: str, params: Path = ParamsOption) -> None:
-    """Held-out FVU per prefix, L0 and dead features of dictionary NAME -> metrics.json."""
+    """Held-out FVU, feature statistics and spliced loss per prefix of dictionary NAME -> metrics.json, plots/."""
     typer.echo(f"wrote {pipeline.evaluate(_load(params), name)}")
 
 
 @app.command()
 def mine(name: str, params: Path = ParamsOption) -> None:
-    """Top-activating contexts of every feature of dictionary NAME."""
+    """Top and quantile contexts, histograms and logit effects of every feature of dictionary NAME."""
     typer.echo(f"wrote {pipeline.mine(_load(params), name)}")
 
 
@@ -178,6 +179,32 @@ def samples(directory: Path = typer.Argument(..., help="A run directory or its a
     analyzer = ActivationSampleAnalyzer(directory)
     for f in [feature] if feature is not None else analyzer.features()[:3]:
         typer.echo(analyzer.show(f, n))
+
+
+@app.command()
+def browse(run_dir: Path = typer.Argument(..., help="A run directory (results/{model}/{layer}/{steps}/{name})."),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the site (default RUN_DIR/browser)."),
+           max_feature_pages: Optional[int] = typer.Option(None, help="Write at most this many feature pages."),
+           contexts: int = typer.Option(10, help="Top contexts per feature page."),
+           tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the one mine used).")) -> None:
+    """Write a static HTML feature browser (index + one page per feature that fired) from mined samples."""
+    from mtc.browse import build_site
+    from mtc.config import BrowseConfig, ConfigError
+
+    try:
+        cfg = BrowseConfig(max_feature_pages=max_feature_pages, contexts_per_feature=contexts)
+        cfg.validate("browse")
+    except ConfigError as e:
+        _fail(str(e).replace("browse.max_feature_pages", "--max-feature-pages").replace("browse.contexts_per_feature", "--contexts"))
+    if tokenizer is not None and not (tokenizer / "tokenizer_config.json").is_file() and not (tokenizer / "tokenizer.json").is_file():
+        _fail(f"--tokenizer: {tokenizer} holds no tokenizer")
+    tok = None
+    if tokenizer is not None:
+        from mtc.models import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    index = build_site(run_dir, out, cfg, tok)
+    typer.echo(f"wrote {index} (open it in a browser; no server needed)")
 
 
 def main() -> None:

@@ -341,22 +341,43 @@ class DictionaryConfig:
 @dataclass
 class EvaluateConfig:
     batch_size: int = 4096
-    """Held-out rows per evaluation batch."""
+    """Held-out rows per evaluation batch (FVU, L0, feature frequencies)."""
     device: str = "auto"
+    n_ce_sequences: int = 64
+    """Held-out windows run through the model with the dictionary spliced in (the spliced-loss
+    metrics); 0 skips them. Capped at the number of held-out windows."""
+    ce_batch_size: int = 8
+    """Windows per forward pass of the spliced-loss evaluation."""
+    dtype: str = "float32"
+    """dtype of the model's forward passes in the spliced-loss evaluation."""
 
     def validate(self, p: str) -> None:
         _check_int(f"{p}.batch_size", self.batch_size, 1)
         _check_device(f"{p}.device", self.device)
+        _check_int(f"{p}.n_ce_sequences", self.n_ce_sequences, 0)
+        _check_int(f"{p}.ce_batch_size", self.ce_batch_size, 1)
+        _check_choice(f"{p}.dtype", self.dtype, DTYPES)
 
 
 @dataclass
 class MineConfig:
     max_samples_per_feature: int = 20
+    """Top-activating contexts kept per feature."""
     sample_context_size: int = 20
     """Tokens of context kept around (mostly before) the activating token."""
     sample_activation_threshold: float = 0.1
     batch_size: int = 4096
     device: str = "auto"
+    quantile_bands: int = 4
+    """The feature's firings are cut into this many activation quantile bands (lowest first) ..."""
+    samples_per_band: int = 3
+    """... and this many random contexts are kept from each: the tail below the top contexts."""
+    histogram_bins: int = 20
+    """Bins of each feature's activation histogram, from 0 to its largest activation."""
+    n_logit_tokens: int = 10
+    """Tokens listed as most promoted and most suppressed by each feature's decoder direction."""
+    seed: int = 0
+    """Seed of the random choice of quantile samples."""
 
     def validate(self, p: str) -> None:
         _check_int(f"{p}.max_samples_per_feature", self.max_samples_per_feature, 1)
@@ -364,6 +385,23 @@ class MineConfig:
         _check_float(f"{p}.sample_activation_threshold", self.sample_activation_threshold, 0.0, 1e9, low_open=False)
         _check_int(f"{p}.batch_size", self.batch_size, 1)
         _check_device(f"{p}.device", self.device)
+        for key in ("quantile_bands", "samples_per_band", "histogram_bins", "n_logit_tokens"):
+            _check_int(f"{p}.{key}", getattr(self, key), 1)
+        _check_int(f"{p}.seed", self.seed, 0)
+
+
+@dataclass
+class BrowseConfig:
+    max_feature_pages: int | None = None
+    """Feature pages written at most (features that fired, lowest index, i.e. earliest group, first);
+    null: a page for every feature that fired. The index lists every feature either way."""
+    contexts_per_feature: int = 10
+    """Top-activating contexts shown on a feature page (the quantile samples are shown as well)."""
+
+    def validate(self, p: str) -> None:
+        if self.max_feature_pages is not None:
+            _check_int(f"{p}.max_feature_pages", self.max_feature_pages, 0)
+        _check_int(f"{p}.contexts_per_feature", self.contexts_per_feature, 1)
 
 
 @dataclass
@@ -376,6 +414,7 @@ class PipelineConfig:
     dictionaries: dict[str, DictionaryConfig]
     evaluate: EvaluateConfig
     mine: MineConfig
+    browse: BrowseConfig = field(default_factory=BrowseConfig)
     data_root: Path = Path("data")
     results_root: Path = Path("results")
 
@@ -459,7 +498,7 @@ def parse_params(raw: Any, *, data_root: str | Path = "data", results_root: str 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"params: got {type(raw).__name__}; expected a mapping of sections")
-    sections = {"model", "dataset", "extract", "dictionaries", "evaluate", "mine"}
+    sections = {"model", "dataset", "extract", "dictionaries", "evaluate", "mine", "browse"}
     unknown = sorted(set(raw) - sections, key=str)
     if unknown:
         raise ConfigError(f"{_show(unknown[0])}: unknown section; valid sections are {', '.join(sorted(sections))}")
@@ -487,6 +526,7 @@ def parse_params(raw: Any, *, data_root: str | Path = "data", results_root: str 
         model=model, dataset=dataset, extract=extract, dictionaries=dictionaries,
         evaluate=_build(EvaluateConfig, raw.get("evaluate"), "evaluate"),
         mine=_build(MineConfig, raw.get("mine"), "mine"),
+        browse=_build(BrowseConfig, raw.get("browse"), "browse"),
         data_root=Path(data_root), results_root=Path(results_root),
     )
 

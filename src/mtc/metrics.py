@@ -42,3 +42,36 @@ class FVUAccumulator:
     def fvus(self) -> list[float]:
         total_var = self.sum_sq - float(self.sum.pow(2).sum()) / self.n
         return [sse / total_var for sse in self.sse]
+
+
+# ----------------------------------------------------------------------------- spliced loss
+def ce_loss_recovered(clean: float, spliced: float, ablated: float) -> float:
+    """Share of the loss an ablation costs that the dictionary gives back:
+    (CE_ablated - CE_spliced) / (CE_ablated - CE_clean); 1 = as good as the model, 0 = as bad as the ablation."""
+    if ablated == clean:  # the ablation costs nothing: nothing to recover
+        return float("nan")
+    return (ablated - spliced) / (ablated - clean)
+
+
+def ce_and_kl_sums(clean_logp_NV: torch.Tensor, logits_NV: torch.Tensor, targets_N: torch.Tensor) -> tuple[float, float]:
+    """Summed cross-entropy of ``logits_NV`` on ``targets_N`` and summed KL(clean || softmax(logits))
+    over N predictions; ``clean_logp_NV`` are the clean model's log-probabilities."""
+    logp = torch.log_softmax(logits_NV.float(), dim=-1)
+    ce = -logp.gather(1, targets_N[:, None]).sum()
+    kl = (clean_logp_NV.exp() * (clean_logp_NV - logp)).sum()
+    return float(ce), float(kl)
+
+
+# ----------------------------------------------------------------------------- feature statistics
+DENSE_FREQUENCY = 0.1
+"""A feature firing on more than this share of tokens counts as dense."""
+
+
+def log10_frequency(fire_counts_F: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """log10 of each feature's firing frequency; -inf for features that never fired."""
+    return torch.log10(fire_counts_F.double() / max(1, n_tokens)).float()
+
+
+def per_group_counts(flags_F: torch.Tensor, group_sizes: list[int]) -> list[int]:
+    """How many flagged features each Matryoshka group holds."""
+    return [int(part.sum()) for part in torch.split(flags_F, group_sizes)]

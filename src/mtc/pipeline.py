@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from mtc.browse import BrowseError
 from mtc.config import ConfigError, PipelineConfig, load_params
 from mtc.data import DatasetError
 from mtc.locks import LockedError
@@ -18,7 +19,8 @@ from mtc.models import ModelError
 from mtc.results import CheckpointError
 from mtc.store import ActivationStore, StoreError, check_provenance
 
-USER_ERRORS = (ConfigError, StoreError, ModelError, DatasetError, LockedError, CheckpointError, FloatingPointError)
+USER_ERRORS = (ConfigError, StoreError, ModelError, DatasetError, LockedError, CheckpointError, FloatingPointError,
+               BrowseError)
 
 
 def check_model_facts(cfg: PipelineConfig) -> None:
@@ -88,6 +90,13 @@ def mine(cfg: PipelineConfig, name: str) -> Path:
 
     open_store(cfg)
     return mine_run(cfg, name)
+
+
+def browse(cfg: PipelineConfig, name: str) -> Path:
+    from mtc.browse import build_site
+
+    d = cfg.dictionary(name)
+    return build_site(d.run_dir(cfg.results_root), cfg=cfg.browse)
 
 
 def disk_full_message(e: OSError) -> str | None:

@@ -1,0 +1,143 @@
+"""Spliced loss: the model's next-token loss with a dictionary in place of the site it reconstructs.
+
+For every held-out window: one clean forward pass (which also captures the dictionary's source
+activations), then one forward pass per replacement of the target site — zero ablation, mean
+ablation, and the dictionary's reconstruction at every Matryoshka prefix. A transcoder's output
+replaces its target (``mlp_out``: the MLP's output); an SAE's reconstruction replaces its site.
+
+With ``prepend_bos`` the BOS position is neither spliced (dictionaries are never trained on BOS
+rows) nor scored: the loss covers the predictions made at positions 1 .. T-2.
+
+TransformerBridge (transformer_lens 3.9) cannot start a forward pass at a layer
+(``start_at_layer`` raises NotImplementedError), so every spliced pass runs the whole model; on
+SmolLM2-135M layers 0-8 are about a quarter of its cost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mtc import progress
+from mtc.config import SITES, ConfigError
+from mtc.dictionary import MatryoshkaBatchTopK
+from mtc.metrics import ce_and_kl_sums, ce_loss_recovered
+from mtc.models import hook_name
+
+# Order of the sites within a layer: a site can only be spliced from sources computed before it.
+SITE_ORDER = {site: i for i, site in enumerate(SITES)}
+
+
+def check_splice_order(source: tuple[int, str], target: tuple[int, str], key: str = "target_site") -> None:
+    """A spliced dictionary reads its source and writes its target in one forward pass: the source
+    must come first (or be the target itself, as for an SAE)."""
+    (sl, ss), (tl, ts) = source, target
+    if (tl, SITE_ORDER[ts]) < (sl, SITE_ORDER[ss]):
+        raise ConfigError(f"{key}: {ts} at layer {tl} comes before the source {ss} at layer {sl} in the forward "
+                          "pass, so the dictionary cannot be spliced in")
+
+
+def splice_hooks(target: tuple[int, str], value_BTD: torch.Tensor, keep_BT: torch.Tensor | None = None
+                 ) -> list[tuple[str, Any]]:
+    """Forward hooks that make the residual stream carry ``value_BTD`` at ``target`` (layer, site);
+    positions where ``keep_BT`` is True keep the model's own value.
+
+    TransformerBridge's ``hook_resid_mid`` is the input of the MLP's norm (``ln2.hook_in``): changing
+    it changes what the MLP reads but not the residual stream that bypasses the MLP. So a resid_mid
+    splice also adds the change to ``mlp_out``, making resid_post = new resid_mid + MLP(new resid_mid).
+    The other sites are the residual stream itself (resid_pre, resid_post) or are added to it (mlp_out).
+    """
+    layer, site = target
+    delta: dict[str, torch.Tensor] = {}
+
+    def replace(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        new = value_BTD.to(x.dtype)
+        if keep_BT is not None:
+            new = torch.where(keep_BT[..., None], x, new)
+        if site == "resid_mid":
+            delta["resid_mid"] = new - x
+        return new
+
+    hooks = [(hook_name(site, layer), replace)]
+    if site == "resid_mid":
+        hooks.append((hook_name("mlp_out", layer), lambda x, hook: x + delta.pop("resid_mid")))
+    return hooks
+
+
+class Replacements:
+    """What goes into the target site, per name: the ablations and every prefix of the dictionary."""
+
+    def __init__(self, dictionary: MatryoshkaBatchTopK, mean_target_D: torch.Tensor):
+        self.dictionary = dictionary
+        self.mean = mean_target_D
+        self.n_groups = len(dictionary.group_sizes)
+
+    def names(self) -> list[str]:
+        return ["zero_ablation", "mean_ablation"] + [f"prefix_{g}" for g in range(1, self.n_groups + 1)]
+
+    def build(self, source_BTD: torch.Tensor, d_out: int) -> dict[str, torch.Tensor]:
+        B, T, _ = source_BTD.shape
+        acts = self.dictionary.encode(source_BTD.reshape(B * T, -1).float())
+        out = {"zero_ablation": source_BTD.new_zeros(B, T, d_out, dtype=torch.float32),
+               "mean_ablation": self.mean.to(source_BTD.device).float().expand(B, T, d_out)}
+        for g in range(1, self.n_groups + 1):
+            out[f"prefix_{g}"] = self.dictionary.decode(acts, g).reshape(B, T, d_out)
+        return out
+
+
+def clean_run(bridge: Any, tokens_BT: torch.Tensor, source: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean logits [B, T, V] and the source activation [B, T, d] of the same forward pass."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        captured["source"] = x.detach()
+        return x
+
+    logits = bridge.run_with_hooks(tokens_BT, fwd_hooks=[(hook_name(source[1], source[0]), capture)])
+    return logits, captured["source"]
+
+
+@torch.no_grad()
+def spliced_loss(bridge: Any, windows_ST: torch.Tensor, replacements: Replacements, source: tuple[int, str],
+                 target: tuple[int, str], *, batch_size: int, skip_bos: bool) -> dict[str, Any]:
+    """Clean, ablated and spliced next-token CE and KL(clean || spliced) on ``windows_ST`` (token ids)."""
+    check_splice_order(source, target)
+    device = next(bridge.parameters()).device
+    d_out = replacements.dictionary.cfg["d_out"]
+    names = replacements.names()
+    ce = dict.fromkeys(["clean"] + names, 0.0)
+    kl = dict.fromkeys(names, 0.0)
+    n_scored = 0
+    with progress.bar("spliced loss", total=windows_ST.shape[0], unit="windows") as advance:
+        for tokens in windows_ST.split(batch_size):
+            tokens = tokens.to(device).long()
+            B, T = tokens.shape
+            keep_BT = torch.zeros(B, T, dtype=torch.bool, device=device)   # positions left as the model made them
+            scored_BT = torch.ones(B, T - 1, dtype=torch.bool, device=device)  # position t predicts token t+1
+            if skip_bos:
+                keep_BT[:, 0] = True
+                scored_BT[:, 0] = False
+            targets_N = tokens[:, 1:][scored_BT]
+            logits, source_BTD = clean_run(bridge, tokens, source)
+            clean_logp_NV = torch.log_softmax(logits[:, :-1][scored_BT].float(), dim=-1)
+            ce["clean"] += float(-clean_logp_NV.gather(1, targets_N[:, None]).sum())
+            n_scored += targets_N.numel()
+            for name, value in replacements.build(source_BTD, d_out).items():
+                logits = bridge.run_with_hooks(tokens, fwd_hooks=splice_hooks(target, value, keep_BT))
+                c, k = ce_and_kl_sums(clean_logp_NV, logits[:, :-1][scored_BT], targets_N)
+                ce[name] += c
+                kl[name] += k
+            advance(B)
+    ce = {k: v / n_scored for k, v in ce.items()}
+    kl = {k: v / n_scored for k, v in kl.items()}
+    prefixes = [f"prefix_{g}" for g in range(1, replacements.n_groups + 1)]
+    return {
+        "ce_clean": ce["clean"], "ce_zero_ablation": ce["zero_ablation"], "ce_mean_ablation": ce["mean_ablation"],
+        "ce_spliced_per_prefix": [ce[p] for p in prefixes],
+        "ce_recovered_vs_zero_per_prefix": [ce_loss_recovered(ce["clean"], ce[p], ce["zero_ablation"]) for p in prefixes],
+        "ce_recovered_vs_mean_per_prefix": [ce_loss_recovered(ce["clean"], ce[p], ce["mean_ablation"]) for p in prefixes],
+        "kl_per_prefix": [kl[p] for p in prefixes],
+        "kl_zero_ablation": kl["zero_ablation"], "kl_mean_ablation": kl["mean_ablation"],
+        "ce_n_sequences": int(windows_ST.shape[0]), "ce_n_tokens": n_scored,
+    }

@@ -1,0 +1,98 @@
+"""The model's unembedding, for reading what a decoder direction writes to the logits.
+
+Read from the prepared model's safetensors, without building the model (``mine`` needs nothing
+else of it). Kept out of ``models`` so that changing it does not invalidate every activation store
+(DVC's extract stage depends on ``models.py``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mtc.models import ModelError, read_architecture
+
+
+@dataclass
+class Unembedding:
+    """The model's readout, read from its safetensors without building the model.
+
+    ``W_U`` [d, vocab] already carries the final norm's per-dimension weight (``diag(g) @ W_U``);
+    ``centre`` says the norm is a LayerNorm, which also subtracts the mean over dimensions. What the
+    norm leaves out is its division by the residual's scale, a positive factor per token: scores
+    ``centre(v) @ W_U`` therefore rank tokens as the model's direct logit effect of direction ``v`` does.
+    """
+
+    W_U: torch.Tensor
+    centre: bool
+    norm: str | None
+
+    @property
+    def description(self) -> str:
+        norm = f"the final norm's weight ({self.norm}{', centred' if self.centre else ''})" if self.norm else "no final norm"
+        return (f"decoder direction (W_dec[f] / target_scale) @ diag(g) @ W_U with {norm}: the direct effect on "
+                "the logits up to the norm's positive 1/scale, ignoring all later layers")
+
+    def scores(self, directions_ND: torch.Tensor) -> torch.Tensor:
+        """Direct logit effect [N, vocab] of residual-stream directions [N, d] (up to a positive scale)."""
+        if self.centre:
+            directions_ND = directions_ND - directions_ND.mean(dim=-1, keepdim=True)
+        return directions_ND.float() @ self.W_U
+
+
+def _read_tensors(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors from the model's safetensors files (sharded or not); missing names are left out."""
+    from safetensors import safe_open
+
+    found: dict[str, torch.Tensor] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in set(names) & set(f.keys()):
+                found[name] = f.get_tensor(name).float()
+    return found
+
+
+def load_unembedding(model_dir: str | Path) -> Unembedding:
+    """The unembedding (folded with the final norm's weight) of the model in ``model_dir``.
+
+    Parameter names come from the model class built on the meta device (no memory, no weights), so
+    tied embeddings (``lm_head`` saved as ``embed_tokens``) and every architecture's naming work alike.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    read_architecture(model_dir)  # a clear error when there is no model here
+    if not any(model_dir.glob("*.safetensors")):
+        raise ModelError(f"{model_dir}: no .safetensors weights; re-run the prepare_model stage")
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    unembed = model.get_output_embeddings().weight
+    unembed_names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is unembed]
+    # The final norm: the last norm module outside the numbered layers (model.norm, transformer.ln_f, ...).
+    norms = [(n, m) for n, m in model.named_modules()
+             if "norm" in type(m).__name__.lower() and not any(part.isdigit() for part in n.split("."))]
+    norm_name, norm = norms[-1] if norms else (None, None)
+    norm_weight = f"{norm_name}.weight"
+    tensors = _read_tensors(model_dir, unembed_names + [norm_weight])
+    W_VD = next((tensors[n] for n in unembed_names if n in tensors), None)
+    g = tensors.get(norm_weight)
+    if W_VD is None or (norm is not None and getattr(norm, "weight", None) is not None and g is None):
+        # Saved under other names (transformers renames some on save, e.g. GPT-NeoX's embed_out):
+        # load the model itself, on the CPU, once.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        W_VD = model.get_output_embeddings().weight.detach()
+        norm = model.get_submodule(norm_name) if norm_name else None
+        g = norm.weight.detach() if norm is not None and getattr(norm, "weight", None) is not None else None
+    W_U = W_VD.float().T.contiguous()                            # [d, vocab]
+    if g is not None:
+        # Gemma's RMSNorm multiplies by (1 + weight); the others by weight.
+        g = 1 + g.float() if type(norm).__name__.startswith("Gemma") else g.float()
+        W_U = g[:, None] * W_U
+    centre = norm is not None and "layernorm" in type(norm).__name__.lower() and "rms" not in type(norm).__name__.lower()
+    return Unembedding(W_U, centre, norm_name)
