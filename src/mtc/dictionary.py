@@ -93,9 +93,8 @@ def batch_topk_pairs(mm_BF: torch.Tensor, bias_F: torch.Tensor, n: int, boundari
     t = (mm_BF.view(-1)[sample].to(bias_F.dtype) + bias_F[sample % D]).topk(rank, sorted=False).values.min()
     for attempt in range(4):
         bound = (t - bias_F).to(mm_BF.dtype)  # mm >= t - bias  <=>  pre >= t
-        pairs = torch.cat([torch.ge(mm_BF[:, a:b], bound[a:b], out=_workspace("mask", (B, b - a), torch.bool, mm_BF.device))
-                           .nonzero() + mm_BF.new_tensor([0, a], dtype=torch.long)
-                           for a, b in zip([0, *boundaries], boundaries)])
+        pairs = nonzero_by_group(lambda a, b: torch.ge(mm_BF[:, a:b], bound[a:b], out=_workspace(
+            "mask", (B, b - a), torch.bool, mm_BF.device)), boundaries)
         if pairs.shape[0] >= n:
             break
         # rare (a sample far off): lower the bound, in the end to -inf (every entry)
@@ -111,6 +110,17 @@ def batch_topk_pairs(mm_BF: torch.Tensor, bias_F: torch.Tensor, n: int, boundari
         keep &= top
     kept = keep.nonzero().squeeze(1)
     return rows[kept], feats[kept], cand[kept]
+
+
+def nonzero_by_group(mask_of: Callable[[int, int], torch.Tensor], boundaries: list[int]) -> torch.Tensor:
+    """(row, feature) pairs [n, 2] where ``mask_of(start, end)`` (a group's [B, end - start] columns)
+    is true, sorted by group, then row, then feature: one group's columns at a time."""
+    parts = []
+    for a, b in zip([0, *boundaries], boundaries):
+        pairs = mask_of(a, b).nonzero()
+        pairs[:, 1] += a
+        parts.append(pairs)
+    return torch.cat(parts)
 
 
 def _row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -341,14 +351,21 @@ class MatryoshkaBatchTopK(nn.Module):
 
     @torch.no_grad()
     def _update_stats(self, codes: SparseCodes) -> None:
-        fired = torch.bincount(codes.feats, minlength=self.dict_size) > 0
+        fired, smallest = self._batch_stats(codes)
         self.inactive_batches.add_(1).masked_fill_(fired, 0)
-        if codes.vals.numel():
-            m, smallest = self.cfg["threshold_momentum"], codes.vals.min()
+        if torch.isfinite(smallest):
+            m = self.cfg["threshold_momentum"]
             if self.threshold == 0:  # first batch: start the average at its value, not at 0
                 self.threshold.copy_(smallest)
             else:
                 self.threshold.mul_(1 - m).add_(m * smallest)
+
+    def _batch_stats(self, codes: SparseCodes) -> tuple[torch.Tensor, torch.Tensor]:
+        """(which features fired [D] bool, the smallest code or inf) of this batch; data-parallel
+        training reduces them over every rank's share."""
+        fired = torch.bincount(codes.feats, minlength=self.dict_size) > 0
+        smallest = codes.vals.min() if codes.vals.numel() else codes.vals.new_tensor(float("inf"))
+        return fired, smallest
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:

@@ -21,7 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from mtc.dictionary import MatryoshkaBatchTopK, SparseCodes, batch_topk_pairs
+from mtc.dictionary import (
+    MatryoshkaBatchTopK,
+    SparseCodes,
+    batch_topk_pairs,
+    nonzero_by_group,
+)
 
 
 @dataclass
@@ -133,24 +138,13 @@ class DataParallel(MatryoshkaBatchTopK):
         pre = mm_BF.to(bias.dtype) + bias
         t = _nth_largest_over_ranks(pre[pre >= found["t"]], n_local * world)
         keep = (pre >= t) & (pre > 0)
-        pairs = torch.cat([keep[:, a:b].nonzero() + pre.new_tensor([0, a], dtype=torch.long)
-                           for a, b in zip([0, *self.boundaries], self.boundaries)])  # by group, row, feature
-        rows, feats = pairs.unbind(1)
+        rows, feats = nonzero_by_group(lambda a, b: keep[:, a:b], self.boundaries).unbind(1)
         return rows, feats, pre[rows, feats]
 
-    @torch.no_grad()
-    def _update_stats(self, codes: SparseCodes) -> None:
-        fired = torch.bincount(codes.feats, minlength=self.dict_size) > 0
+    def _batch_stats(self, codes: SparseCodes) -> tuple[torch.Tensor, torch.Tensor]:
+        fired, smallest = super()._batch_stats(codes)
         fired = all_reduce(fired.to(torch.int32), "max").bool()   # fired anywhere in the global batch
-        self.inactive_batches.add_(1).masked_fill_(fired, 0)
-        smallest = codes.vals.min() if codes.vals.numel() else codes.vals.new_tensor(float("inf"))
-        smallest = all_reduce(smallest.reshape(1).clone(), "min")[0]
-        if torch.isfinite(smallest):
-            m = self.cfg["threshold_momentum"]
-            if self.threshold == 0:  # first batch: start the average at its value, not at 0
-                self.threshold.copy_(smallest)
-            else:
-                self.threshold.mul_(1 - m).add_(m * smallest)
+        return fired, all_reduce(smallest.reshape(1).clone(), "min")[0]
 
     @torch.no_grad()
     def init_means(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> None:
@@ -170,12 +164,6 @@ def average_gradients(model: torch.nn.Module) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def broadcast_parameters(model: torch.nn.Module) -> None:
-    """Start every rank from rank 0's weights and buffers (they are equal by seed; this makes sure)."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        torch.distributed.broadcast(t.data, src=0)
 
 
 # ----------------------------------------------------------------------------- hooks for mtc.train
