@@ -129,16 +129,16 @@ def _row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 
 class _SparsePreActs(torch.autograd.Function):
-    """``pre[rows, feats]`` of ``pre = x @ W_enc + b_enc``, given those values (``pre_vals``),
+    """``pre[rows, feats]`` of ``pre = x @ W_encT.T + b_enc``, given those values (``pre_vals``),
     computed outside autograd.
 
-    The backward touches only the gathered entries: W_enc's gradient is, for each feature, a
-    weighted sum of the rows of ``x`` that selected it (one ``embedding_bag``, O(nnz * d)),
-    instead of the dense ``x.T @ grad_pre`` (O(B * d * D)).
+    The backward touches only the gathered entries: the gradient of ``W_encT`` [D, d_in] is, for
+    each feature, a weighted sum of the rows of ``x`` that selected it (one ``embedding_bag``,
+    O(nnz * d)), instead of the dense ``x.T @ grad_pre`` (O(B * d * D)).
     """
 
     @staticmethod
-    def forward(ctx, W_enc, b_enc, x, pre_vals, rows, feats, by_feat):
+    def forward(ctx, W_encT, b_enc, x, pre_vals, rows, feats, by_feat):
         ctx.save_for_backward(x, rows, feats, by_feat)
         ctx.dict_size = b_enc.shape[0]
         return pre_vals.clone()
@@ -149,7 +149,7 @@ class _SparsePreActs(torch.autograd.Function):
         grad_WT = F.embedding_bag(rows[order], x, _row_offsets(feats[order], ctx.dict_size), mode="sum",
                                   per_sample_weights=grad[order])  # [D, d_in]
         grad_b = torch.zeros(ctx.dict_size, dtype=grad.dtype, device=grad.device).index_add_(0, feats, grad)
-        return grad_WT.t(), grad_b, None, None, None, None, None
+        return grad_WT, grad_b, None, None, None, None, None
 
 
 class _PrefixLoss(torch.autograd.Function):
@@ -201,6 +201,15 @@ class _PrefixLoss(torch.autograd.Function):
         return grad_vals, grad_W, grad_group.sum(0), None, None, None, None, None, None
 
 
+def _save_W_enc_input_major(module, state_dict, prefix, local_metadata) -> None:
+    state_dict[prefix + "W_enc"] = state_dict.pop(prefix + "W_encT").t()
+
+
+def _load_W_enc_input_major(module, state_dict, prefix, *args) -> None:
+    if prefix + "W_enc" in state_dict:
+        state_dict[prefix + "W_encT"] = state_dict.pop(prefix + "W_enc").t()
+
+
 class MatryoshkaBatchTopK(nn.Module):
     def __init__(self, d_in: int, d_out: int, group_sizes: list[int], top_k: int, *,
                  top_k_aux: int = 512, aux_penalty: float = 1 / 32, n_batches_to_dead: int = 5,
@@ -227,7 +236,12 @@ class MatryoshkaBatchTopK(nn.Module):
         # Encoder starts as the decoder's transpose (for an SAE) or a random direction set (transcoder).
         W_enc = W_dec.T.clone() if kind == "sae" else torch.randn(d_in, dict_size, generator=gen)
         W_enc = W_enc / W_enc.norm(dim=0, keepdim=True)
-        self.W_enc = nn.Parameter(W_enc)                      # [d_in, D]
+        # Stored feature-major, [D, d_in]: the sparse encoder gradient comes out in that layout, and
+        # a transposed gradient would cost the optimizer a copy of the whole matrix every step (7 %
+        # of a step at the GPT-2 shape). ``W_enc`` [d_in, D] is a view, and the name in state dicts.
+        self.W_encT = nn.Parameter(W_enc.T.contiguous())
+        self.register_state_dict_post_hook(_save_W_enc_input_major)
+        self.register_load_state_dict_pre_hook(_load_W_enc_input_major)
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.register_buffer("threshold", torch.tensor(0.0))
@@ -237,6 +251,11 @@ class MatryoshkaBatchTopK(nn.Module):
         # Mean of the normalised source, subtracted before encoding so features see deviations
         # from the mean rather than all firing on it (the role b_dec plays in a classic SAE).
         self.register_buffer("source_mean", torch.zeros(d_in))
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """The encoder [d_in, D] (a view of the feature-major parameter ``W_encT``)."""
+        return self.W_encT.t()
 
     # ------------------------------------------------------------------ inference on raw activations
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -297,7 +316,7 @@ class MatryoshkaBatchTopK(nn.Module):
                           out=_workspace("mm", (B, self.dict_size), matmul_dtype, x.device))
         rows, feats, pre_vals = self._select(mm)
         by_feat = torch.argsort(feats)  # the encoder's and the decoder's gradients both use it
-        vals = _SparsePreActs.apply(self.W_enc, self.b_enc, x, pre_vals, rows, feats, by_feat)
+        vals = _SparsePreActs.apply(self.W_encT, self.b_enc, x, pre_vals, rows, feats, by_feat)
         codes = SparseCodes(rows, feats, vals.detach(), (B, self.dict_size))
         prefix_mse, residual = self.prefix_losses(codes, vals, y, by_feat)
         aux = self._aux_loss(x, mm, -residual)
@@ -343,7 +362,7 @@ class MatryoshkaBatchTopK(nn.Module):
         rows = torch.arange(B, device=mm_BF.device).repeat_interleave(idx.shape[1])
         feats = dead[idx].flatten()
         by_feat = torch.argsort(feats)
-        vals = torch.relu(_SparsePreActs.apply(self.W_enc, self.b_enc, x_BD, pre_vals.flatten(), rows, feats, by_feat))
+        vals = torch.relu(_SparsePreActs.apply(self.W_encT, self.b_enc, x_BD, pre_vals.flatten(), rows, feats, by_feat))
         no_bias = residual_BD.new_zeros(residual_BD.shape[1])
         mse, _ = _PrefixLoss.apply(vals, self.W_dec, no_bias, residual_BD, rows, feats, by_feat, [0, rows.numel()],
                                    [self.dict_size])
