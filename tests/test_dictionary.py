@@ -124,6 +124,27 @@ def test_bf16_encoder_matmul_stays_close_to_float32():
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
 
 
+def test_a_second_forward_before_the_backward_is_an_error_not_a_wrong_gradient():
+    # The residuals saved for the backward live in a buffer reused from step to step.
+    m = make()
+    x, y = torch.randn(20, 12), torch.randn(20, 12)
+    first = m.training_forward(x, y)
+    m.training_forward(x, y).loss.backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.loss.backward()
+
+
+def test_state_dict_holds_the_encoder_input_major_and_loads_back():
+    m = make(d_in=12, d_out=10)
+    state = m.state_dict()
+    assert state["W_enc"].shape == (12, 64) and "W_encT" not in state
+    torch.testing.assert_close(state["W_enc"], m.W_enc)
+    other = make(d_in=12, d_out=10, seed=1)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.W_encT, m.W_encT)
+    assert other.W_encT.is_contiguous()
+
+
 def test_aux_loss_uses_only_dead_features():
     m = make()
     x, y = torch.randn(20, 12), torch.randn(20, 12)

@@ -46,7 +46,6 @@ class TrainOutput(NamedTuple):
     prefix_mse: torch.Tensor      # [n_groups] normalised-space MSE of each prefix
     aux_loss: torch.Tensor        # scalar
     codes: SparseCodes            # the batch-top-k codes
-    recon_BD: torch.Tensor        # [B, d_out] full reconstruction, normalised space
 
     @property
     def acts_BF(self) -> torch.Tensor:
@@ -59,16 +58,18 @@ def batch_topk_threshold(pre_BF: torch.Tensor, k: int) -> torch.Tensor:
     return pre_BF.flatten().topk(k * pre_BF.shape[0], sorted=False).values.min()
 
 
-_WORKSPACE: dict[tuple, torch.Tensor] = {}
+_SHARED_WORKSPACE: dict[tuple, torch.Tensor] = {}
 
 
-def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+               store: dict[tuple, torch.Tensor] = _SHARED_WORKSPACE) -> torch.Tensor:
     """A scratch buffer reused from step to step (uninitialised). A fresh B x D tensor every step
-    costs page faults on CPU: about 60 ms per 200 MB here, an eighth of the encoder matmul."""
+    costs page faults on CPU: about 60 ms per 200 MB here, an eighth of the encoder matmul. Buffers
+    that outlive a call (saved for backward) live in their dictionary's own ``store``."""
     numel = math.prod(shape)
-    buf = _WORKSPACE.get((name, dtype, device))
+    buf = store.get((name, dtype, device))
     if buf is None or buf.numel() < numel:
-        buf = _WORKSPACE[(name, dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        buf = store[(name, dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel].view(shape)
 
 
@@ -128,6 +129,19 @@ def _row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     return torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
 
 
+class _FeatureOrder(NamedTuple):
+    """The triples' order by feature (``perm``) and where each feature's run starts in it: the
+    encoder's and the decoder's gradients are both per-feature sums over the triples."""
+
+    perm: torch.Tensor
+    starts: torch.Tensor
+
+    @classmethod
+    def of(cls, feats: torch.Tensor, dict_size: int) -> "_FeatureOrder":
+        sorted_feats, perm = torch.sort(feats)
+        return cls(perm, _row_offsets(sorted_feats, dict_size))
+
+
 class _SparsePreActs(torch.autograd.Function):
     """``pre[rows, feats]`` of ``pre = x @ W_encT.T + b_enc``, given those values (``pre_vals``),
     computed outside autograd.
@@ -139,66 +153,71 @@ class _SparsePreActs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W_encT, b_enc, x, pre_vals, rows, feats, by_feat):
-        ctx.save_for_backward(x, rows, feats, by_feat)
-        ctx.dict_size = b_enc.shape[0]
+        ctx.save_for_backward(x, rows, feats)
+        ctx.dict_size, ctx.by_feat = b_enc.shape[0], by_feat
         return pre_vals.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        x, rows, feats, order = ctx.saved_tensors  # order: the triples sorted by feature
-        grad_WT = F.embedding_bag(rows[order], x, _row_offsets(feats[order], ctx.dict_size), mode="sum",
-                                  per_sample_weights=grad[order])  # [D, d_in]
+        x, rows, feats = ctx.saved_tensors
+        order = ctx.by_feat
+        grad_WT = F.embedding_bag(rows[order.perm], x, order.starts, mode="sum",
+                                  per_sample_weights=grad[order.perm])  # [D, d_in]
         grad_b = torch.zeros(ctx.dict_size, dtype=grad.dtype, device=grad.device).index_add_(0, feats, grad)
         return grad_WT, grad_b, None, None, None, None, None
 
 
 class _PrefixLoss(torch.autograd.Function):
-    """MSE of every prefix's reconstruction of ``y`` from sparse codes: ([n_groups], last residual).
+    """MSE of every prefix's reconstruction from sparse codes: ([n_groups], last residual).
 
-    ``ptr`` splits the (row, feature, value) triples, sorted by group then row, into groups; the
-    forward adds one ``embedding_bag`` per group (a weighted sum of decoder rows per token) to a
-    running residual. The backward is sparse too: a prefix's gradient flows into every group it
-    contains (a reverse cumulative sum of residuals), the codes' gradient is one dot product per
-    triple, and W_dec's gradient is, per feature, a weighted sum of the residuals of the tokens
-    that used it (an ``embedding_bag`` over the triples sorted by feature).
+    Prefix g's residual (reconstruction - target) is ``initial`` (b_dec - target) plus the
+    contributions of groups 0..g. ``ptr`` splits the (row, feature, value) triples, sorted by group
+    then row, into groups; the forward adds one ``embedding_bag`` per group (a weighted sum of
+    decoder rows per token) to a running residual, kept for the backward in ``scratch`` (a
+    dictionary's reused buffers) or a fresh tensor when None. The backward is sparse too: the gradient reaching group g's contributions
+    is the sum over the prefixes that hold it (built in place of the saved residuals, so backward
+    runs once); the codes' gradient is one dot product per triple, and W_dec's gradient is, per
+    feature, a weighted sum of those gradients over the tokens that used it (one ``embedding_bag``
+    over the triples sorted by feature, bags indexed by (group, row)).
     """
 
     @staticmethod
-    def forward(ctx, vals, W_dec, b_dec, y, rows, feats, by_feat, ptr, boundaries):
-        B = y.shape[0]
-        residuals = y.new_empty(len(boundaries), *y.shape)
-        running, start, offsets = b_dec - y, 0, []
-        for g, end in enumerate(boundaries):
+    def forward(ctx, vals, W_dec, initial, rows, feats, by_feat, ptr, scratch):
+        G, (B, d) = len(ptr) - 1, initial.shape
+        residuals = (initial.new_empty(G, B, d) if scratch is None else
+                     _workspace("residuals", (G, B, d), initial.dtype, initial.device, scratch))
+        bags = rows.clone()  # (group, row) -> one bag of the [G * B] stacked residuals
+        for g in range(1, G):
+            bags[ptr[g]:ptr[g + 1]] += g * B
+        offsets = _row_offsets(bags, G * B)
+        running, weights, codes = initial, W_dec.detach(), vals.detach()  # detached: the forward-only kernel
+        for g in range(G):
             a, b = ptr[g], ptr[g + 1]
-            offsets.append(_row_offsets(rows[a:b], B))
-            contrib = F.embedding_bag(feats[a:b] - start, W_dec[start:end], offsets[-1],
-                                      mode="sum", per_sample_weights=vals[a:b])
+            contrib = F.embedding_bag(feats[a:b], weights, offsets[g * B:(g + 1) * B] - a, mode="sum",
+                                      per_sample_weights=codes[a:b])
             running = torch.add(running, contrib, out=residuals[g])
-            start = end
-        ctx.save_for_backward(vals, W_dec, rows, feats, by_feat, residuals)
-        ctx.ptr, ctx.boundaries, ctx.offsets = ptr, boundaries, offsets
+        ctx.save_for_backward(vals, W_dec, feats, bags, offsets, residuals)
+        ctx.by_feat = by_feat
         ctx.mark_non_differentiable(running)
-        mse = torch.linalg.vector_norm(residuals, dim=(1, 2)).square() / (B * y.shape[1])
+        mse = torch.linalg.vector_norm(residuals, dim=(1, 2)).square() / (B * d)
         return mse, running
 
     @staticmethod
     def backward(ctx, grad_mse, _):
-        vals, W_dec, rows, feats, by_feat, residuals = ctx.saved_tensors
-        G, B, d = residuals.shape
+        vals, W_dec, feats, bags, offsets, grads = ctx.saved_tensors  # grads: the residuals
+        G, B, d = grads.shape
         scale = grad_mse * (2 / (B * d))
-        grad_vals, grad_W = torch.empty_like(vals), torch.empty_like(W_dec)
-        feat_offsets = _row_offsets(feats[by_feat], W_dec.shape[0])
-        grad_group = torch.zeros_like(residuals[0])
-        for g in reversed(range(G)):
-            grad_group.addcmul_(residuals[g], scale[g])  # prefix g and every longer one hold group g
-            a, b = ctx.ptr[g], ctx.ptr[g + 1]
-            start, end = ctx.boundaries[g - 1] if g else 0, ctx.boundaries[g]
-            grad_vals[a:b] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_group, W_dec[start:end], feats[a:b] - start, ctx.offsets[g], rows[a:b], 0, -1)
-            order = by_feat[a:b]  # a group's features are one range, so its triples are one slice
-            grad_W[start:end] = F.embedding_bag(rows[order], grad_group, feat_offsets[start:end] - a,
-                                                mode="sum", per_sample_weights=vals[order])
-        return grad_vals, grad_W, grad_group.sum(0), None, None, None, None, None, None
+        for g in reversed(range(G)):  # group g's gradient: prefix g's and every longer prefix's
+            grads[g].mul_(scale[g])
+            if g + 1 < G:
+                grads[g].add_(grads[g + 1])
+        stacked = grads.view(G * B, d)
+        grad_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            stacked, W_dec, feats, offsets, bags, 0, -1)
+        perm = ctx.by_feat.perm
+        grad_W = F.embedding_bag(bags[perm], stacked, ctx.by_feat.starts, mode="sum", per_sample_weights=vals[perm])
+        grad_initial = grads[0] if ctx.needs_input_grad[2] else None  # b_dec's, through autograd
+        return grad_vals, grad_W, grad_initial, None, None, None, None, None
 
 
 def _save_W_enc_input_major(module, state_dict, prefix, local_metadata) -> None:
@@ -251,6 +270,7 @@ class MatryoshkaBatchTopK(nn.Module):
         # Mean of the normalised source, subtracted before encoding so features see deviations
         # from the mean rather than all firing on it (the role b_dec plays in a classic SAE).
         self.register_buffer("source_mean", torch.zeros(d_in))
+        self._scratch: dict[tuple, torch.Tensor] = {}  # training buffers reused from step to step
 
     @property
     def W_enc(self) -> torch.Tensor:
@@ -260,7 +280,10 @@ class MatryoshkaBatchTopK(nn.Module):
     # ------------------------------------------------------------------ inference on raw activations
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
         """ReLU pre-activations [B, D] of raw source activations."""
-        return torch.relu((x_BD * self.source_scale - self.source_mean) @ self.W_enc + self.b_enc)
+        return torch.relu(self._normalised_source(x_BD) @ self.W_enc + self.b_enc)
+
+    def _normalised_source(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(-self.source_mean, x_BD, self.source_scale)  # one pass over x
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Codes [B, D] with the learned threshold: each token encodes on its own."""
@@ -287,16 +310,17 @@ class MatryoshkaBatchTopK(nn.Module):
         return out
 
     def prefix_losses(self, codes: SparseCodes, vals: torch.Tensor, y_BD: torch.Tensor,
-                      by_feat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(MSE of every prefix's reconstruction of the normalised target ``y_BD``, the full
-        dictionary's residual), from the codes ``vals`` at ``codes``' (row, feature) pairs, which
-        must be sorted by group, then row (``by_feat``: their order by feature, if already known).
-        Equal to the dense computation; touches only the codes."""
+                      by_feat: _FeatureOrder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MSE of every prefix's reconstruction of the raw target ``y_BD``, in normalised space;
+        the full dictionary's residual), from the codes ``vals`` at ``codes``' (row, feature) pairs,
+        which must be sorted by group, then row (``by_feat``: their order by feature, if already
+        known). Equal to the dense computation; touches only the codes. The residuals saved for the
+        backward are reused by the next call: run the backward before then."""
         group = torch.bucketize(codes.feats, codes.feats.new_tensor(self.boundaries), right=True)
         ptr = [0, *torch.bincount(group, minlength=len(self.boundaries)).cumsum(0).tolist()]
-        by_feat = torch.argsort(codes.feats) if by_feat is None else by_feat
-        return _PrefixLoss.apply(vals, self.W_dec, self.b_dec, y_BD, codes.rows, codes.feats, by_feat, ptr,
-                                 self.boundaries)
+        by_feat = _FeatureOrder.of(codes.feats, self.dict_size) if by_feat is None else by_feat
+        initial = torch.addcmul(self.b_dec, y_BD, self.target_scale, value=-1)  # b_dec - normalised target
+        return _PrefixLoss.apply(vals, self.W_dec, initial, codes.rows, codes.feats, by_feat, ptr, self._scratch)
 
     def training_forward(self, x_BD: torch.Tensor, y_BD: torch.Tensor,
                          matmul_dtype: torch.dtype = torch.float32) -> TrainOutput:
@@ -309,19 +333,18 @@ class MatryoshkaBatchTopK(nn.Module):
         gradients and everything else stay float32.
         """
         B = x_BD.shape[0]
-        y = y_BD * self.target_scale
-        x = x_BD * self.source_scale - self.source_mean
+        x = self._normalised_source(x_BD)
         with torch.no_grad():  # the one dense product; b_enc is added only where it is needed
             mm = torch.mm(x.to(matmul_dtype), self.W_enc.to(matmul_dtype),
                           out=_workspace("mm", (B, self.dict_size), matmul_dtype, x.device))
         rows, feats, pre_vals = self._select(mm)
-        by_feat = torch.argsort(feats)  # the encoder's and the decoder's gradients both use it
+        by_feat = _FeatureOrder.of(feats, self.dict_size)
         vals = _SparsePreActs.apply(self.W_encT, self.b_enc, x, pre_vals, rows, feats, by_feat)
         codes = SparseCodes(rows, feats, vals.detach(), (B, self.dict_size))
-        prefix_mse, residual = self.prefix_losses(codes, vals, y, by_feat)
-        aux = self._aux_loss(x, mm, -residual)
+        prefix_mse, residual = self.prefix_losses(codes, vals, y_BD, by_feat)
+        aux = self._aux_loss(x, mm, residual)
         self._update_stats(codes)
-        return TrainOutput(prefix_mse.mean() + aux, prefix_mse.detach(), aux.detach(), codes, residual + y)
+        return TrainOutput(prefix_mse.mean() + aux, prefix_mse.detach(), aux.detach(), codes)
 
     def dense_reference_loss(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, prefix_mse) of ``training_forward`` computed the straightforward way: dense
@@ -351,8 +374,9 @@ class MatryoshkaBatchTopK(nn.Module):
         return self._generator
 
     def _aux_loss(self, x_BD: torch.Tensor, mm_BF: torch.Tensor, residual_BD: torch.Tensor) -> torch.Tensor:
-        """Reconstruct what the live features miss with each token's top ``top_k_aux`` dead ones.
-        Sparse like the main loss; its cost grows with B x n_dead (the top-k over dead features)."""
+        """Reconstruct what the live features miss (``-residual_BD``) with each token's top
+        ``top_k_aux`` dead ones: the aux reconstruction's error starts at ``residual_BD``. Sparse
+        like the main loss; its cost grows with B x n_dead (the top-k over dead features)."""
         dead = torch.nonzero(self.inactive_batches >= self.cfg["n_batches_to_dead"]).flatten()
         if dead.numel() == 0 or self.cfg["aux_penalty"] == 0:
             return residual_BD.new_zeros(())
@@ -361,11 +385,9 @@ class MatryoshkaBatchTopK(nn.Module):
         pre_vals, idx = pre_dead.topk(min(self.cfg["top_k_aux"], dead.numel()), dim=1, sorted=False)  # [B, k_aux]
         rows = torch.arange(B, device=mm_BF.device).repeat_interleave(idx.shape[1])
         feats = dead[idx].flatten()
-        by_feat = torch.argsort(feats)
+        by_feat = _FeatureOrder.of(feats, self.dict_size)
         vals = torch.relu(_SparsePreActs.apply(self.W_encT, self.b_enc, x_BD, pre_vals.flatten(), rows, feats, by_feat))
-        no_bias = residual_BD.new_zeros(residual_BD.shape[1])
-        mse, _ = _PrefixLoss.apply(vals, self.W_dec, no_bias, residual_BD, rows, feats, by_feat, [0, rows.numel()],
-                                   [self.dict_size])
+        mse, _ = _PrefixLoss.apply(vals, self.W_dec, residual_BD, rows, feats, by_feat, [0, rows.numel()], None)
         return self.cfg["aux_penalty"] * mse[0]
 
     @torch.no_grad()
