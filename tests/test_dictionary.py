@@ -124,6 +124,25 @@ def test_bf16_encoder_matmul_stays_close_to_float32():
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
 
 
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_gradients_kept_between_steps_are_exact_and_reused_buffers_never_leak_into_them(with_dead):
+    # The trainer zeroes gradients instead of freeing them; the backward then writes into buffers
+    # reused from step to step. Poison those buffers between steps: no gradient may change.
+    kept, fresh = make(), make()
+    if with_dead:  # the aux loss adds a second gradient for each weight
+        kept.inactive_batches[::3] = fresh.inactive_batches[::3] = 100
+    for step in range(3):
+        x, y = torch.randn(30, 12), torch.randn(30, 12)
+        kept.zero_grad(set_to_none=False)
+        fresh.zero_grad(set_to_none=True)
+        kept.training_forward(x, y).loss.backward()
+        fresh.training_forward(x, y).loss.backward()
+        for (name, a), b in zip(kept.named_parameters(), fresh.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, msg=lambda e, name=name: f"step {step}, {name}: {e}")
+        for buf in kept._scratch.values():
+            buf.fill_(float("nan"))
+
+
 def test_a_second_forward_before_the_backward_is_an_error_not_a_wrong_gradient():
     # The residuals saved for the backward live in a buffer reused from step to step.
     m = make()
