@@ -125,22 +125,22 @@ def test_bf16_encoder_matmul_stays_close_to_float32():
 
 
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_gradients_kept_between_steps_are_exact_and_reused_buffers_never_leak_into_them(with_dead):
-    # The trainer zeroes gradients instead of freeing them; the backward then writes into buffers
-    # reused from step to step. Poison those buffers between steps: no gradient may change.
-    kept, fresh = make(), make()
+def test_gradients_are_exact_whether_freed_or_zeroed_between_steps_and_old_buffer_contents_never_leak(with_dead):
+    # Freed gradients (set_to_none) are rewritten into buffers reused from step to step; zeroed
+    # ones are added to. Poison the reused buffers between steps: no gradient may change.
+    freed, zeroed = make(), make()
     if with_dead:  # the aux loss adds a second gradient for each weight
-        kept.inactive_batches[::3] = fresh.inactive_batches[::3] = 100
+        freed.inactive_batches[::3] = zeroed.inactive_batches[::3] = 100
     for step in range(3):
         x, y = torch.randn(30, 12), torch.randn(30, 12)
-        kept.zero_grad(set_to_none=False)
-        fresh.zero_grad(set_to_none=True)
-        kept.training_forward(x, y).loss.backward()
-        fresh.training_forward(x, y).loss.backward()
-        for (name, a), b in zip(kept.named_parameters(), fresh.parameters()):
-            torch.testing.assert_close(a.grad, b.grad, msg=lambda e, name=name: f"step {step}, {name}: {e}")
-        for buf in kept._scratch.values():
+        freed.zero_grad(set_to_none=True)
+        zeroed.zero_grad(set_to_none=False)
+        for buf in freed._scratch.values():
             buf.fill_(float("nan"))
+        freed.training_forward(x, y).loss.backward()
+        zeroed.training_forward(x, y).loss.backward()
+        for (name, a), b in zip(freed.named_parameters(), zeroed.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, msg=lambda e, name=name: f"step {step}, {name}: {e}")
 
 
 def test_a_second_forward_before_the_backward_is_an_error_not_a_wrong_gradient():

@@ -271,7 +271,7 @@ def _train_step(run: Run, by_key: dict, rows: torch.Tensor, step: int, clock: di
     if run.cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
     run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=False)  # zeroed, not freed: the backward reuses its buffers
+    run.optimizer.zero_grad(set_to_none=True)
     run.model.normalize_decoder()
     if run.samples is not None and step % run.cfg.sample_collection_freq == 0:
         run.samples.update(out.acts_BF, rows)

@@ -63,7 +63,7 @@ def our_step(m, opt, x, y, matmul_dtype=torch.float32):
     out.loss.backward()
     m.remove_parallel_grad()
     opt.step()
-    opt.zero_grad(set_to_none=False)  # as the trainer does: the backward reuses its buffers
+    opt.zero_grad(set_to_none=True)
     m.normalize_decoder()
 
 
