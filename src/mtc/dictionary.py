@@ -382,13 +382,17 @@ class MatryoshkaBatchTopK(nn.Module):
         acts = pre * (pre >= batch_topk_threshold(pre.detach(), self.top_k))
         prefix_mse = torch.stack([(r - y).pow(2).mean() for r in self.prefix_reconstructions_dense(acts)])
         loss = prefix_mse.mean()
-        dead = torch.nonzero(self.inactive_batches >= self.cfg["n_batches_to_dead"]).flatten()
+        dead = self._dead_features()
         if dead.numel() and self.cfg["aux_penalty"]:
             values, idx = pre[:, dead].topk(min(self.cfg["top_k_aux"], dead.numel()), dim=1)
             aux_acts = torch.zeros_like(pre).scatter(1, dead[idx], values)
             residual = y - (acts @ self.W_dec + self.b_dec).detach()
             loss = loss + self.cfg["aux_penalty"] * (aux_acts @ self.W_dec - residual).pow(2).mean()
         return loss, prefix_mse.detach()
+
+    def _dead_features(self) -> torch.Tensor:
+        """Indices of the features that have not fired for ``n_batches_to_dead`` batches."""
+        return torch.nonzero(self.inactive_batches >= self.cfg["n_batches_to_dead"]).flatten()
 
     def _select(self, mm_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's top ``k * B`` codes (rows, features, values); see ``batch_topk_pairs``."""
@@ -405,7 +409,7 @@ class MatryoshkaBatchTopK(nn.Module):
         """Reconstruct what the live features miss (``-residual_BD``) with each token's top
         ``top_k_aux`` dead ones: the aux reconstruction's error starts at ``residual_BD``. Sparse
         like the main loss; its cost grows with B x n_dead (the top-k over dead features)."""
-        dead = torch.nonzero(self.inactive_batches >= self.cfg["n_batches_to_dead"]).flatten()
+        dead = self._dead_features()
         if dead.numel() == 0 or self.cfg["aux_penalty"] == 0:
             return residual_BD.new_zeros(())
         B = mm_BF.shape[0]

@@ -98,8 +98,8 @@ def _start_run(cfg: DictionaryConfig, store: ActivationStore, results_root: Path
     start_step = 0
     model_cls = distributed.DataParallel if distributed.from_env().active else MatryoshkaBatchTopK
     model = model_cls(src.d_model, tgt.d_model, cfg.group_sizes, cfg.k, top_k_aux=cfg.top_k_aux,
-                                aux_penalty=cfg.aux_penalty, n_batches_to_dead=cfg.n_batches_to_dead,
-                                threshold_momentum=cfg.threshold_momentum, kind=cfg.kind, seed=cfg.seed)
+                      aux_penalty=cfg.aux_penalty, n_batches_to_dead=cfg.n_batches_to_dead,
+                      threshold_momentum=cfg.threshold_momentum, kind=cfg.kind, seed=cfg.seed)
     model.set_scales(src.mean_norm, tgt.mean_norm)
     model.to(device)
     optimizer = make_optimizer(model, cfg.lr)
