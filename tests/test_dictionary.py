@@ -10,9 +10,9 @@ from mtc.dictionary import MatryoshkaBatchTopK, batch_topk_pairs
 GROUPS = [8, 16, 40]
 
 
-def make(kind="transcoder", d_in=12, d_out=12, k=4, seed=0):
+def make(kind="transcoder", d_in=12, d_out=12, k=4, seed=0, input_norm="global"):
     torch.manual_seed(seed)
-    m = MatryoshkaBatchTopK(d_in, d_out, GROUPS, k, kind=kind, seed=seed, top_k_aux=6)
+    m = MatryoshkaBatchTopK(d_in, d_out, GROUPS, k, kind=kind, seed=seed, top_k_aux=6, input_norm=input_norm)
     with torch.no_grad():
         m.b_enc.normal_(0, 0.3)
         m.b_dec.normal_()
@@ -55,17 +55,28 @@ def test_batch_topk_pairs_keeps_exactly_kB_when_values_tie():
     assert rows.numel() == 3 * 8
 
 
-def test_prefix_loss_is_the_mean_of_each_prefix_reconstruction_error():
-    m = make()
-    x, y = torch.randn(20, 12), torch.randn(20, 12)
+def _scaled(x, input_norm, scale):
+    """The source (or an SAE's target) as training sees it: per row to RMS 1, or one global scale."""
+    return x / x.pow(2).mean(dim=1, keepdim=True).sqrt() if input_norm == "token" else x * scale
+
+
+@pytest.mark.parametrize("kind", ["transcoder", "sae"])
+@pytest.mark.parametrize("input_norm", ["token", "global"])
+def test_prefix_loss_is_the_mean_of_each_prefix_reconstruction_error(kind, input_norm):
+    m = make(kind, input_norm=input_norm)
+    x, y = torch.randn(20, 12) * torch.rand(20, 1) * 10, torch.randn(20, 12)
+    if kind == "sae":
+        y = x
     out = m.training_forward(x, y)
-    pre = torch.relu((x * 0.7 - m.source_mean) @ m.W_enc + m.b_enc)
+    x_n = _scaled(x, input_norm, 0.7)
+    y_n = x_n if kind == "sae" and input_norm == "token" else y * 1.3
+    pre = torch.relu((x_n - m.source_mean) @ m.W_enc + m.b_enc)
     keep = pre >= pre.flatten().topk(4 * 20).values.min()
     acts = pre * keep
     direct = []
     for end in (8, 24, 64):  # prefix i = features 0 .. sum(group_sizes[:i+1])
         recon = acts[:, :end] @ m.W_dec[:end] + m.b_dec
-        direct.append(((recon - y * 1.3) ** 2).mean())
+        direct.append(((recon - y_n) ** 2).mean())
     torch.testing.assert_close(out.prefix_mse, torch.stack(direct).detach())
     torch.testing.assert_close(out.loss, torch.stack(direct).mean() + out.aux_loss)
     assert (out.acts_BF > 0).sum() == 4 * 20
@@ -73,10 +84,11 @@ def test_prefix_loss_is_the_mean_of_each_prefix_reconstruction_error():
 
 @pytest.mark.parametrize("kind", ["transcoder", "sae"])
 @pytest.mark.parametrize("groups", [[64], [16, 48], [8, 16, 40], [4, 4, 8, 16, 32], [1, 2, 5, 8, 16, 32]])
-@pytest.mark.parametrize("with_dead", [False, True])
-def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(kind, groups, with_dead):
+@pytest.mark.parametrize("with_dead", [False, True, "fewer than top_k_aux"])
+@pytest.mark.parametrize("input_norm", ["token", "global"])
+def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(kind, groups, with_dead, input_norm):
     torch.manual_seed(0)
-    m = MatryoshkaBatchTopK(12, 12, groups, 5, kind=kind, top_k_aux=6)
+    m = MatryoshkaBatchTopK(12, 12, groups, 5, kind=kind, top_k_aux=6, input_norm=input_norm)
     with torch.no_grad():
         m.b_enc.normal_(0, 0.3)
         m.b_dec.normal_()
@@ -84,9 +96,9 @@ def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(kind
         m.target_scale.fill_(1.3)
         m.source_mean.normal_()
     dead = torch.zeros(64, dtype=torch.long)
-    if with_dead:
-        dead[::3] = 100   # a third of the features feed the auxiliary loss
-    x, y = torch.randn(30, 12), torch.randn(30, 12)
+    if with_dead:  # a third of the features feed the auxiliary loss, or only four (all of them kept)
+        dead[::3 if with_dead is True else 16] = 100
+    x, y = torch.randn(30, 12) * torch.rand(30, 1) * 5, torch.randn(30, 12)
     results = []
     for sparse in (True, False):
         m.zero_grad()
@@ -94,7 +106,7 @@ def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(kind
         if sparse:
             out = m.training_forward(x, y)
             loss, prefix_mse = out.loss, out.prefix_mse
-            assert (out.aux_loss > 0) == with_dead
+            assert (out.aux_loss > 0) == bool(with_dead)
         else:
             loss, prefix_mse = m.dense_reference_loss(x, y)
         loss.backward()
@@ -173,8 +185,7 @@ def test_aux_loss_uses_only_dead_features():
     assert out.aux_loss > 0
     m.zero_grad()
     out.loss.backward()
-    pre = torch.relu((x * 0.7 - m.source_mean) @ m.W_enc + m.b_enc)
-    assert pre.shape == (20, 64)
+    assert m.W_dec.grad[30:].abs().sum() > 0 and m.W_encT.grad[:30].abs().sum() > 0
 
 
 def test_decoder_rows_stay_unit_norm_and_parallel_grad_is_removed():
@@ -219,6 +230,43 @@ def test_save_and_load_give_the_same_function_on_raw_activations(tmp_path):
     torch.testing.assert_close(loaded(x), m(x))
     torch.testing.assert_close(loaded(x, n_groups=2), m(x, n_groups=2))
     assert loaded.cfg == m.cfg
+
+
+def test_per_token_scaling_makes_a_transcoder_blind_to_the_source_norm_as_the_model_is():
+    # resid_mid reaches the MLP through an RMSNorm: a transcoder should see only its direction.
+    m = make("transcoder", input_norm="token")
+    x = torch.randn(9, 12)
+    torch.testing.assert_close(m.encode(x * 40), m.encode(x))
+
+
+def test_a_per_token_sae_scales_its_reconstruction_with_each_row():
+    m = make("sae", input_norm="token")
+    x = torch.randn(9, 12)
+    scale = torch.rand(9, 1) * 100
+    torch.testing.assert_close(m(x * scale), m(x) * scale, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="decode needs source"):
+        m.decode(m.encode(x))
+
+
+def test_a_dictionary_saved_before_per_token_scaling_loads_with_global_scaling(tmp_path):
+    import json
+
+    m = make("transcoder", input_norm="global")
+    m.save(tmp_path)
+    cfg = json.loads((tmp_path / "dictionary.json").read_text())
+    del cfg["input_norm"]
+    (tmp_path / "dictionary.json").write_text(json.dumps(cfg))
+    x = torch.randn(7, 12)
+    torch.testing.assert_close(MatryoshkaBatchTopK.load(tmp_path)(x), m(x))
+
+
+@pytest.mark.parametrize("input_norm", ["token", "global"])
+def test_the_calibrated_threshold_gives_top_k_codes_per_row_on_the_calibration_rows(input_norm):
+    m = make(input_norm=input_norm, k=5)
+    batches = [torch.randn(50, 12) * torch.rand(50, 1) for _ in range(4)]
+    m.calibrate_threshold(iter(batches))
+    l0 = float((m.encode(torch.cat(batches)) > 0).sum(dim=1).float().mean())
+    assert abs(l0 - 5) <= 1.01 / 200, "k * N codes clear it, less the one at the threshold itself"
 
 
 def test_invalid_shapes_are_refused():

@@ -50,6 +50,31 @@ def test_trained_transcoder_beats_the_trivial_predictor_on_held_out_rows(trained
     assert labels == sorted(labels), "bars sort alphabetically in frequency order"
 
 
+@pytest.mark.parametrize("kind", ["transcoder", "sae"])
+def test_every_group_a_trained_dictionary_adds_lowers_held_out_fvu_and_inference_l0_matches_k(
+        tiny_pipeline, tmp_path, kind):
+    # A Matryoshka dictionary must never reconstruct worse with more of itself, and the threshold
+    # it encodes with at inference must give about the top_k codes per token it was trained with.
+    site = {"target_site": "resid_mid"} if kind == "sae" else {}
+    raw = tiny_params(str(tiny_pipeline.model.name), kind=kind, steps=300, top_k=8, **site)
+    cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=tmp_path / "results")
+    pipeline.train(cfg, ["tc"])
+    metrics = json.loads(pipeline.evaluate(dataclasses.replace(cfg, evaluate=dataclasses.replace(
+        cfg.evaluate, n_ce_sequences=0)), "tc").read_text())
+    fvus = metrics["fvu_per_prefix"]
+    assert all(b < a for a, b in zip(fvus, fvus[1:])), fvus
+    assert metrics["prefix_fvu_decreasing"] is True and metrics["warnings"] == []
+    assert abs(metrics["l0"] - 8) <= 0.8, f"inference L0 {metrics['l0']:.2f} for top_k 8"
+
+
+def test_evaluate_warns_when_a_group_makes_the_reconstruction_worse():
+    from mtc.evaluate import prefix_warnings
+
+    assert prefix_warnings([0.5, 0.4, 0.3], [8, 24, 64]) == []
+    [message] = prefix_warnings([0.5, 0.3, 0.31], [8, 24, 64])
+    assert "24 to 64 features" in message and "0.3000 -> 0.3100" in message
+
+
 def test_a_finished_run_honours_the_results_contract(trained_transcoder):
     from datetime import datetime
 

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 SITES = ("resid_pre", "resid_mid", "mlp_out", "resid_post")
 DTYPES = ("float32", "bfloat16", "float16")
 KINDS = ("transcoder", "sae")
+INPUT_NORMS = ("token", "global")
 MATMUL_DTYPES = ("float32", "bfloat16")
 
 # Presets of the seed: activation width, dictionary size and Matryoshka groups (geometric).
@@ -157,6 +158,11 @@ class DatasetConfig:
     """Start every window with the tokenizer's BOS token."""
     holdout_fraction: float = 0.05
     """Share of windows (the last ones) kept out of training, for evaluate and mine."""
+    shuffle_seed: int | None = None
+    """Put the documents in a seeded random order before packing (null: the source's order). A
+    corpus sorted by source (english-mix) otherwise trains on its first sources and holds out
+    its last one. Local and builtin text is shuffled whole; a hub dataset streams through a
+    10,000-document shuffle buffer."""
 
     def validate(self, p: str) -> None:
         _check_str(f"{p}.path", self.path)
@@ -168,6 +174,8 @@ class DatasetConfig:
         if not isinstance(self.prepend_bos, bool):
             _fail(f"{p}.prepend_bos", self.prepend_bos, "true or false")
         _check_float(f"{p}.holdout_fraction", self.holdout_fraction, 0.0, 0.5)
+        if self.shuffle_seed is not None:
+            _check_int(f"{p}.shuffle_seed", self.shuffle_seed, 0)
         n_seq = self.n_tokens // self.context_size
         n_holdout = self.n_holdout_sequences
         if n_seq - n_holdout < 1:
@@ -234,6 +242,8 @@ class DictionaryConfig:
     top_k: int | None = None
     """Active features per token; defaults to round(dict_size / 200)."""
     lr: float = 3e-4
+    adam_beta2: float = 0.999
+    """Adam's second-moment decay (the reference recipe uses 0.99)."""
     batch_size: int = 4096
     steps: int = 1000
     save_every: int = 1000
@@ -245,6 +255,12 @@ class DictionaryConfig:
     """A feature that stays silent this many batches counts as dead for the auxiliary loss."""
     threshold_momentum: float = 0.01
     """EMA rate of the inference threshold learned from the batch top-k."""
+    calibration_rows: int = 65536
+    """Training rows over which the inference threshold is set at the end of training, so that
+    inference L0 matches ``top_k`` (0: keep the moving average learned during training)."""
+    input_norm: str = "token"
+    """``token``: each source row is divided by its own RMS before encoding (an SAE scales its
+    output back by it); ``global``: one scale for every row, so rare huge rows dominate the loss."""
     max_grad_norm: float | None = None
     """Clip the global gradient norm to this (off when null)."""
     shuffle_chunks: int = 16
@@ -292,6 +308,7 @@ class DictionaryConfig:
             if self.top_k >= self.dict_size:
                 _fail(f"{p}.top_k", self.top_k, f"an integer in [1, dict_size={self.dict_size})")
         _check_float(f"{p}.lr", self.lr, 0.0, 1.0)
+        _check_float(f"{p}.adam_beta2", self.adam_beta2, 0.0, 0.99999)
         for key in ("batch_size", "steps", "save_every", "top_k_aux", "n_batches_to_dead",
                     "shuffle_chunks", "sample_collection_freq", "max_samples_per_feature",
                     "sample_context_size"):
@@ -299,6 +316,8 @@ class DictionaryConfig:
         _check_int(f"{p}.seed", self.seed, 0)
         _check_float(f"{p}.aux_penalty", self.aux_penalty, 0.0, 1e3, low_open=False)
         _check_float(f"{p}.threshold_momentum", self.threshold_momentum, 0.0, 1.0)
+        _check_choice(f"{p}.input_norm", self.input_norm, INPUT_NORMS)
+        _check_int(f"{p}.calibration_rows", self.calibration_rows, 0)
         if self.max_grad_norm is not None:
             _check_float(f"{p}.max_grad_norm", self.max_grad_norm, 0.0, 1e9)
         _check_float(f"{p}.sample_activation_threshold", self.sample_activation_threshold, 0.0, 1e9, low_open=False)

@@ -65,7 +65,20 @@ def _dataset_texts(ds, text_field: str, where: str) -> Iterator[str]:
 
 
 def iter_texts(cfg: DatasetConfig) -> Iterator[str]:
-    """Documents of the configured dataset, in a fixed order."""
+    """Documents of the configured dataset, in a fixed order (seeded random with ``shuffle_seed``)."""
+    if cfg.shuffle_seed is None or _is_hub(cfg.path):
+        yield from _ordered_texts(cfg)
+        return
+    texts = list(_ordered_texts(cfg))
+    for i in np.random.default_rng(cfg.shuffle_seed).permutation(len(texts)):
+        yield texts[i]
+
+
+def _is_hub(path: str) -> bool:
+    return not path.startswith("builtin:") and not Path(path).expanduser().exists() and not looks_local(path)
+
+
+def _ordered_texts(cfg: DatasetConfig) -> Iterator[str]:
     path = cfg.path
     if path.startswith("builtin:"):
         yield from _builtin_texts(path)
@@ -101,6 +114,8 @@ def _hub_texts(cfg: DatasetConfig) -> Iterator[str]:
 
     try:
         ds = datasets.load_dataset(cfg.path, split=cfg.split, streaming=True)
+        if cfg.shuffle_seed is not None:
+            ds = ds.shuffle(seed=cfg.shuffle_seed, buffer_size=10_000)
         iterator = iter(ds)
         first = next(iterator)
     except Exception as e:  # network errors come in many types; the message is what matters

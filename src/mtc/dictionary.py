@@ -13,13 +13,15 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 from torch import nn
+
+from mtc.config import INPUT_NORMS
 
 WEIGHTS_FILE = "dictionary.safetensors"
 CONFIG_FILE = "dictionary.json"
@@ -260,7 +262,8 @@ def _load_W_enc_input_major(module, state_dict, prefix, *args) -> None:
 class MatryoshkaBatchTopK(nn.Module):
     def __init__(self, d_in: int, d_out: int, group_sizes: list[int], top_k: int, *,
                  top_k_aux: int = 512, aux_penalty: float = 1 / 32, n_batches_to_dead: int = 5,
-                 threshold_momentum: float = 0.01, kind: str = "transcoder", seed: int = 0):
+                 threshold_momentum: float = 0.01, kind: str = "transcoder", input_norm: str = "token",
+                 seed: int = 0):
         super().__init__()
         if not group_sizes or any(g <= 0 for g in group_sizes):
             raise ValueError(f"group_sizes must be positive, got {group_sizes}")
@@ -269,9 +272,11 @@ class MatryoshkaBatchTopK(nn.Module):
             raise ValueError(f"top_k must be in [1, {dict_size}), got {top_k}")
         if kind == "sae" and d_in != d_out:
             raise ValueError("an SAE reconstructs its input: d_in must equal d_out")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
         self.cfg = dict(d_in=d_in, d_out=d_out, group_sizes=list(group_sizes), top_k=top_k, top_k_aux=top_k_aux,
                         aux_penalty=aux_penalty, n_batches_to_dead=n_batches_to_dead,
-                        threshold_momentum=threshold_momentum, kind=kind)
+                        threshold_momentum=threshold_momentum, kind=kind, input_norm=input_norm)
         self.group_sizes = list(group_sizes)
         self.boundaries = [sum(group_sizes[:i + 1]) for i in range(len(group_sizes))]
         self.dict_size = dict_size
@@ -310,7 +315,28 @@ class MatryoshkaBatchTopK(nn.Module):
         """ReLU pre-activations [B, D] of raw source activations."""
         return torch.relu(self._normalised_source(x_BD) @ self.W_enc + self.b_enc)
 
+    @property
+    def _per_token_output(self) -> bool:
+        """An SAE with per-token input scaling reconstructs the scaled row: its output is scaled
+        back by that row's own norm."""
+        return self.cfg["input_norm"] == "token" and self.cfg["kind"] == "sae"
+
+    def _row_scale(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """[B, 1]: 1 / RMS of each row (each row scaled to norm sqrt(d))."""
+        return torch.rsqrt(x_BD.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def _scaled_source(self, x_BD: torch.Tensor) -> torch.Tensor:
+        if self.cfg["input_norm"] == "token":
+            return x_BD * self._row_scale(x_BD)
+        return x_BD * self.source_scale
+
+    def _scaled_target(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> torch.Tensor:
+        """The training target in normalised space."""
+        return self._scaled_source(x_BD) if self._per_token_output else y_BD * self.target_scale
+
     def _normalised_source(self, x_BD: torch.Tensor) -> torch.Tensor:
+        if self.cfg["input_norm"] == "token":
+            return torch.addcmul(-self.source_mean, x_BD, self._row_scale(x_BD))
         return torch.addcmul(-self.source_mean, x_BD, self.source_scale)  # one pass over x
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -318,13 +344,20 @@ class MatryoshkaBatchTopK(nn.Module):
         pre = self.pre_acts(x_BD)
         return pre * (pre > self.threshold)
 
-    def decode(self, acts_BF: torch.Tensor, n_groups: int | None = None) -> torch.Tensor:
-        """Raw target reconstruction from the first ``n_groups`` groups (all by default)."""
+    def decode(self, acts_BF: torch.Tensor, n_groups: int | None = None, source: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw target reconstruction from the first ``n_groups`` groups (all by default).
+        ``source``: the raw rows that were encoded, which an SAE with per-token input scaling needs
+        to scale its output back (ignored otherwise)."""
         end = self.dict_size if n_groups is None else self.boundaries[n_groups - 1]
-        return (acts_BF[:, :end] @ self.W_dec[:end] + self.b_dec) / self.target_scale
+        recon = acts_BF[:, :end] @ self.W_dec[:end] + self.b_dec
+        if self._per_token_output:
+            if source is None:
+                raise ValueError("this SAE scales each token by its own norm: decode needs source=the encoded rows")
+            return recon / self._row_scale(source)
+        return recon / self.target_scale
 
     def forward(self, x_BD: torch.Tensor, n_groups: int | None = None) -> torch.Tensor:
-        return self.decode(self.encode(x_BD), n_groups)
+        return self.decode(self.encode(x_BD), n_groups, source=x_BD)
 
     # ------------------------------------------------------------------ training (normalised space)
     def prefix_reconstructions_dense(self, acts_BF: torch.Tensor) -> list[torch.Tensor]:
@@ -339,7 +372,7 @@ class MatryoshkaBatchTopK(nn.Module):
 
     def prefix_losses(self, codes: SparseCodes, vals: torch.Tensor, y_BD: torch.Tensor,
                       by_feat: _FeatureOrder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(MSE of every prefix's reconstruction of the raw target ``y_BD``, in normalised space;
+        """(MSE of every prefix's reconstruction of the normalised target ``y_BD``;
         the full dictionary's residual), from the codes ``vals`` at ``codes``' (row, feature) pairs,
         which must be sorted by group, then row (``by_feat``: their order by feature, if already
         known). Equal to the dense computation; touches only the codes. The residuals saved for the
@@ -347,7 +380,7 @@ class MatryoshkaBatchTopK(nn.Module):
         group = torch.bucketize(codes.feats, codes.feats.new_tensor(self.boundaries), right=True)
         ptr = [0, *torch.bincount(group, minlength=len(self.boundaries)).cumsum(0).tolist()]
         by_feat = _FeatureOrder.of(codes.feats, self.dict_size) if by_feat is None else by_feat
-        initial = torch.addcmul(self.b_dec, y_BD, self.target_scale, value=-1)  # b_dec - normalised target
+        initial = self.b_dec - y_BD
         return _PrefixLoss.apply(vals, self.W_dec, initial, codes.rows, codes.feats, by_feat, ptr, self._scratch)
 
     def training_forward(self, x_BD: torch.Tensor, y_BD: torch.Tensor,
@@ -369,7 +402,7 @@ class MatryoshkaBatchTopK(nn.Module):
         by_feat = _FeatureOrder.of(feats, self.dict_size)
         vals = _SparsePreActs.apply(self.W_encT, self.b_enc, x, pre_vals, rows, feats, by_feat, self._scratch)
         codes = SparseCodes(rows, feats, vals.detach(), (B, self.dict_size))
-        prefix_mse, residual = self.prefix_losses(codes, vals, y_BD, by_feat)
+        prefix_mse, residual = self.prefix_losses(codes, vals, self._scaled_target(x_BD, y_BD), by_feat)
         aux = self._aux_loss(x, mm, residual)
         self._update_stats(codes)
         return TrainOutput(prefix_mse.mean() + aux, prefix_mse.detach(), aux.detach(), codes)
@@ -377,7 +410,7 @@ class MatryoshkaBatchTopK(nn.Module):
     def dense_reference_loss(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, prefix_mse) of ``training_forward`` computed the straightforward way: dense
         codes, one dense decode per group, dense autograd. For tests and benchmarks only."""
-        y = y_BD * self.target_scale
+        y = self._scaled_target(x_BD, y_BD)
         pre = self.pre_acts(x_BD)
         acts = pre * (pre >= batch_topk_threshold(pre.detach(), self.top_k))
         prefix_mse = torch.stack([(r - y).pow(2).mean() for r in self.prefix_reconstructions_dense(acts)])
@@ -407,22 +440,21 @@ class MatryoshkaBatchTopK(nn.Module):
 
     def _aux_loss(self, x_BD: torch.Tensor, mm_BF: torch.Tensor, residual_BD: torch.Tensor) -> torch.Tensor:
         """Reconstruct what the live features miss (``-residual_BD``) with each token's top
-        ``top_k_aux`` dead ones: the aux reconstruction's error starts at ``residual_BD``. Sparse
-        like the main loss; its cost grows with B x n_dead (the top-k over dead features)."""
+        ``top_k_aux`` dead features. Dense over the dead features alone: their pre-activations are
+        recomputed for those columns (B x n_dead x d, with autograd), so each of its five products
+        costs n_dead / D of the encoder matmul; cheaper than a sparse path once a row keeps a fair
+        share of the dead features, and training keeps few of them dead."""
         dead = self._dead_features()
         if dead.numel() == 0 or self.cfg["aux_penalty"] == 0:
             return residual_BD.new_zeros(())
-        B = mm_BF.shape[0]
-        pre_dead = mm_BF.index_select(1, dead).to(self.b_enc.dtype) + self.b_enc.detach()[dead]
-        pre_vals, idx = pre_dead.topk(min(self.cfg["top_k_aux"], dead.numel()), dim=1, sorted=False)  # [B, k_aux]
-        idx, by_col = idx.sort(dim=1)  # each token's features in order, as the sparse kernels expect
-        pre_vals = pre_vals.gather(1, by_col)
-        rows = torch.arange(B, device=mm_BF.device).repeat_interleave(idx.shape[1])
-        feats = dead[idx].flatten()
-        by_feat = _FeatureOrder.of(feats, self.dict_size)
-        vals = torch.relu(_SparsePreActs.apply(self.W_encT, self.b_enc, x_BD, pre_vals.flatten(), rows, feats, by_feat, None))
-        mse, _ = _PrefixLoss.apply(vals, self.W_dec, residual_BD, rows, feats, by_feat, [0, rows.numel()], None)
-        return self.cfg["aux_penalty"] * mse[0]
+        pre = torch.addmm(self.b_enc[dead], x_BD, self.W_encT.index_select(0, dead).t())  # [B, n_dead]
+        codes = torch.relu(pre)
+        k_aux = self.cfg["top_k_aux"]
+        if k_aux < dead.numel():
+            keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.detach().topk(k_aux, dim=1, sorted=False).indices, True)
+            codes = codes * keep
+        error = torch.addmm(residual_BD, codes, self.W_dec.index_select(0, dead))
+        return self.cfg["aux_penalty"] * error.pow(2).mean()
 
     @torch.no_grad()
     def _update_stats(self, codes: SparseCodes) -> None:
@@ -434,6 +466,25 @@ class MatryoshkaBatchTopK(nn.Module):
                 self.threshold.copy_(smallest)
             else:
                 self.threshold.mul_(1 - m).add_(m * smallest)
+
+    @torch.no_grad()
+    def calibrate_threshold(self, sources: Iterable[torch.Tensor]) -> float:
+        """Set the inference threshold so that ``top_k`` codes per row clear it on average over the
+        rows of ``sources`` (batches of raw source rows): the (k * N)-th largest pre-activation over
+        all N rows, BatchTopK's own threshold over one very large batch. The moving average learned
+        in training lags behind the batch thresholds as they drift, so inference L0 fell short of
+        k (37 for 46). Returns the threshold."""
+        candidates, n_rows = [], 0
+        for x in sources:
+            pre = self.pre_acts(x.to(self.W_dec.device, self.W_dec.dtype))
+            # a batch holds about k * B of the global top k * N: keep twice that as candidates
+            candidates.append(pre.flatten().topk(min(2 * self.top_k * x.shape[0], pre.numel()), sorted=False).values)
+            n_rows += x.shape[0]
+        if n_rows:
+            values = torch.cat(candidates)
+            kth = values.topk(min(self.top_k * n_rows, values.numel()), sorted=False).values.min()
+            self.threshold.copy_(kth.clamp_min(torch.finfo(kth.dtype).tiny))  # codes are > threshold > 0
+        return float(self.threshold)
 
     def _batch_stats(self, codes: SparseCodes) -> tuple[torch.Tensor, torch.Tensor]:
         """(which features fired [D] bool, the smallest code or inf) of this batch; data-parallel
@@ -463,8 +514,8 @@ class MatryoshkaBatchTopK(nn.Module):
     def init_means(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> None:
         """Centre the encoder on the source's mean and start b_dec at the target's mean
         (normalised, from a first batch), so the initial FVU is about 1."""
-        self.source_mean.copy_((x_BD * self.source_scale).mean(dim=0))
-        self.b_dec.copy_((y_BD * self.target_scale).mean(dim=0))
+        self.source_mean.copy_(self._scaled_source(x_BD).mean(dim=0))
+        self.b_dec.copy_(self._scaled_target(x_BD, y_BD).mean(dim=0))
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path, weights_file: str = WEIGHTS_FILE) -> None:
@@ -479,6 +530,7 @@ class MatryoshkaBatchTopK(nn.Module):
     def load(cls, directory: str | Path, weights_file: str = WEIGHTS_FILE, device: str | torch.device = "cpu"):
         directory = Path(directory)
         cfg: dict[str, Any] = json.loads((directory / CONFIG_FILE).read_text())
+        cfg.setdefault("input_norm", "global")  # saved before per-token scaling existed
         model = cls(cfg.pop("d_in"), cfg.pop("d_out"), cfg.pop("group_sizes"), cfg.pop("top_k"), **cfg)
         model.load_state_dict(load_file(str(directory / weights_file), device=str(device)))
         return model.to(device)

@@ -149,8 +149,8 @@ class DataParallel(MatryoshkaBatchTopK):
     @torch.no_grad()
     def init_means(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> None:
         world = torch.distributed.get_world_size()
-        self.source_mean.copy_(all_reduce((x_BD * self.source_scale).mean(dim=0), "sum") / world)
-        self.b_dec.copy_(all_reduce((y_BD * self.target_scale).mean(dim=0), "sum") / world)
+        self.source_mean.copy_(all_reduce(self._scaled_source(x_BD).mean(dim=0), "sum") / world)
+        self.b_dec.copy_(all_reduce(self._scaled_target(x_BD, y_BD).mean(dim=0), "sum") / world)
 
 
 def average_gradients(model: torch.nn.Module) -> None:

@@ -14,6 +14,7 @@ Writes into the run directory:
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def reconstruction(dictionary: MatryoshkaBatchTopK, store: ActivationStore, sour
         for xs, rows in store.iter_holdout(keys, cfg.batch_size):
             x, y = xs[0].to(device), xs[-1].to(device)
             acts = dictionary.encode(x)
-            fvu.update(y, [dictionary.decode(acts, g) for g in range(1, n_groups + 1)])
+            fvu.update(y, [dictionary.decode(acts, g, source=x) for g in range(1, n_groups + 1)])
             active = acts > 0
             fired += active.sum(dim=0)
             active_total += int(active.sum())
@@ -60,6 +61,9 @@ def reconstruction(dictionary: MatryoshkaBatchTopK, store: ActivationStore, sour
             advance(int(rows.numel()))
     fvus = fvu.fvus()
     fired = fired.cpu()
+    warnings = prefix_warnings(fvus, dictionary.boundaries)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     metrics = {
         "fvu": fvus[-1], "explained_variance": 1 - fvus[-1],
         "fvu_per_prefix": fvus, **fvu_summary(fvus),
@@ -67,8 +71,16 @@ def reconstruction(dictionary: MatryoshkaBatchTopK, store: ActivationStore, sour
         "l0": active_total / max(1, n_tokens),
         **feature_counts(fired, n_tokens, dictionary.group_sizes),
         "prefix_sizes": list(dictionary.boundaries), "n_tokens": n_tokens,
+        "prefix_fvu_decreasing": not warnings, "warnings": warnings,
     }
     return metrics, fired, (fvu.sum / fvu.n).float().cpu()
+
+
+def prefix_warnings(fvus: list[float], prefix_sizes: list[int]) -> list[str]:
+    """A Matryoshka dictionary must reconstruct strictly better with every group it adds: one
+    message per prefix that does not."""
+    return [f"FVU does not decrease from prefix {a} to {b} features ({fa:.4f} -> {fb:.4f}): the added group hurts"
+            for (a, fa), (b, fb) in zip(zip(prefix_sizes, fvus), zip(prefix_sizes[1:], fvus[1:])) if not fb < fa]
 
 
 def feature_counts(fire_counts_F: torch.Tensor, n_tokens: int, group_sizes: list[int]) -> dict[str, Any]:

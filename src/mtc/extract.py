@@ -42,7 +42,8 @@ def store_provenance(cfg: PipelineConfig, bos_token_id: int | None) -> dict[str,
             "dataset_text_field": d.text_field, "context_size": d.context_size, "prepend_bos": d.prepend_bos,
             "bos_token_id": bos_token_id if d.prepend_bos else None,
             "n_tokens": d.n_sequences * d.context_size, "n_sequences": d.n_sequences,
-            "n_holdout_sequences": d.n_holdout_sequences, "dtype": cfg.extract.dtype}
+            "n_holdout_sequences": d.n_holdout_sequences, "dtype": cfg.extract.dtype,
+            **({"dataset_shuffle_seed": d.shuffle_seed} if d.shuffle_seed is not None else {})}
 
 
 def extract(cfg: PipelineConfig, store_dir: str | Path | None = None) -> Path:

@@ -78,11 +78,12 @@ class Replacements:
 
     def build(self, source_BTD: torch.Tensor, d_out: int) -> dict[str, torch.Tensor]:
         B, T, _ = source_BTD.shape
-        acts = self.dictionary.encode(source_BTD.reshape(B * T, -1).float())
+        source = source_BTD.reshape(B * T, -1).float()
+        acts = self.dictionary.encode(source)
         out = {"zero_ablation": source_BTD.new_zeros(B, T, d_out, dtype=torch.float32),
                "mean_ablation": self.mean.to(source_BTD.device).float().expand(B, T, d_out)}
         for g in range(1, self.n_groups + 1):
-            out[f"prefix_{g}"] = self.dictionary.decode(acts, g).reshape(B, T, d_out)
+            out[f"prefix_{g}"] = self.dictionary.decode(acts, g, source=source).reshape(B, T, d_out)
         return out
 
 

@@ -12,9 +12,10 @@ import json
 import os
 import re
 import shutil
+import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     samples: TopActivations | None
     wandb_run: Any = None
+    step_seconds: list[float] = field(default_factory=list)  # since the last log line
 
     @property
     def keys(self) -> tuple[tuple[int, str], tuple[int, str]]:
@@ -99,10 +101,11 @@ def _start_run(cfg: DictionaryConfig, store: ActivationStore, results_root: Path
     model_cls = distributed.DataParallel if distributed.from_env().active else MatryoshkaBatchTopK
     model = model_cls(src.d_model, tgt.d_model, cfg.group_sizes, cfg.k, top_k_aux=cfg.top_k_aux,
                       aux_penalty=cfg.aux_penalty, n_batches_to_dead=cfg.n_batches_to_dead,
-                      threshold_momentum=cfg.threshold_momentum, kind=cfg.kind, seed=cfg.seed)
+                      threshold_momentum=cfg.threshold_momentum, kind=cfg.kind, input_norm=cfg.input_norm,
+                      seed=cfg.seed)
     model.set_scales(src.mean_norm, tgt.mean_norm)
     model.to(device)
-    optimizer = make_optimizer(model, cfg.lr)
+    optimizer = make_optimizer(model, cfg.lr, cfg.adam_beta2)
     if (run_dir / "config.json").is_file():
         old = read_json(run_dir / "config.json")
         ckpt = _latest_checkpoint(run_dir)
@@ -120,9 +123,9 @@ def _start_run(cfg: DictionaryConfig, store: ActivationStore, results_root: Path
     return Run(cfg, run_dir, model, optimizer, samples, _start_wandb(cfg, record)), start_step
 
 
-def make_optimizer(model: MatryoshkaBatchTopK, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(model: MatryoshkaBatchTopK, lr: float, beta2: float = 0.999) -> torch.optim.Optimizer:
     # fused: one pass over each parameter per step (CPU and CUDA), same maths as the default loop
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=0.0, fused=True)
 
 
 def _resume(model: MatryoshkaBatchTopK, optimizer: torch.optim.Optimizer, ckpt: Path, device: torch.device) -> int:
@@ -174,8 +177,11 @@ def _log(run: Run, step: int, out, clock: dict[str, float]) -> dict[str, Any]:
               "l0": out.codes.l0(),
               "dead_features": int((run.model.inactive_batches >= run.cfg.n_batches_to_dead).sum()),
               "threshold": float(run.model.threshold), "seconds": round(time.time() - clock["start"], 2),
+              # median wall time of one optimizer step (forward, backward, update) since the last line
+              "step_seconds": round(statistics.median(run.step_seconds), 4) if run.step_seconds else None,
               # time spent waiting for the store reader since the start (~0: training never starved)
               "data_wait_seconds": round(clock["data_wait"], 3)}
+    run.step_seconds.clear()
     with open(run.run_dir / LOG_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
     if run.wandb_run is not None:
@@ -258,6 +264,7 @@ def _train(cfgs: list[DictionaryConfig], store: ActivationStore, results_root: P
 def _train_step(run: Run, by_key: dict, rows: torch.Tensor, step: int, clock: dict[str, float]) -> dict[str, Any] | None:
     """One optimizer step of one dictionary; returns the log record on logging steps."""
     src, tgt = run.keys
+    started = time.perf_counter()
     if step == 1:
         run.model.init_means(by_key[src], by_key[tgt])
     out = run.model.training_forward(by_key[src], by_key[tgt], getattr(torch, run.cfg.matmul_dtype))
@@ -273,6 +280,7 @@ def _train_step(run: Run, by_key: dict, rows: torch.Tensor, step: int, clock: di
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.model.normalize_decoder()
+    run.step_seconds.append(time.perf_counter() - started)
     if run.samples is not None and step % run.cfg.sample_collection_freq == 0:
         run.samples.update(out.acts_BF, rows)
     record = None
@@ -283,7 +291,18 @@ def _train_step(run: Run, by_key: dict, rows: torch.Tensor, step: int, clock: di
     return record
 
 
+def _calibrate(run: Run, store: ActivationStore) -> None:
+    """Set the inference threshold on ``calibration_rows`` training rows (never held-out ones)."""
+    rows = run.cfg.calibration_rows
+    if rows == 0:
+        return
+    batch = min(rows, run.cfg.batch_size)
+    batches = store.iter_training_batches([run.keys[0]], batch, run.cfg.seed + 1, run.cfg.shuffle_chunks)
+    run.model.calibrate_threshold(next(batches)[0][0] for _ in range(max(1, rows // batch)))
+
+
 def _finish(run: Run, store: ActivationStore, tokenizer_dir: str | Path | None) -> None:
+    _calibrate(run, store)
     run.model.save(run.run_dir)
     samples_dir = run.run_dir / "activation_samples" / "training"
     if run.samples is not None:

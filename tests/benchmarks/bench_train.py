@@ -3,6 +3,12 @@ one bare encoder matmul, loader throughput vs training, and multi mode, measured
 
     python tests/benchmarks/bench_train.py --quick     # GPT-2 shape, k 64, a few steps (< 3 min)
     python tests/benchmarks/bench_train.py             # GPT-2 (k 32, 64) and Gemma-2-2B shapes
+    python tests/benchmarks/bench_train.py --store data/bench_quality/data/activations/SmolLM2-135M-Instruct
+        # real activations (the store bench_quality.py builds), after --warmup real training steps:
+        # the dead features and the auxiliary loss of real training, on and off
+
+Random inputs into a fresh dictionary never leave a feature dead, so the auxiliary loss never runs:
+only ``--store`` measures the step that real training takes.
 
 Prints a table of medians and ends with one JSON line (speedup_vs_dense, step_over_matmul,
 loader_over_train, multi4_over_one, ...). Not part of the test run.
@@ -11,6 +17,8 @@ loader_over_train, multi4_over_one, ...). Not part of the test run.
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import multiprocessing
 import statistics
@@ -168,11 +176,74 @@ def bench(shape: str, k: int, repeats: int) -> dict:
     }
 
 
+def bench_real(store_dir: str, kind: str, k: int, groups: list[int], batch: int, warmup: int, repeats: int) -> dict:
+    """Our step on real rows after ``warmup`` real training steps (its dead features and auxiliary
+    loss as training has them), beside the same step without the auxiliary loss, the dense step and
+    one bare encoder matmul (real rows, the trained encoder), interleaved."""
+    store = ActivationStore(store_dir)
+    source, target = (8, "resid_mid"), (8, "resid_mid" if kind == "sae" else "mlp_out")
+    keys = sorted({source, target})
+    batches = store.iter_training_batches(keys, batch, seed=0)
+    d = store.site(*source).d_model
+    m = MatryoshkaBatchTopK(d, store.site(*target).d_model, groups, k, kind=kind)
+    m.set_scales(store.site(*source).mean_norm, store.site(*target).mean_norm)
+    opt = make_optimizer(m, 3e-4)
+
+    def pair():
+        xs, _ = next(batches)
+        by_key = dict(zip(keys, xs))
+        return by_key[source].float(), by_key[target].float()
+
+    x, y = pair()
+    m.init_means(x, y)
+    for step in range(warmup):
+        our_step(m, opt, *pair())
+    rows = [pair() for _ in range(4)]
+    cycle = itertools.cycle(range(len(rows)))
+    no_aux, dense = copy.deepcopy(m), copy.deepcopy(m)
+    no_aux.cfg["aux_penalty"] = 0.0
+    opts = {id(mm): make_optimizer(mm, 3e-4) for mm in (no_aux, dense)}
+    W = m.W_enc.detach().contiguous()
+    x0 = m._normalised_source(rows[0][0]).detach()
+    n_dead = int(m._dead_features().numel())
+    t = side_by_side({
+        "matmul": lambda: x0 @ W,
+        "ours": lambda: our_step(m, opt, *rows[next(cycle)]),
+        "ours_no_aux": lambda: our_step(no_aux, opts[id(no_aux)], *rows[next(cycle)]),
+        "dense": lambda: dense_step(dense, opts[id(dense)], *rows[next(cycle)]),
+    }, repeats)
+    return {"kind": kind, "k": k, "batch": batch, "dict_size": sum(groups), "warmup_steps": warmup,
+            "dead_features": n_dead, "repeats": repeats, "matmul_s": statistics.median(t["matmul"]),
+            "ours_s": statistics.median(t["ours"]), "step_over_matmul": median_ratio(t["ours"], t["matmul"]),
+            "no_aux_step_over_matmul": median_ratio(t["ours_no_aux"], t["matmul"]),
+            "speedup_vs_dense": median_ratio(t["dense"], t["ours"]),
+            "dense_over_matmul": median_ratio(t["dense"], t["matmul"])}
+
+
+def main_real(args) -> None:
+    results = [bench_real(args.store, kind, args.k, args.groups, args.batch, args.warmup, args.repeats or 5)
+               for kind in args.kinds]
+    print(f"real rows from {args.store}; fp32; medians of {results[0]['repeats']} interleaved rounds")
+    print(f"{'kind':<11}{'dead':>6}{'step s':>8}{'/matmul':>9}{'no aux /matmul':>16}{'vs dense':>9}{'dense/mm':>9}")
+    for r in results:
+        print(f"{r['kind']:<11}{r['dead_features']:>6}{r['ours_s']:>8.3f}{r['step_over_matmul']:>9.2f}"
+              f"{r['no_aux_step_over_matmul']:>16.2f}{r['speedup_vs_dense']:>9.2f}{r['dense_over_matmul']:>9.2f}")
+    print(json.dumps([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="GPT-2 shape, k 64, a few steps")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--store", help="a real store (layer 8 resid_mid, mlp_out): measure real training")
+    parser.add_argument("--kinds", nargs="+", default=["transcoder", "sae"], help="with --store")
+    parser.add_argument("--warmup", type=int, default=150, help="with --store: real training steps first")
+    parser.add_argument("--k", type=int, default=46, help="with --store")
+    parser.add_argument("--batch", type=int, default=4096, help="with --store")
+    parser.add_argument("--groups", type=int, nargs="+", default=[576, 1152, 2304, 5184], help="with --store")
     args = parser.parse_args()
+    if args.store:
+        return main_real(args)
     runs = [("gpt2", 64)] if args.quick else [("gpt2", 32), ("gpt2", 64), ("gemma-2-2b", 64)]
     repeats = args.repeats or (3 if args.quick else 5)
     results = [bench(shape, k, repeats) for shape, k in runs]
