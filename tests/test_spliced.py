@@ -55,7 +55,7 @@ class MLPOracle(MatryoshkaBatchTopK):
     def encode(self, x_BD):
         return x_BD
 
-    def decode(self, acts_BF, n_groups=None):
+    def decode(self, acts_BF, n_groups=None, source=None):
         return self.layer.mlp(self.layer.post_attention_layernorm(acts_BF))
 
 

@@ -176,7 +176,8 @@ def bench(shape: str, k: int, repeats: int) -> dict:
     }
 
 
-def bench_real(store_dir: str, kind: str, k: int, groups: list[int], batch: int, warmup: int, repeats: int) -> dict:
+def bench_real(store_dir: str, kind: str, k: int, groups: list[int], batch: int, warmup: int, repeats: int,
+               input_norm: str = "token") -> dict:
     """Our step on real rows after ``warmup`` real training steps (its dead features and auxiliary
     loss as training has them), beside the same step without the auxiliary loss, the dense step and
     one bare encoder matmul (real rows, the trained encoder), interleaved."""
@@ -185,7 +186,7 @@ def bench_real(store_dir: str, kind: str, k: int, groups: list[int], batch: int,
     keys = sorted({source, target})
     batches = store.iter_training_batches(keys, batch, seed=0)
     d = store.site(*source).d_model
-    m = MatryoshkaBatchTopK(d, store.site(*target).d_model, groups, k, kind=kind)
+    m = MatryoshkaBatchTopK(d, store.site(*target).d_model, groups, k, kind=kind, input_norm=input_norm)
     m.set_scales(store.site(*source).mean_norm, store.site(*target).mean_norm)
     opt = make_optimizer(m, 3e-4)
 
@@ -212,7 +213,7 @@ def bench_real(store_dir: str, kind: str, k: int, groups: list[int], batch: int,
         "ours_no_aux": lambda: our_step(no_aux, opts[id(no_aux)], *rows[next(cycle)]),
         "dense": lambda: dense_step(dense, opts[id(dense)], *rows[next(cycle)]),
     }, repeats)
-    return {"kind": kind, "k": k, "batch": batch, "dict_size": sum(groups), "warmup_steps": warmup,
+    return {"kind": kind, "input_norm": input_norm, "k": k, "batch": batch, "dict_size": sum(groups), "warmup_steps": warmup,
             "dead_features": n_dead, "repeats": repeats, "matmul_s": statistics.median(t["matmul"]),
             "ours_s": statistics.median(t["ours"]), "step_over_matmul": median_ratio(t["ours"], t["matmul"]),
             "no_aux_step_over_matmul": median_ratio(t["ours_no_aux"], t["matmul"]),
@@ -221,12 +222,12 @@ def bench_real(store_dir: str, kind: str, k: int, groups: list[int], batch: int,
 
 
 def main_real(args) -> None:
-    results = [bench_real(args.store, kind, args.k, args.groups, args.batch, args.warmup, args.repeats or 5)
-               for kind in args.kinds]
+    results = [bench_real(args.store, kind, args.k, args.groups, args.batch, args.warmup, args.repeats or 5, norm)
+               for kind in args.kinds for norm in args.input_norms]
     print(f"real rows from {args.store}; fp32; medians of {results[0]['repeats']} interleaved rounds")
-    print(f"{'kind':<11}{'dead':>6}{'step s':>8}{'/matmul':>9}{'no aux /matmul':>16}{'vs dense':>9}{'dense/mm':>9}")
+    print(f"{'kind':<11}{'input_norm':>11}{'dead':>6}{'step s':>8}{'/matmul':>9}{'no aux /matmul':>16}{'vs dense':>9}{'dense/mm':>9}")
     for r in results:
-        print(f"{r['kind']:<11}{r['dead_features']:>6}{r['ours_s']:>8.3f}{r['step_over_matmul']:>9.2f}"
+        print(f"{r['kind']:<11}{r['input_norm']:>11}{r['dead_features']:>6}{r['ours_s']:>8.3f}{r['step_over_matmul']:>9.2f}"
               f"{r['no_aux_step_over_matmul']:>16.2f}{r['speedup_vs_dense']:>9.2f}{r['dense_over_matmul']:>9.2f}")
     print(json.dumps([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]))
 
@@ -237,6 +238,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--store", help="a real store (layer 8 resid_mid, mlp_out): measure real training")
     parser.add_argument("--kinds", nargs="+", default=["transcoder", "sae"], help="with --store")
+    parser.add_argument("--input-norms", nargs="+", default=["token"], help="with --store: token (the default "
+                        "recipe) and/or global (the old one, which leaves features dead: the auxiliary loss runs)")
     parser.add_argument("--warmup", type=int, default=150, help="with --store: real training steps first")
     parser.add_argument("--k", type=int, default=46, help="with --store")
     parser.add_argument("--batch", type=int, default=4096, help="with --store")
