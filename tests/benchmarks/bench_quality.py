@@ -1,8 +1,9 @@
 """Dictionary quality on real activations: mtc against the reference recipe, same data and budget.
 
 Builds (once, then reuses) a store of SmolLM2-135M-Instruct layer-8 ``resid_mid`` and ``mlp_out`` over
-the English corpus in ``../shared/assets/corpora/english-mix/``: 2M training tokens and 200k held-out
-tokens (the last windows: documents no run trains on). Then trains, through the real training code,
+the English corpus in ``../shared/assets/corpora/english-mix/``, its documents shuffled (seed 0; the
+file is sorted by source): 2M training tokens and 200k held-out tokens (the last windows: documents no
+run trains on). Extraction runs in float32 (about 28 min on a 2-core AVX2 CPU). Then trains, through the real training code,
 a Matryoshka SAE on ``resid_mid`` and a transcoder ``resid_mid -> mlp_out`` (dict 9216, groups
 [576, 1152, 2304, 5184], k 46, batch 4096, lr 3e-4, one epoch of 488 steps), and reports on the
 held-out tokens FVU per prefix (raw activation space), L0 at inference, dead features, CE loss
@@ -20,6 +21,8 @@ kaiming-uniform init, the mean of the bias-only and every prefix's MSE, the same
 threshold, Adam (0.9, 0.99), dense autograd. Its transcoder (the adaptation in
 a1842806/matryoshka_transcoder) standardises the target with the target's own mean and std and
 maps back with them, which no transcoder can do at inference: its transcoder figures are flattered.
+Its inference threshold is a moving average started at 0, so it is only comparable near the full
+budget (after 100 steps it holds 63 % of its value). Dense: about 6 s a step here.
 
 Prints a table and ends with one JSON line. Not part of the test run.
 """
