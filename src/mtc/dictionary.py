@@ -325,19 +325,19 @@ class MatryoshkaBatchTopK(nn.Module):
         """[B, 1]: 1 / RMS of each row (each row scaled to norm sqrt(d))."""
         return torch.rsqrt(x_BD.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12))
 
+    def _source_scale(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Each row's own 1 / RMS ([B, 1]), or the one global scale."""
+        return self._row_scale(x_BD) if self.cfg["input_norm"] == "token" else self.source_scale
+
     def _scaled_source(self, x_BD: torch.Tensor) -> torch.Tensor:
-        if self.cfg["input_norm"] == "token":
-            return x_BD * self._row_scale(x_BD)
-        return x_BD * self.source_scale
+        return x_BD * self._source_scale(x_BD)
 
     def _scaled_target(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> torch.Tensor:
         """The training target in normalised space."""
         return self._scaled_source(x_BD) if self._per_token_output else y_BD * self.target_scale
 
     def _normalised_source(self, x_BD: torch.Tensor) -> torch.Tensor:
-        if self.cfg["input_norm"] == "token":
-            return torch.addcmul(-self.source_mean, x_BD, self._row_scale(x_BD))
-        return torch.addcmul(-self.source_mean, x_BD, self.source_scale)  # one pass over x
+        return torch.addcmul(-self.source_mean, x_BD, self._source_scale(x_BD))  # one pass over x
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Codes [B, D] with the learned threshold: each token encodes on its own."""
@@ -403,7 +403,7 @@ class MatryoshkaBatchTopK(nn.Module):
         vals = _SparsePreActs.apply(self.W_encT, self.b_enc, x, pre_vals, rows, feats, by_feat, self._scratch)
         codes = SparseCodes(rows, feats, vals.detach(), (B, self.dict_size))
         prefix_mse, residual = self.prefix_losses(codes, vals, self._scaled_target(x_BD, y_BD), by_feat)
-        aux = self._aux_loss(x, mm, residual)
+        aux = self._aux_loss(x, residual)
         self._update_stats(codes)
         return TrainOutput(prefix_mse.mean() + aux, prefix_mse.detach(), aux.detach(), codes)
 
@@ -438,7 +438,7 @@ class MatryoshkaBatchTopK(nn.Module):
             self._generator = torch.Generator(device).manual_seed(0)
         return self._generator
 
-    def _aux_loss(self, x_BD: torch.Tensor, mm_BF: torch.Tensor, residual_BD: torch.Tensor) -> torch.Tensor:
+    def _aux_loss(self, x_BD: torch.Tensor, residual_BD: torch.Tensor) -> torch.Tensor:
         """Reconstruct what the live features miss (``-residual_BD``) with each token's top
         ``top_k_aux`` dead features. Dense over the dead features alone: their pre-activations are
         recomputed for those columns (B x n_dead x d, with autograd), so each of its five products
