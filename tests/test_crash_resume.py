@@ -139,3 +139,51 @@ def test_kill_9_during_extraction_then_rerun_gives_a_bit_identical_store(tiny_pi
     got = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
     assert expected.keys() == got.keys()
     assert [str(f) for f in expected if expected[f] != got[f]] == [], "every file byte for byte"
+
+
+def replaced_store(store, root):
+    """A copy of ``store`` whose activations are all negated: what another dataset's extraction
+    would leave in its place."""
+    import shutil
+
+    import zarr
+
+    other = root / "other-store"
+    shutil.copytree(store, other)
+    for array_dir in other.glob("L*/*.zarr"):
+        array = zarr.open_array(str(array_dir), mode="r+")
+        array[:] = -array[:] if array.dtype.kind == "f" else array[:] ^ 0x8000  # bfloat16 bits: flip the sign
+    return other
+
+
+def test_a_store_replaced_while_training_reads_it_changes_nothing(tiny_pipeline, tmp_path):
+    """What `dvc repro -s extract` does under a running `mtc train`: the store is deleted, a new
+    one (other data) moves in. Training keeps reading the version it opened: the same dictionary
+    as an undisturbed run, bit for bit."""
+    import shutil
+
+    reference = project(tmp_path / "reference", tiny_pipeline)
+    assert start_training(tmp_path / "reference").wait() == 0
+
+    root = tmp_path / "disturbed"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_pipeline.model.name, steps=300, save_every=25)))
+    shutil.copytree(tiny_pipeline.data_root, root / "data")
+    store = root / "data" / "activations" / "stories260K"
+    other = replaced_store(store, tmp_path)
+    run_dir = root / "results" / "stories260K" / "2" / "300" / "tc"
+    proc = start_training(root)
+    while proc.poll() is None and logged_step(run_dir) < 30:
+        time.sleep(0.01)
+    shutil.rmtree(store)                     # DVC removes the outputs before running the stage
+    while proc.poll() is None and logged_step(run_dir) < 120:
+        time.sleep(0.01)
+    shutil.copytree(other, store)            # ... and the new extraction moves in
+    assert proc.poll() is None, "training finished before the store was replaced: make it longer"
+    assert proc.wait() == 0, proc.stderr.read().decode()
+
+    expected = load_file(str(reference / "dictionary.safetensors"))
+    got = load_file(str(run_dir / "dictionary.safetensors"))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    assert list((store.parent / ".mtc-readers").iterdir()) == [], "the reader's snapshot is removed at exit"

@@ -22,9 +22,12 @@ be read from a local directory or from any fsspec URL (``s3://…``, ``gs://…`
 from __future__ import annotations
 
 import json
+import os
 import queue
 import shutil
+import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,6 +338,8 @@ class SiteArray:
     site: str
     where: str = ""
     """The array's path or URL, for error messages."""
+    store: Any = None
+    """The ActivationStore it came from, kept alive with it: its pinned snapshot lives as long."""
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -375,20 +380,75 @@ def _corrupt(where: str, chunk: int, a: int, b: int, array: Any, e: Exception) -
                       f"({type(e).__name__}: {detail}); restore the store (dvc pull, dvc checkout) or re-run extract")
 
 
+READERS_DIR = ".mtc-readers"
+
+
+def pin(store_dir: Path) -> Path | None:
+    """A private snapshot of a local store for one reader: a hard link to each of its files in
+    ``{parent}/.mtc-readers/{name}.{pid}.{n}``. Whoever replaces the store meanwhile (``dvc repro``
+    deleting it before ``extract``, ``mtc extract`` moving a new one in) unlinks files and writes new
+    ones, never edits one in place, so the reader keeps reading the version it opened: it can
+    neither read zeros where shards vanished nor switch datasets halfway. The walk holds each
+    directory open (``os.fwalk``), so it cannot stray into a store moved in while it runs; files
+    deleted under it are caught by the shard check after it. Returns None (read in place, with a
+    warning) where hard links cannot be made: another filesystem, or a read-only one."""
+    readers = store_dir.parent / READERS_DIR
+    _remove_dead_snapshots(readers)
+    snapshot = readers / f"{store_dir.name}.{os.getpid()}.{next(_snapshot_numbers)}"
+    try:
+        for dirpath, _, filenames, dirfd in os.fwalk(store_dir):
+            dest = snapshot / Path(dirpath).relative_to(store_dir)
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in filenames:
+                try:
+                    os.link(name, dest / name, src_dir_fd=dirfd)
+                except FileNotFoundError:
+                    pass  # deleted under the walk: the shard check reports it
+    except OSError as e:
+        shutil.rmtree(snapshot, ignore_errors=True)
+        print(f"warning: cannot pin {store_dir} with hard links ({e.strerror}); reading it in place: "
+              "do not replace it while this runs", file=sys.stderr)
+        return None
+    return snapshot
+
+
+_snapshot_numbers = iter(range(1 << 62))
+
+
+def _remove_dead_snapshots(readers: Path) -> None:
+    """Snapshots whose reader died without cleaning up (kill -9) hold old files' space: drop them."""
+    for old in readers.glob("*.*.*") if readers.is_dir() else []:
+        try:
+            os.kill(int(old.name.split(".")[-2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass  # not ours, or a live process of another user
+
+
 def is_url(store_dir: str | Path) -> bool:
     """``s3://bucket/store``, ``gs://…``, ``memory://…``, ``file://…``: read through fsspec."""
     return "://" in str(store_dir)
 
 
 class ActivationStore:
-    """Read side of a store directory, or of a store URL read through fsspec (``s3://…``)."""
+    """Read side of a store directory, or of a store URL read through fsspec (``s3://…``).
+
+    A local store is read through a snapshot of hard links taken when it is opened (``pin``), so
+    one reader sees one version of it from start to end, whatever replaces it meanwhile."""
 
     def __init__(self, store_dir: str | Path):
         import fsspec
 
         self.url = str(store_dir) if is_url(store_dir) else None
         self.dir = self.url or Path(store_dir)
-        self._fs, self._root = fsspec.core.url_to_fs(str(store_dir))
+        self._read_dir = self.dir
+        if not self.url and (self.dir / "tokens.zarr").is_dir():
+            snapshot = pin(self.dir)
+            if snapshot is not None:
+                self._read_dir = snapshot
+                self._unpin = weakref.finalize(self, shutil.rmtree, snapshot, ignore_errors=True)
+        self._fs, self._root = fsspec.core.url_to_fs(str(self._read_dir))
         self._zarr_root = None
         if self.url:
             from zarr.storage import FsspecStore
@@ -400,6 +460,7 @@ class ActivationStore:
         self.provenance = self.tokens_array.attrs.asdict()
         if not self.provenance.get("complete"):
             raise StoreError(f"{self._where('tokens.zarr')}: store is incomplete (extraction did not finish); re-run extract")
+        self._check_shards("tokens.zarr", self.tokens_array)
         self.n_sequences, self.context_size = self.tokens_array.shape
         self.n_rows = self.n_sequences * self.context_size
         self.chunk_rows = int(self.provenance["chunk_rows"])
@@ -417,7 +478,7 @@ class ActivationStore:
     def _open(self, rel: str):
         if self._zarr_root is not None:
             return zarr.open_array(store=self._zarr_root, path=rel, mode="r")
-        return zarr.open_array(str(self.dir / rel), mode="r")
+        return zarr.open_array(str(self._read_dir / rel), mode="r")
 
     def _check_shards(self, rel: str, array: Any) -> None:
         """zarr reads a missing shard file as zeros: a complete store must have all of them."""
@@ -451,7 +512,7 @@ class ActivationStore:
             if not arr.attrs.get("complete"):
                 raise StoreError(f"{self._where(rel)}: incomplete (extraction did not finish); re-run extract")
             self._check_shards(rel, arr)
-            self._sites[key] = SiteArray(arr, layer, site, self._where(rel))
+            self._sites[key] = SiteArray(arr, layer, site, self._where(rel), self)
         return self._sites[key]
 
     def keep_mask(self, start: int, stop: int) -> torch.Tensor:
