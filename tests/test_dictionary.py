@@ -82,14 +82,17 @@ def test_prefix_loss_is_the_mean_of_each_prefix_reconstruction_error(kind, input
     assert (out.acts_BF > 0).sum() == 4 * 20
 
 
-@pytest.mark.parametrize("kind", ["transcoder", "sae"])
+@pytest.mark.parametrize("kind", ["transcoder", "sae", "skip transcoder"])
 @pytest.mark.parametrize("groups", [[64], [16, 48], [8, 16, 40], [4, 4, 8, 16, 32], [1, 2, 5, 8, 16, 32]])
 @pytest.mark.parametrize("with_dead", [False, True, "fewer than top_k_aux"])
 @pytest.mark.parametrize("input_norm", ["token", "global"])
 def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(kind, groups, with_dead, input_norm):
     torch.manual_seed(0)
-    m = MatryoshkaBatchTopK(12, 12, groups, 5, kind=kind, top_k_aux=6, input_norm=input_norm)
+    m = MatryoshkaBatchTopK(12, 12, groups, 5, kind=kind.split()[-1], top_k_aux=6, input_norm=input_norm,
+                            skip_connection=kind.startswith("skip"))
     with torch.no_grad():
+        if m.W_skip is not None:
+            m.W_skip.normal_(0, 0.2)
         m.b_enc.normal_(0, 0.3)
         m.b_dec.normal_()
         m.source_scale.fill_(0.7)

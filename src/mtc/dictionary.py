@@ -263,7 +263,7 @@ class MatryoshkaBatchTopK(nn.Module):
     def __init__(self, d_in: int, d_out: int, group_sizes: list[int], top_k: int, *,
                  top_k_aux: int = 512, aux_penalty: float = 1 / 32, n_batches_to_dead: int = 5,
                  threshold_momentum: float = 0.01, kind: str = "transcoder", input_norm: str = "token",
-                 seed: int = 0):
+                 skip_connection: bool = False, seed: int = 0):
         super().__init__()
         if not group_sizes or any(g <= 0 for g in group_sizes):
             raise ValueError(f"group_sizes must be positive, got {group_sizes}")
@@ -272,11 +272,14 @@ class MatryoshkaBatchTopK(nn.Module):
             raise ValueError(f"top_k must be in [1, {dict_size}), got {top_k}")
         if kind == "sae" and d_in != d_out:
             raise ValueError("an SAE reconstructs its input: d_in must equal d_out")
+        if kind == "sae" and skip_connection:
+            raise ValueError("an SAE with a skip connection would learn the identity: skip_connection is for transcoders")
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
         self.cfg = dict(d_in=d_in, d_out=d_out, group_sizes=list(group_sizes), top_k=top_k, top_k_aux=top_k_aux,
                         aux_penalty=aux_penalty, n_batches_to_dead=n_batches_to_dead,
-                        threshold_momentum=threshold_momentum, kind=kind, input_norm=input_norm)
+                        threshold_momentum=threshold_momentum, kind=kind, input_norm=input_norm,
+                        skip_connection=skip_connection)
         self.group_sizes = list(group_sizes)
         self.boundaries = [sum(group_sizes[:i + 1]) for i in range(len(group_sizes))]
         self.dict_size = dict_size
@@ -296,6 +299,9 @@ class MatryoshkaBatchTopK(nn.Module):
         self.register_load_state_dict_pre_hook(_load_W_enc_input_major)
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
+        # A transcoder's optional linear path from the normalised source to the target, beside the
+        # features ("skip transcoders"): the MLP's linear part no longer costs features.
+        self.W_skip = nn.Parameter(torch.zeros(d_in, d_out)) if skip_connection else None
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("source_scale", torch.tensor(1.0))
         self.register_buffer("target_scale", torch.tensor(1.0))
@@ -350,6 +356,10 @@ class MatryoshkaBatchTopK(nn.Module):
         to scale its output back (ignored otherwise)."""
         end = self.dict_size if n_groups is None else self.boundaries[n_groups - 1]
         recon = acts_BF[:, :end] @ self.W_dec[:end] + self.b_dec
+        if self.W_skip is not None:
+            if source is None:
+                raise ValueError("this transcoder has a skip connection: decode needs source=the encoded rows")
+            recon = recon + self._skip(self._normalised_source(source))
         if self._per_token_output:
             if source is None:
                 raise ValueError("this SAE scales each token by its own norm: decode needs source=the encoded rows")
@@ -402,7 +412,8 @@ class MatryoshkaBatchTopK(nn.Module):
         by_feat = _FeatureOrder.of(feats, self.dict_size)
         vals = _SparsePreActs.apply(self.W_encT, self.b_enc, x, pre_vals, rows, feats, by_feat, self._scratch)
         codes = SparseCodes(rows, feats, vals.detach(), (B, self.dict_size))
-        prefix_mse, residual = self.prefix_losses(codes, vals, self._scaled_target(x_BD, y_BD), by_feat)
+        target = self._scaled_target(x_BD, y_BD) - self._skip(x)  # what the features reconstruct
+        prefix_mse, residual = self.prefix_losses(codes, vals, target, by_feat)
         aux = self._aux_loss(x, residual)
         self._update_stats(codes)
         return TrainOutput(prefix_mse.mean() + aux, prefix_mse.detach(), aux.detach(), codes)
@@ -410,7 +421,7 @@ class MatryoshkaBatchTopK(nn.Module):
     def dense_reference_loss(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, prefix_mse) of ``training_forward`` computed the straightforward way: dense
         codes, one dense decode per group, dense autograd. For tests and benchmarks only."""
-        y = self._scaled_target(x_BD, y_BD)
+        y = self._scaled_target(x_BD, y_BD) - self._skip(self._normalised_source(x_BD))
         pre = self.pre_acts(x_BD)
         acts = pre * (pre >= batch_topk_threshold(pre.detach(), self.top_k))
         prefix_mse = torch.stack([(r - y).pow(2).mean() for r in self.prefix_reconstructions_dense(acts)])
@@ -419,9 +430,13 @@ class MatryoshkaBatchTopK(nn.Module):
         if dead.numel() and self.cfg["aux_penalty"]:
             values, idx = pre[:, dead].topk(min(self.cfg["top_k_aux"], dead.numel()), dim=1)
             aux_acts = torch.zeros_like(pre).scatter(1, dead[idx], values)
-            residual = y - (acts @ self.W_dec + self.b_dec).detach()
+            residual = (y - acts @ self.W_dec - self.b_dec).detach()
             loss = loss + self.cfg["aux_penalty"] * (aux_acts @ self.W_dec - residual).pow(2).mean()
         return loss, prefix_mse.detach()
+
+    def _skip(self, x_normalised: torch.Tensor) -> torch.Tensor | float:
+        """The skip connection's part of the normalised target (0 without one)."""
+        return 0.0 if self.W_skip is None else x_normalised @ self.W_skip
 
     def _dead_features(self) -> torch.Tensor:
         """Indices of the features that have not fired for ``n_batches_to_dead`` batches."""
