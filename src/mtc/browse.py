@@ -22,15 +22,14 @@ from typing import Any
 
 from mtc import progress
 from mtc.config import BrowseConfig
-from mtc.mine import FEATURES_FILE, META_FILE, QUANTILE_FILE, ActivationSampleAnalyzer
+from mtc.errors import BrowseError
 from mtc.results import METRICS_FILE, atomic_write_text, read_json
+from mtc.samples import FEATURES_FILE, META_FILE, QUANTILE_FILE, ActivationSampleAnalyzer
 
 INDEX = "index.html"
 PAGES = "features"
 
 
-class BrowseError(RuntimeError):
-    """Nothing to browse: no mined samples, or no tokenizer to show them with."""
 
 
 CSS = """

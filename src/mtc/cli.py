@@ -20,7 +20,7 @@ import typer
 
 from mtc import pipeline
 from mtc.config import PipelineConfig, parse_params, read_yaml
-from mtc.pipeline import USER_ERRORS
+from mtc.errors import USER_ERRORS, StoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Matryoshka transcoders and SAEs trained from cached activations.")
@@ -98,7 +98,7 @@ def _ensure_store(cfg: PipelineConfig) -> None:
             store.site(d.layer, d.source_site)
             store.site(d.resolved_target_layer, d.target_site)
         return
-    except pipeline.StoreError as e:
+    except StoreError as e:
         typer.echo(f"no usable store ({e}); extracting")
     if not (cfg.model_dir / "config.json").is_file():
         pipeline.prepare_model(cfg)
@@ -170,7 +170,7 @@ def samples(directory: Path = typer.Argument(..., help="A run directory or its a
             feature: Optional[int] = typer.Option(None, help="Feature to show (default: the 3 strongest)."),
             n: int = typer.Option(5, "-n", "--n-samples", help="Contexts per feature.")) -> None:
     """Show top-activating contexts as text, the activating token in «»."""
-    from mtc.mine import META_FILE, ActivationSampleAnalyzer
+    from mtc.samples import META_FILE, ActivationSampleAnalyzer
 
     if not (directory / META_FILE).is_file():
         directory = directory / "activation_samples" / "mined"

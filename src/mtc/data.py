@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from mtc.config import ConfigError, DatasetConfig, looks_local
+from mtc.errors import DatasetError
 
 BUILTIN = {
     # Python's own documentation text (the help() topics), ~465 KB of English in every install.
@@ -16,8 +17,6 @@ BUILTIN = {
 }
 
 
-class DatasetError(RuntimeError):
-    """A dataset that cannot be read, or holds too little text."""
 
 
 def _builtin_texts(path: str) -> Iterator[str]:
@@ -32,36 +31,80 @@ def _builtin_texts(path: str) -> Iterator[str]:
 
 def _file_texts(file: Path, text_field: str) -> Iterator[str]:
     if file.suffix == ".jsonl":
-        with file.open() as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise DatasetError(f"{file}:{n}: not a JSON line") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise DatasetError(f"{file}:{n}: no field {text_field!r} (set dataset.text_field)")
-                yield record[text_field]
-    else:
-        # Plain text: documents are separated by blank lines.
-        with file.open(errors="replace") as f:
-            doc: list[str] = []
-            for line in f:
-                if line.strip():
-                    doc.append(line)
-                elif doc:
-                    yield "".join(doc)
-                    doc = []
-            if doc:
+        yield from _jsonl_texts(file, text_field)
+        return
+    # Plain text: documents are separated by blank lines. A few undecodable bytes become U+FFFD;
+    # a file that is mostly not text (a binary file, another encoding) is refused.
+    checker = _TextCheck(file)
+    with file.open("rb") as f:
+        doc: list[str] = []
+        for raw in f:
+            line = checker.decode(raw)
+            if line.strip():
+                doc.append(line)
+            elif doc:
                 yield "".join(doc)
+                doc = []
+        if doc:
+            yield "".join(doc)
+    checker.finish()
+
+
+def _jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
+    with file.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{file}:{n}: not UTF-8 text (byte {e.start} of the line); "
+                                   "JSON lines must be UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise DatasetError(f"{file}:{n}: not a JSON line") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise DatasetError(f"{file}:{n}: no field {text_field!r} (set dataset.text_field)")
+            yield _text_value(record[text_field], f"{file}:{n}", text_field)
+
+
+def _text_value(value, where: str, text_field: str) -> str:
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: field {text_field!r} is {type(value).__name__} {str(value)[:40]!r}; "
+                           "expected a string")
+    return value
+
+
+class _TextCheck:
+    """Decodes a text file's lines as UTF-8 (bad bytes -> U+FFFD) and refuses a file where more
+    than ``MAX_BAD`` of the characters are undecodable bytes or control characters."""
+
+    MAX_BAD = 0.01
+    _CONTROL = {chr(c) for c in range(32)} - set("\t\n\r\f\v")
+
+    def __init__(self, file: Path):
+        self.file, self.chars, self.bad = file, 0, 0
+
+    def decode(self, raw: bytes) -> str:
+        line = raw.decode("utf-8", errors="replace")
+        self.chars += len(line)
+        self.bad += line.count("\ufffd") + sum(line.count(c) for c in self._CONTROL if c in line)
+        if self.chars >= 65536:
+            self.finish()
+        return line
+
+    def finish(self) -> None:
+        if self.chars and self.bad / self.chars > self.MAX_BAD:
+            raise DatasetError(f"{self.file}: not text ({self.bad} of the first {self.chars} characters are "
+                               "undecodable bytes or control characters; expected UTF-8 text)")
 
 
 def _dataset_texts(ds, text_field: str, where: str) -> Iterator[str]:
     if text_field not in ds.column_names:
         raise DatasetError(f"{where}: no column {text_field!r} (set dataset.text_field; columns: {ds.column_names})")
-    for record in ds:
-        yield record[text_field]
+    for n, record in enumerate(ds):
+        yield _text_value(record[text_field], f"{where}: record {n}", text_field)
 
 
 def iter_texts(cfg: DatasetConfig) -> Iterator[str]:
@@ -124,9 +167,9 @@ def _hub_texts(cfg: DatasetConfig) -> Iterator[str]:
             "without network access, point dataset.path at local .txt/.jsonl files or a saved dataset directory") from None
     if cfg.text_field not in first:
         raise DatasetError(f"dataset.text_field: {cfg.text_field!r} not in {cfg.path} (fields: {list(first)})")
-    yield first[cfg.text_field]
-    for record in iterator:
-        yield record[cfg.text_field]
+    yield _text_value(first[cfg.text_field], f"{cfg.path}: record 0", cfg.text_field)
+    for n, record in enumerate(iterator, 1):
+        yield _text_value(record[cfg.text_field], f"{cfg.path}: record {n}", cfg.text_field)
 
 
 def dataset_label(cfg: DatasetConfig) -> str:

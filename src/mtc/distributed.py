@@ -6,7 +6,7 @@ Without torchrun it returns a one-process context whose collectives do nothing, 
 path runs in both cases.
 
 Extraction needs only a barrier (ranks write disjoint shards of the same store). Data-parallel
-training (``DataParallel`` below) needs more than averaged gradients to equal a one-process run on
+training (``mtc.data_parallel.DataParallel``) needs more than averaged gradients to equal a one-process run on
 the global batch: BatchTopK keeps the ``k x B`` largest pre-activations of the *global* batch, so
 the selection's threshold is found from every rank's candidates; the statistics the dictionary keeps (which
 features fired, the threshold's running average, the input means of the first batch) are reduced
@@ -20,13 +20,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-
-from mtc.dictionary import (
-    MatryoshkaBatchTopK,
-    SparseCodes,
-    batch_topk_pairs,
-    nonzero_by_group,
-)
 
 
 @dataclass
@@ -84,73 +77,6 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
            "min": torch.distributed.ReduceOp.MIN}
     torch.distributed.all_reduce(t, op=ops[op])
     return t
-
-
-def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate 1-d tensors of different lengths from every rank (rank order)."""
-    world = torch.distributed.get_world_size()
-    n = torch.tensor([t.numel()], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    torch.distributed.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.cat([t, t.new_zeros(longest - t.numel())])
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
-
-
-def _nth_largest_over_ranks(values: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n``-th largest of every rank's ``values`` together."""
-    return _all_gather_cat(values).topk(n, sorted=False).values.min()
-
-
-class DataParallel(MatryoshkaBatchTopK):
-    """A dictionary trained on one rank's part of the global batch, equal to one process training on
-    the whole batch (up to float rounding): global BatchTopK selection, global statistics, and
-    gradients averaged over ranks (each rank's loss is a mean over an equal share of the rows).
-    Its weights and buffers are the plain dictionary's: it saves and loads like one."""
-
-    def _select(self, mm_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The global batch's top ``k x B`` codes that fall on this rank.
-
-        ``batch_topk_pairs`` gathers, on each rank, every entry above a bound that at least this
-        rank's share (k x B_local) of entries reach; the threshold is the (k x B_global)-th largest
-        of all ranks' candidates together. That is exact unless a rank holds more than its share of
-        the global top entries and some lie below its bound: then that rank's smallest candidate is
-        above the threshold, and every rank redoes the selection densely from the threshold found
-        (a lower bound of the true one). With a shuffled batch this is rare.
-        """
-        world = torch.distributed.get_world_size()
-        n_local = self.top_k * mm_BF.shape[0]
-        bias = self.b_enc.detach()
-        found = {}
-
-        def global_threshold(cand: torch.Tensor, n: int) -> torch.Tensor:
-            found["t"] = _nth_largest_over_ranks(cand, n * world)
-            found["short"] = bool(cand.numel()) and bool(cand.min() > found["t"])
-            return found["t"]
-
-        rows, feats, vals = batch_topk_pairs(mm_BF, bias, n_local, self.boundaries,
-                                             self._sample_generator(mm_BF.device), threshold_of=global_threshold)
-        short = all_reduce(torch.tensor([int(found["short"])], device=mm_BF.device), "max")
-        if not bool(short.item()):
-            return rows, feats, vals
-        pre = mm_BF.to(bias.dtype) + bias
-        t = _nth_largest_over_ranks(pre[pre >= found["t"]], n_local * world)
-        keep = (pre >= t) & (pre > 0)
-        rows, feats = nonzero_by_group(lambda a, b: keep[:, a:b], self.boundaries).unbind(1)
-        return rows, feats, pre[rows, feats]
-
-    def _batch_stats(self, codes: SparseCodes) -> tuple[torch.Tensor, torch.Tensor]:
-        fired, smallest = super()._batch_stats(codes)
-        fired = all_reduce(fired.to(torch.int32), "max").bool()   # fired anywhere in the global batch
-        return fired, all_reduce(smallest.reshape(1).clone(), "min")[0]
-
-    @torch.no_grad()
-    def init_means(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> None:
-        world = torch.distributed.get_world_size()
-        self.source_mean.copy_(all_reduce(self._scaled_source(x_BD).mean(dim=0), "sum") / world)
-        self.b_dec.copy_(all_reduce(self._scaled_target(x_BD, y_BD).mean(dim=0), "sum") / world)
 
 
 def average_gradients(model: torch.nn.Module) -> None:

@@ -95,7 +95,7 @@ def feature_counts(fire_counts_F: torch.Tensor, n_tokens: int, group_sizes: list
 def heldout_windows(store: ActivationStore, n: int) -> torch.Tensor:
     """Token ids [n, T] of the first ``n`` held-out windows."""
     first = store.n_sequences - store.n_holdout_sequences
-    return torch.from_numpy(store.tokens_array[first:first + n]).long()
+    return torch.from_numpy(store.tokens(first, first + n)).long()
 
 
 def spliced_metrics(dictionary: MatryoshkaBatchTopK, store: ActivationStore, mean_target_D: torch.Tensor,

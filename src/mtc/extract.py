@@ -3,53 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from mtc import distributed, locks, models, progress
+from mtc import distributed, locks, model_check, models, progress
 from mtc.config import PipelineConfig
-from mtc.data import dataset_label, iter_texts, pack_tokens
+from mtc.data import iter_texts, pack_tokens
+from mtc.provenance import store_provenance
 from mtc.store import StoreWriter
-
-PROVENANCE_FILE = "mtc_provenance.json"
-
-
-def prepare(cfg: PipelineConfig) -> Path:
-    """The prepare_model stage: write ``model.name`` as a local model directory."""
-    out = cfg.model_dir
-    out.parent.mkdir(parents=True, exist_ok=True)
-    source = models.prepare_model(cfg.model.name, out, cfg.model.revision)
-    (out / PROVENANCE_FILE).write_text(json.dumps(source, indent=2))
-    return out
-
-
-def model_provenance(cfg: PipelineConfig) -> dict[str, Any]:
-    path = cfg.model_dir / PROVENANCE_FILE
-    source = json.loads(path.read_text()) if path.is_file() else {}
-    return {"model_name": cfg.model.name, "model_type": cfg.model.type, "model_revision": cfg.model.revision,
-            "model_source": source.get("source", "unknown")}
-
-
-def store_provenance(cfg: PipelineConfig, bos_token_id: int | None) -> dict[str, Any]:
-    """What a store was made from; a store is reused only when these match the params."""
-    d = cfg.dataset
-    return {**model_provenance(cfg), "model_dtype": cfg.model.dtype,
-            "dataset_path": d.path, "dataset_label": dataset_label(d), "dataset_split": d.split,
-            "dataset_text_field": d.text_field, "context_size": d.context_size, "prepend_bos": d.prepend_bos,
-            "bos_token_id": bos_token_id if d.prepend_bos else None,
-            "n_tokens": d.n_sequences * d.context_size, "n_sequences": d.n_sequences,
-            "n_holdout_sequences": d.n_holdout_sequences, "dtype": cfg.extract.dtype,
-            **({"dataset_shuffle_seed": d.shuffle_seed} if d.shuffle_seed is not None else {})}
 
 
 def extract(cfg: PipelineConfig, store_dir: str | Path | None = None) -> Path:
     """Write the store for ``cfg``. Under ``torchrun`` every rank runs this: rank 0 creates the
     store and each rank fills a disjoint block of its shards (see ``StoreWriter``)."""
     store_dir = Path(store_dir or cfg.store_dir)
+    models.read_architecture(cfg.model_dir)  # refuses a missing model: "run prepare_model"
     tokenizer = models.load_tokenizer(cfg.model_dir)
     tokens = pack_tokens(iter_texts(cfg.dataset), tokenizer, cfg.dataset)  # too little text fails here
     dist = distributed.from_env()
@@ -61,8 +31,13 @@ def extract(cfg: PipelineConfig, store_dir: str | Path | None = None) -> Path:
 def _extract(cfg: PipelineConfig, store_dir: Path, tokenizer, tokens, dist: distributed.Context) -> Path:
     arch = models.read_architecture(cfg.model_dir)
     device = dist.device(cfg.model.device)
-    bridge = models.load_bridge(cfg.model_dir, cfg.model.dtype, str(device))
     wanted = [(layer, site) for layer in cfg.extract.layers for site in cfg.extract.sites]
+    # Nothing is written until the wrapper gives the model's own activations on the first batch.
+    first_batch = torch.from_numpy(tokens[:cfg.extract.batch_size]).long().to(device)
+    bridge, errors = model_check.checked_bridge(cfg.model_dir, models.load_hf_model(cfg.model_dir, cfg.model.dtype),
+                                                arch, first_batch, wanted, cfg.model.dtype, device)
+    progress.note(f"wrapper check on the first batch: largest relative error {max(errors.values()):.1e} "
+                  f"(logits and {len(errors) - 1} site(s) against the model's own forward)")
     provenance = store_provenance(cfg, tokenizer.bos_token_id if tokenizer.bos_token_id is not None
                                   else tokenizer.eos_token_id)
 

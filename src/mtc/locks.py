@@ -12,9 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
-class LockedError(RuntimeError):
-    """Another process is writing the same directory."""
+from mtc.errors import LockedError
 
 
 @contextmanager

@@ -8,6 +8,7 @@ packaged inside an installed wheel (``packaged:<name>``, the offline default).
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -16,12 +17,8 @@ from typing import Any
 
 import torch
 
-from mtc.config import SITES, ConfigError
-
-
-class ModelError(RuntimeError):
-    """A model cannot be found, loaded or asked for a site it does not have."""
-
+from mtc.config import SITES, ConfigError, PipelineConfig
+from mtc.errors import ModelError
 
 # --------------------------------------------------------------------------------- hook names
 # TransformerBridge names the four residual-stream sites alike for every architecture.
@@ -44,15 +41,27 @@ class Architecture:
     d_model: int
     parallel_attention: bool
     """Attention and MLP both read resid_pre (GPT-NeoX/Pythia, GPT-J): there is no resid_mid."""
+    max_positions: int | None = None
+    """Longest context the model was trained for (None: its config does not say)."""
 
     @classmethod
     def from_hf_config(cls, config: Any) -> Architecture:
         parallel = bool(getattr(config, "use_parallel_residual", False)) or config.model_type in ("gptj", "phi")
         if config.model_type == "falcon":
             parallel = bool(getattr(config, "parallel_attn", True))
-        n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-        d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-        return cls(config.model_type, int(n_layers), int(d_model), parallel)
+        n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+        d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+        if n_layers is None or d_model is None:
+            raise ModelError(f"{config.model_type}: its config names no layer count or width "
+                             "(num_hidden_layers/n_layer, hidden_size/n_embd); not a supported causal LM")
+        max_positions = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                              if isinstance(getattr(config, k, None), int)), None)
+        return cls(config.model_type, int(n_layers), int(d_model), parallel, max_positions)
+
+    def check_context_size(self, context_size: int, key: str = "dataset.context_size") -> None:
+        if self.max_positions is not None and context_size > self.max_positions:
+            raise ConfigError(f"{key}: got {context_size}; {self.model_type} has only {self.max_positions} "
+                              "positions (max_position_embeddings): use at most that")
 
     def check_layer(self, layer: int, key: str = "layer") -> None:
         if not 0 <= layer < self.n_layers:
@@ -82,6 +91,9 @@ class PackagedModel:
     gguf_file: str
     note: str
 
+
+PROVENANCE_FILE = "mtc_provenance.json"
+"""Written beside a prepared model: where its weights came from."""
 
 PACKAGED = {
     "SmolLM2-135M-Instruct": PackagedModel(
@@ -142,7 +154,7 @@ def prepare_model(name: str, out_dir: str | Path, revision: str | None = None) -
             tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(str(local) if local.is_dir() else name,
                                                          dtype=torch.float32, **kwargs)
-        except OSError as e:
+        except (OSError, ValueError, KeyError) as e:  # not found, or a directory that is not a model
             hint = ("it is not a local directory, and the hub could not be reached or has no such model; "
                     "download it elsewhere and point model.name at the local directory")
             raise ModelError(f"model.name: cannot load {name!r}: {hint} ({str(e).splitlines()[0]})") from None
@@ -152,6 +164,14 @@ def prepare_model(name: str, out_dir: str | Path, revision: str | None = None) -
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp_dir.rename(out_dir)
     return {"name": name, **source}
+
+
+def prepare(cfg: PipelineConfig) -> Path:
+    """The prepare_model stage: write ``model.name`` as a local model directory."""
+    out = cfg.model_dir
+    source = prepare_model(cfg.model.name, out, cfg.model.revision)
+    (out / PROVENANCE_FILE).write_text(json.dumps(source, indent=2))
+    return out
 
 
 # --------------------------------------------------------------------------------- loading
@@ -168,7 +188,13 @@ def read_architecture(model_dir: str | Path) -> Architecture:
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{model_dir}: no model here (config.json missing); run the prepare_model stage "
                          "(dvc repro prepare_model, or mtc prepare-model)")
-    return Architecture.from_hf_config(AutoConfig.from_pretrained(model_dir))
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, OSError) as e:  # no or unknown model_type, unreadable JSON
+        detail = " ".join(str(e).split())[:200]
+        raise ModelError(f"{model_dir / 'config.json'}: not a Hugging Face model config this transformers "
+                         f"can load ({type(e).__name__}: {detail})") from None
+    return Architecture.from_hf_config(config)
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -177,16 +203,22 @@ def load_tokenizer(model_dir: str | Path):
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
+def load_hf_model(model_dir: str | Path, dtype: str = "float32"):
+    """The plain Hugging Face causal LM in ``model_dir``, in ``dtype``, for inference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
+
+
 def load_bridge(model_dir: str | Path, dtype: str = "float32", device: str = "auto", hf_model: Any = None):
     """A ``TransformerBridge`` over the model in ``model_dir`` (or over ``hf_model`` when given)."""
-    from transformers import AutoModelForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
 
     torch_dtype = getattr(torch, dtype)
     dev = resolve_device(device)
     tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
     if hf_model is None:
-        hf_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
+        hf_model = load_hf_model(model_dir, dtype)
     hf_model = hf_model.to(dev).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

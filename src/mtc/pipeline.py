@@ -11,16 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from mtc.browse import BrowseError
 from mtc.config import ConfigError, PipelineConfig, load_params
-from mtc.data import DatasetError
-from mtc.locks import LockedError
-from mtc.models import ModelError
-from mtc.results import CheckpointError
-from mtc.store import ActivationStore, StoreError, check_provenance
-
-USER_ERRORS = (ConfigError, StoreError, ModelError, DatasetError, LockedError, CheckpointError, FloatingPointError,
-               BrowseError)
+from mtc.errors import USER_ERRORS
 
 
 def check_model_facts(cfg: PipelineConfig) -> None:
@@ -30,12 +22,17 @@ def check_model_facts(cfg: PipelineConfig) -> None:
     from mtc.models import read_architecture
 
     candidates = [cfg.model_dir]
-    if looks_local(cfg.model.name):
-        candidates.append(Path(cfg.model.name).expanduser())
+    local = Path(cfg.model.name).expanduser()
+    if looks_local(cfg.model.name) or local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model.name: {cfg.model.name!r} is not a model directory (no config.json); point it at "
+                              "a Hugging Face model directory, a hub id, or packaged:<name>")
+        candidates.append(local)
     model_dir = next((d for d in candidates if (d / "config.json").is_file()), None)
     if model_dir is None:
         return  # a hub or packaged model not prepared yet: prepare_model checks after loading it
     arch = read_architecture(model_dir)
+    arch.check_context_size(cfg.dataset.context_size)
     for i, layer in enumerate(cfg.extract.layers):
         arch.check_layer(layer, f"extract.layers[{i}]")
         for site in cfg.extract.sites:
@@ -45,9 +42,10 @@ def check_model_facts(cfg: PipelineConfig) -> None:
             raise ConfigError(f"dictionaries.{name}.act_size: got {d.act_size}; {cfg.model.name} has width {arch.d_model}")
 
 
-def open_store(cfg: PipelineConfig) -> ActivationStore:
+def open_store(cfg: PipelineConfig):
     """The store for these params; refuses one made from other model/dataset settings."""
-    from mtc.extract import store_provenance
+    from mtc.provenance import store_provenance
+    from mtc.store import ActivationStore, check_provenance
 
     store = ActivationStore(cfg.store_dir)
     expected = store_provenance(cfg, store.provenance.get("bos_token_id"))
@@ -57,7 +55,7 @@ def open_store(cfg: PipelineConfig) -> ActivationStore:
 
 
 def prepare_model(cfg: PipelineConfig) -> Path:
-    from mtc.extract import prepare
+    from mtc.models import prepare
 
     out = prepare(cfg)
     check_model_facts(cfg)  # a hub model's facts are known only once it is here
@@ -75,7 +73,7 @@ def train(cfg: PipelineConfig, names: list[str]) -> list[Path]:
 
     dictionaries = [cfg.dictionary(n) for n in names]
     store = open_store(cfg)
-    return run(dictionaries, store.dir, cfg.results_root, tokenizer_dir=cfg.model_dir)
+    return run(dictionaries, store, cfg.results_root, tokenizer_dir=cfg.model_dir)
 
 
 def evaluate(cfg: PipelineConfig, name: str) -> Path:

@@ -25,3 +25,11 @@ def bar(description: str, total: int, unit: str = "") -> Iterator[Callable[..., 
             p.update(task, advance=n, **({"info": text} if info else {}))
 
         yield advance
+
+
+def note(message: str) -> None:
+    """One line of information on stderr (quiet under MTC_QUIET, like the bars)."""
+    if not os.environ.get("MTC_QUIET"):
+        import sys
+
+        print(message, file=sys.stderr)

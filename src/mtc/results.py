@@ -18,8 +18,6 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded safely (never unpickled)."""
 
 
 def create_run_dir(model_type: str, layer: int | str, steps: int, name: str | None = None,

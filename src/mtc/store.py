@@ -38,12 +38,12 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from mtc.errors import StoreError
+
 FORMAT_VERSION = 1
 _NUMPY_DTYPE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
 
 
-class StoreError(RuntimeError):
-    """A missing, incomplete or mismatched activation store."""
 
 
 def site_path(store_dir: str | Path, layer: int, site: str) -> Path:
@@ -373,11 +373,16 @@ def read_checked(array: Any, start: int, stop: int, where: str) -> np.ndarray:
         raise _corrupt(where, start // rows_per_chunk, start, stop, array, first) from None
 
 
+# DVC's hardlink cache shares each file's bytes with the working tree: a damaged file is damaged in
+# the cache too, so `dvc checkout` cannot restore it, and `dvc checkout --force` deletes it.
+REPAIR = "rebuild the store: dvc repro -f extract (or mtc extract)"
+
+
 def _corrupt(where: str, chunk: int, a: int, b: int, array: Any, e: Exception) -> StoreError:
     shard = f", shard {a // array.shards[0]}" if getattr(array, "shards", None) else ""
     detail = (str(e).splitlines() or [""])[0][:120]
     return StoreError(f"{where}: chunk {chunk} (rows {a}..{b - 1}{shard}) is corrupt or truncated "
-                      f"({type(e).__name__}: {detail}); restore the store (dvc pull, dvc checkout) or re-run extract")
+                      f"({type(e).__name__}: {detail}); {REPAIR}")
 
 
 READERS_DIR = ".mtc-readers"
@@ -415,6 +420,15 @@ def pin(store_dir: Path) -> Path | None:
 _snapshot_numbers = iter(range(1 << 62))
 
 
+def unpin(snapshot: Path) -> None:
+    """Remove a reader's snapshot (and the readers' directory once it is empty)."""
+    shutil.rmtree(snapshot, ignore_errors=True)
+    try:
+        snapshot.parent.rmdir()
+    except OSError:
+        pass  # other readers' snapshots are still there
+
+
 def _remove_dead_snapshots(readers: Path) -> None:
     """Snapshots whose reader died without cleaning up (kill -9) hold old files' space: drop them."""
     for old in readers.glob("*.*.*") if readers.is_dir() else []:
@@ -447,7 +461,7 @@ class ActivationStore:
             snapshot = pin(self.dir)
             if snapshot is not None:
                 self._read_dir = snapshot
-                self._unpin = weakref.finalize(self, shutil.rmtree, snapshot, ignore_errors=True)
+                self._unpin = weakref.finalize(self, unpin, snapshot)
         self._fs, self._root = fsspec.core.url_to_fs(str(self._read_dir))
         self._zarr_root = None
         if self.url:
@@ -476,9 +490,14 @@ class ActivationStore:
         return self._fs.exists(f"{self._root}/{rel}/zarr.json")
 
     def _open(self, rel: str):
-        if self._zarr_root is not None:
-            return zarr.open_array(store=self._zarr_root, path=rel, mode="r")
-        return zarr.open_array(str(self._read_dir / rel), mode="r")
+        try:
+            if self._zarr_root is not None:
+                return zarr.open_array(store=self._zarr_root, path=rel, mode="r")
+            return zarr.open_array(str(self._read_dir / rel), mode="r")
+        except Exception as e:  # a truncated or edited zarr.json: JSON, key or value errors from zarr
+            detail = (str(e).splitlines() or [""])[0][:120]
+            raise StoreError(f"{self._where(rel)}/zarr.json: unreadable array metadata ({type(e).__name__}: "
+                             f"{detail}); {REPAIR}") from None
 
     def _check_shards(self, rel: str, array: Any) -> None:
         """zarr reads a missing shard file as zeros: a complete store must have all of them."""
@@ -490,14 +509,22 @@ class ActivationStore:
         missing = [i for i in range(n_shards) if f"{i}/0" not in found]
         if missing:
             raise StoreError(f"{self._where(rel)}: {len(missing)} of its {n_shards} shard files are missing "
-                             f"(shard {missing[0]} first); restore the store (dvc pull, dvc checkout) or re-run extract")
+                             f"(shard {missing[0]} first); {REPAIR}")
 
     @property
     def n_train_rows(self) -> int:
         return (self.n_sequences - self.n_holdout_sequences) * self.context_size
 
-    def tokens(self) -> np.ndarray:
-        return read_checked(self.tokens_array, 0, self.n_sequences, self._where("tokens.zarr"))
+    @property
+    def n_usable_train_rows(self) -> int:
+        """Training rows a dictionary trains on: all but each window's BOS row."""
+        bos_rows = (self.n_sequences - self.n_holdout_sequences) if self.skip_bos else 0
+        return self.n_train_rows - bos_rows
+
+    def tokens(self, first: int = 0, stop: int | None = None) -> np.ndarray:
+        """Token ids of windows [first, stop) (all by default)."""
+        stop = self.n_sequences if stop is None else stop
+        return read_checked(self.tokens_array, first, stop, self._where("tokens.zarr"))
 
     def site(self, layer: int, site: str) -> SiteArray:
         key = (layer, site)
@@ -545,10 +572,9 @@ class ActivationStore:
         row used once per epoch. Memory is O(shuffle_chunks x chunk_rows).
         """
         ranges = self.chunk_ranges(0, self.n_train_rows)
-        n_usable = sum(int(self.keep_mask(a, b).sum()) for a, b in ranges)
-        if n_usable < batch_size:
-            raise StoreError(f"batch_size: {batch_size} is larger than the {n_usable} training rows in {self.dir}; "
-                             "lower batch_size or extract more tokens")
+        if self.n_usable_train_rows < batch_size:
+            raise StoreError(f"batch_size: {batch_size} is larger than the {self.n_usable_train_rows} training rows "
+                             f"in {self.dir}; lower batch_size or extract more tokens")
         gen = torch.Generator().manual_seed(seed)
         carry: tuple[list[torch.Tensor], torch.Tensor] | None = None
         while True:

@@ -23,11 +23,11 @@ import torch
 
 from mtc import distributed, locks, progress
 from mtc.config import ConfigError, DictionaryConfig
+from mtc.data_parallel import DataParallel
 from mtc.dictionary import MatryoshkaBatchTopK
-from mtc.mine import TopActivations
+from mtc.errors import CheckpointError
 from mtc.models import resolve_device
 from mtc.results import (
-    CheckpointError,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
@@ -35,6 +35,7 @@ from mtc.results import (
     read_json,
     write_config,
 )
+from mtc.samples import TopActivations
 from mtc.store import ActivationStore, Prefetcher
 
 LOG_FILE = "training_log.jsonl"
@@ -90,19 +91,28 @@ def _truncate_log(run_dir: Path, step: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def _start_run(cfg: DictionaryConfig, store: ActivationStore, results_root: Path, device: torch.device) -> tuple[Run, int]:
-    src, tgt = store.site(cfg.layer, cfg.source_site), store.site(cfg.resolved_target_layer, cfg.target_site)
+def check_against_store(cfg: DictionaryConfig, store: ActivationStore) -> None:
+    """What params can only be checked against the store: before anything is written."""
+    src = store.site(cfg.layer, cfg.source_site)
+    store.site(cfg.resolved_target_layer, cfg.target_site)
     if cfg.act_size is not None and cfg.act_size != src.d_model:
         raise ConfigError(f"dictionaries.{cfg.name}.act_size: {cfg.act_size} does not match the store's "
                           f"{cfg.source_site} width {src.d_model}")
+    if cfg.batch_size > store.n_usable_train_rows:
+        raise ConfigError(f"dictionaries.{cfg.name}.batch_size: got {cfg.batch_size}; the store has only "
+                          f"{store.n_usable_train_rows} training rows (lower it, or extract more tokens)")
+
+
+def _start_run(cfg: DictionaryConfig, store: ActivationStore, results_root: Path, device: torch.device) -> tuple[Run, int]:
+    src, tgt = store.site(cfg.layer, cfg.source_site), store.site(cfg.resolved_target_layer, cfg.target_site)
     run_dir = cfg.run_dir(results_root)
     record = _config_record(cfg, store)
     start_step = 0
-    model_cls = distributed.DataParallel if distributed.from_env().active else MatryoshkaBatchTopK
+    model_cls = DataParallel if distributed.from_env().active else MatryoshkaBatchTopK
     model = model_cls(src.d_model, tgt.d_model, cfg.group_sizes, cfg.k, top_k_aux=cfg.top_k_aux,
                       aux_penalty=cfg.aux_penalty, n_batches_to_dead=cfg.n_batches_to_dead,
                       threshold_momentum=cfg.threshold_momentum, kind=cfg.kind, input_norm=cfg.input_norm,
-                      seed=cfg.seed)
+                      skip_connection=cfg.has_skip, seed=cfg.seed)
     model.set_scales(src.mean_norm, tgt.mean_norm)
     model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.adam_beta2)
@@ -189,7 +199,7 @@ def _log(run: Run, step: int, out, clock: dict[str, float]) -> dict[str, Any]:
     return record
 
 
-def train(cfgs: list[DictionaryConfig], store_dir: str | Path, results_root: str | Path = "results",
+def train(cfgs: list[DictionaryConfig], store: ActivationStore | str | Path, results_root: str | Path = "results",
           tokenizer_dir: str | Path | None = None) -> list[Path]:
     """Train every dictionary in ``cfgs`` from one pass over the store; returns their run dirs."""
     if not cfgs:
@@ -200,7 +210,10 @@ def train(cfgs: list[DictionaryConfig], store_dir: str | Path, results_root: str
             if getattr(c, key) != getattr(first, key):
                 raise ConfigError(f"dictionaries.{c.name}.{key}: {getattr(c, key)} differs from {first.name}'s "
                                   f"{getattr(first, key)}; multi mode feeds every dictionary the same batches")
-    store = ActivationStore(store_dir)
+    if not isinstance(store, ActivationStore):
+        store = ActivationStore(store)
+    for c in cfgs:
+        check_against_store(c, store)
     dist = distributed.from_env()
     if dist.active:  # torchrun: data-parallel, rank 0 writes the results (see mtc.distributed)
         distributed.check_batch_size(first.batch_size, first.name)

@@ -147,7 +147,7 @@ def bench(shape: str, k: int, repeats: int) -> dict:
         "ours": lambda: our_step(m, opt, x, y),
         "dense": lambda: dense_step(md, optd, x, y),
     }, repeats)
-    del md, optd
+    md = optd = None  # free the dense dictionary before the second phase
     (mb, optb), four = make(d, groups, k), [make(d, groups, k, seed=s) for s in range(4)]
     for mm, _ in [(mb, optb), *four]:
         mm.init_means(x, y)
