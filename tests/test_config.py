@@ -118,9 +118,13 @@ def test_run_dirs_follow_the_seed_layout_and_keep_dictionaries_apart():
 
 
 def test_dvc_yaml_paths_agree_with_the_library():
-    """dvc.yaml templates the paths the library computes; they must name the same files."""
+    """dvc.yaml templates the paths the library computes; they must name the same files, for the
+    repository's params and for a cross-layer transcoder."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    cfg = load_params(REPO / "params.yaml")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["extract"]["layers"] = [8, 9]
+    raw["dictionaries"]["cross"] = {**raw["dictionaries"]["tc"], "target_layer": 9}
+    cfg = parse_params(raw)
     for name, d in cfg.dictionaries.items():
         for out in stages["train"]["do"]["outs"]:
             path = (out.replace("${model.type}", cfg.model.type).replace("${item.layer}", str(d.layer))

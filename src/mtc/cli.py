@@ -83,7 +83,9 @@ def adhoc_params(raw: dict[str, Any], *, model_name: Optional[str], source_layer
              "layer": source_layer, "target_layer": target_layer}
     if steps is not None:
         entry["steps"] = steps
-    name = entry.pop("name", entry["kind"])
+    # the results path names the source layer only: a cross-layer run's name carries the target
+    default_name = entry["kind"] if target_layer == source_layer else f"{entry['kind']}-to-L{target_layer}"
+    name = entry.pop("name", default_name)
     sites = sorted({entry["source_site"], entry["target_site"]})
     raw["extract"] = {**raw.get("extract", {}), "layers": sorted({source_layer, target_layer}), "sites": sites}
     raw["dictionaries"] = {name: entry}

@@ -349,16 +349,12 @@ class DictionaryConfig:
     def k(self) -> int:
         return self.top_k if self.top_k is not None else default_top_k(self.dict_size)
 
-    @property
-    def layer_label(self) -> str:
-        """The ``{layer}`` path component: ``8``, or ``8-9`` for a cross-layer transcoder."""
-        t = self.resolved_target_layer
-        return str(self.layer) if t == self.layer else f"{self.layer}-{t}"
-
     def run_dir(self, results_root: str | Path = "results") -> Path:
         """``results/{model_type}/{layer}/{steps}/{name}``: the seed's layout plus the dictionary's
-        name, so dictionaries sharing model, layer and steps never overwrite each other."""
-        return Path(results_root) / (self.model_type or "model") / self.layer_label / str(self.steps) / self.name
+        name, so dictionaries sharing model, layer and steps never overwrite each other. ``{layer}`` is
+        the source layer, for a cross-layer transcoder too: dvc.yaml templates the same path from the
+        entry's ``layer`` (it cannot compute anything else)."""
+        return Path(results_root) / (self.model_type or "model") / str(self.layer) / str(self.steps) / self.name
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
