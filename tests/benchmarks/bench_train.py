@@ -186,7 +186,9 @@ def bench_real(store_dir: str, kind: str, k: int, groups: list[int], batch: int,
     keys = sorted({source, target})
     batches = store.iter_training_batches(keys, batch, seed=0)
     d = store.site(*source).d_model
-    m = MatryoshkaBatchTopK(d, store.site(*target).d_model, groups, k, kind=kind, input_norm=input_norm)
+    # the skip connection as the config's default has it: on for transcoders
+    m = MatryoshkaBatchTopK(d, store.site(*target).d_model, groups, k, kind=kind, input_norm=input_norm,
+                            skip_connection=kind == "transcoder")
     m.set_scales(store.site(*source).mean_norm, store.site(*target).mean_norm)
     opt = make_optimizer(m, 3e-4)
 
