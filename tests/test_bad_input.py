@@ -168,6 +168,20 @@ def test_evaluate_without_the_model_and_browse_without_mined_samples(prepared):
 
 
 # ------------------------------------------------------------------ round 2: each of these failed on main
+@pytest.fixture
+def first_stage_here(monkeypatch, capsys):
+    """Like run_first_stage, in this process (the same stage runner and error path, no start-up)."""
+    from mtc import pipeline
+
+    def run(root, params_text):
+        (root / "params.yaml").write_text(params_text)
+        monkeypatch.chdir(root)
+        with pytest.raises(SystemExit) as stop:
+            pipeline.run_stage(pipeline.prepare_model)
+        return subprocess.CompletedProcess([], stop.value.code, "", capsys.readouterr().err)
+    return run
+
+
 def one_line(result, message, code=2):
     """Exit code 2 and one ``error:`` line with the message (evaluate may warn before it)."""
     assert result.returncode == code, result.stderr
@@ -184,21 +198,21 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, stories_model_di
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
-def test_an_empty_params_file_is_refused(tmp_path, text):
-    one_line(run_first_stage(tmp_path, text), "params.yaml: empty; it needs at least the model")
+def test_an_empty_params_file_is_refused(tmp_path, text, first_stage_here):
+    one_line(first_stage_here(tmp_path, text), "params.yaml: empty; it needs at least the model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
-def test_a_context_longer_than_the_models_positions(tmp_path, stories_model_dir):
+def test_a_context_longer_than_the_models_positions(tmp_path, stories_model_dir, first_stage_here):
     raw = tiny_params(str(stories_model_dir))
     raw["dataset"]["context_size"] = 1024                 # stories260K has 512 positions
-    one_line(run_first_stage(tmp_path, yaml.safe_dump(raw)),
+    one_line(first_stage_here(tmp_path, yaml.safe_dump(raw)),
              "dataset.context_size: got 1024; llama has only 512 positions")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 @pytest.mark.parametrize("content", ["empty", "readme only", "config without model_type"])
-def test_a_model_directory_that_is_not_a_model(tmp_path, content):
+def test_a_model_directory_that_is_not_a_model(tmp_path, content, first_stage_here):
     model = tmp_path / "not-a-model"
     model.mkdir()
     if content == "readme only":
@@ -207,7 +221,7 @@ def test_a_model_directory_that_is_not_a_model(tmp_path, content):
         (model / "config.json").write_text('{"hidden_size": 8}')
     work = tmp_path / "work"
     work.mkdir()
-    result = run_first_stage(work, yaml.safe_dump(tiny_params(str(model))))
+    result = first_stage_here(work, yaml.safe_dump(tiny_params(str(model))))
     message = "not a Hugging Face model config" if content.startswith("config") else "is not a model directory"
     one_line(result, message)
     assert sorted(p.name for p in work.iterdir()) == ["params.yaml"], "no empty data/models/ left behind"
@@ -227,13 +241,18 @@ def test_extract_before_prepare_model_says_what_to_run(tmp_path):
     ("random.txt", bytes(range(256)) * 400, "random.txt: not text"),
     ("random.bin", bytes(range(256)) * 400, "random.bin: not text"),
 ])
-def test_a_dataset_file_that_is_not_text(prepared, name, content, message):
+def test_a_dataset_file_that_is_not_text(prepared, name, content, message, monkeypatch, capsys):
+    from mtc import pipeline
+
     root, raw = prepared
     (root / name).write_bytes(content)
     raw["dataset"]["path"] = str(root / name)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     before = listing(root)
-    one_line(run_stage(root, "extract"), message)
+    monkeypatch.chdir(root)  # in this process: the stage runner's own error path, without a start-up
+    with pytest.raises(SystemExit) as stop:
+        pipeline.run_stage(pipeline.extract)
+    one_line(subprocess.CompletedProcess([], stop.value.code, "", capsys.readouterr().err), message)
     assert listing(root) == before, "nothing written"
 
 

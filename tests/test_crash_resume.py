@@ -58,9 +58,16 @@ def kill_after(proc, run_dir, step: int, extra: float) -> bool:
     return True
 
 
-def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_dictionary(tiny_pipeline, tmp_path):
-    reference = project(tmp_path / "reference", tiny_pipeline)
-    assert start_training(tmp_path / "reference").wait() == 0
+@pytest.fixture(scope="module")
+def reference(tiny_pipeline, tmp_path_factory):
+    """The run directory of an uninterrupted training of the project's config."""
+    root = tmp_path_factory.mktemp("undisturbed")
+    run_dir = project(root / "reference", tiny_pipeline)
+    assert start_training(root / "reference").wait() == 0
+    return run_dir
+
+
+def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_dictionary(tiny_pipeline, tmp_path, reference):
 
     run_dir = project(tmp_path / "killed", tiny_pipeline)
     rng = random.Random(0)
@@ -156,14 +163,11 @@ def replaced_store(store, root):
     return other
 
 
-def test_a_store_replaced_while_training_reads_it_changes_nothing(tiny_pipeline, tmp_path):
+def test_a_store_replaced_while_training_reads_it_changes_nothing(tiny_pipeline, tmp_path, reference):
     """What `dvc repro -s extract` does under a running `mtc train`: the store is deleted, a new
     one (other data) moves in. Training keeps reading the version it opened: the same dictionary
     as an undisturbed run, bit for bit."""
     import shutil
-
-    reference = project(tmp_path / "reference", tiny_pipeline)
-    assert start_training(tmp_path / "reference").wait() == 0
 
     root = tmp_path / "disturbed"
     root.mkdir()
