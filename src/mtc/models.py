@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -134,6 +135,7 @@ def prepare_model(name: str, out_dir: str | Path, revision: str | None = None) -
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     out_dir = Path(out_dir)
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -175,6 +177,13 @@ def prepare(cfg: PipelineConfig) -> Path:
 
 
 # --------------------------------------------------------------------------------- loading
+def quiet_transformers() -> None:
+    """Under MTC_QUIET (tests, CI logs) transformers' own "Loading weights" bars go too."""
+    if os.environ.get("MTC_QUIET"):
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -207,6 +216,7 @@ def load_hf_model(model_dir: str | Path, dtype: str = "float32"):
     """The plain Hugging Face causal LM in ``model_dir``, in ``dtype``, for inference."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
 
 
