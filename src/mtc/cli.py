@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +19,7 @@ import typer
 
 from mtc import pipeline
 from mtc.config import PipelineConfig, parse_params, read_yaml
-from mtc.errors import USER_ERRORS, StoreError
+from mtc.errors import StoreError, one_line_exit
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Matryoshka transcoders and SAEs trained from cached activations.")
@@ -210,16 +209,8 @@ def browse(run_dir: Path = typer.Argument(..., help="A run directory (results/{m
 
 
 def main() -> None:
-    try:
+    with one_line_exit(lambda line: typer.secho(line, fg="red", err=True)):
         app()
-    except USER_ERRORS as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        sys.exit(2)
-    except OSError as e:
-        if (message := pipeline.disk_full_message(e)) is None:
-            raise
-        typer.secho(f"error: {message}", fg="red", err=True)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ without importing the stages' code (and DVC's dependency lists stay what each st
 
 from __future__ import annotations
 
+import errno
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 
 class ConfigError(ValueError):
     """A bad value in the configuration; the message names the key, the value and the fix."""
@@ -37,3 +42,32 @@ class BrowseError(RuntimeError):
 
 USER_ERRORS = (ConfigError, StoreError, ModelError, DatasetError, LockedError, CheckpointError, FloatingPointError,
                BrowseError)
+
+
+def disk_full_message(e: OSError) -> str | None:
+    """One line for a full disk or quota (None for other OS errors, which are bugs to show whole)."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return (f"no space left on the device writing {e.filename or 'a file'}; finished stores, checkpoints "
+            "and results are intact (every file is written whole, then renamed): free space and re-run; "
+            "training resumes from its last checkpoint, extraction from its last whole chunk")
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+@contextmanager
+def one_line_exit(say: Callable[[str], None] = _to_stderr) -> Iterator[None]:
+    """Turn a user error (or a full disk) inside the block into ``error: ...`` and exit code 2; the
+    one place the stage scripts and the ``mtc`` command map errors to exit codes."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        say(f"error: {e}")
+        raise SystemExit(2) from None
+    except OSError as e:
+        if (message := disk_full_message(e)) is None:
+            raise
+        say(f"error: {message}")
+        raise SystemExit(2) from None

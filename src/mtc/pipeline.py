@@ -6,13 +6,11 @@ whole ``params.yaml`` first) and does one stage's work.
 
 from __future__ import annotations
 
-import errno
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from mtc.config import ConfigError, PipelineConfig, load_params
-from mtc.errors import USER_ERRORS
+from mtc.errors import one_line_exit
 
 
 def check_model_facts(cfg: PipelineConfig) -> None:
@@ -97,29 +95,12 @@ def browse(cfg: PipelineConfig, name: str) -> Path:
     return build_site(d.run_dir(cfg.results_root), cfg=cfg.browse)
 
 
-def disk_full_message(e: OSError) -> str | None:
-    """One line for a full disk or quota (None for other OS errors, which are bugs to show whole)."""
-    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return None
-    return (f"no space left on the device writing {e.filename or 'a file'}; finished stores, checkpoints "
-            "and results are intact (every file is written whole, then renamed): free space and re-run; "
-            "training resumes from its last checkpoint, extraction from its last whole chunk")
-
-
 def run_stage(stage: Callable[..., object], *args: str, params: str = "params.yaml") -> None:
     """Validate params (and the model's facts), run one stage; a user error ends in one line on
     stderr and exit code 2."""
-    try:
+    with one_line_exit():
         cfg = load_params(params)
         check_model_facts(cfg)
         result = stage(cfg, *args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except OSError as e:
-        if (message := disk_full_message(e)) is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
     if result is not None:
         print(f"wrote {result}")
