@@ -143,7 +143,8 @@ def plot_rows(metrics: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
             "kl": against_features("kl_per_prefix", "kl")}
 
 
-def evaluate_run(cfg: PipelineConfig, name: str) -> Path:
+def evaluate_run(cfg: PipelineConfig, name: str, store: ActivationStore) -> Path:
+    """The evaluate stage for dictionary ``name``, on ``store`` (opened and checked by the caller)."""
     d = cfg.dictionary(name)
     source, target = (d.layer, d.source_site), (d.resolved_target_layer, d.target_site)
     check_splice_order(source, target, f"dictionaries.{name}.target_site")
@@ -151,7 +152,6 @@ def evaluate_run(cfg: PipelineConfig, name: str) -> Path:
         read_architecture(cfg.model_dir)  # the spliced loss needs the model: say so before any work
     run_dir = d.run_dir(cfg.results_root)
     dictionary = MatryoshkaBatchTopK.load(run_dir)
-    store = ActivationStore(cfg.store_dir)
     metrics, fire_counts, mean_target = reconstruction(dictionary, store, source, target, cfg.evaluate)
     metrics.update(spliced_metrics(dictionary, store, mean_target, source, target, cfg.evaluate, cfg.model_dir))
     log10_freq = log10_frequency(fire_counts, metrics["n_tokens"])

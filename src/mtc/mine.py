@@ -136,12 +136,12 @@ def mine(dictionary: MatryoshkaBatchTopK, store: ActivationStore, layer: int, si
     return out_dir
 
 
-def mine_run(cfg: PipelineConfig, name: str) -> Path:
+def mine_run(cfg: PipelineConfig, name: str, store: ActivationStore) -> Path:
+    """The mine stage for dictionary ``name``, on ``store`` (opened and checked by the caller)."""
     from mtc.unembedding import load_unembedding
 
     d = cfg.dictionary(name)
     run_dir = d.run_dir(cfg.results_root)
     dictionary = MatryoshkaBatchTopK.load(run_dir)
-    store = ActivationStore(cfg.store_dir)
     return mine(dictionary, store, d.layer, d.source_site, cfg.mine, run_dir / "activation_samples" / "mined",
                 cfg.model_dir, load_unembedding(cfg.model_dir))

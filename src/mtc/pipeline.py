@@ -77,15 +77,13 @@ def train(cfg: PipelineConfig, names: list[str]) -> list[Path]:
 def evaluate(cfg: PipelineConfig, name: str) -> Path:
     from mtc.evaluate import evaluate_run
 
-    open_store(cfg)
-    return evaluate_run(cfg, name)
+    return evaluate_run(cfg, name, open_store(cfg))
 
 
 def mine(cfg: PipelineConfig, name: str) -> Path:
     from mtc.mine import mine_run
 
-    open_store(cfg)
-    return mine_run(cfg, name)
+    return mine_run(cfg, name, open_store(cfg))
 
 
 def browse(cfg: PipelineConfig, name: str) -> Path:
