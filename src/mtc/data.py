@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,7 +82,7 @@ class _TextCheck:
     than ``MAX_BAD`` of the characters are undecodable bytes or control characters."""
 
     MAX_BAD = 0.01
-    _CONTROL = {chr(c) for c in range(32)} - set("\t\n\r\f\v")
+    _BAD = re.compile("[\x00-\x08\x0e-\x1f\ufffd]")  # control characters (not whitespace), U+FFFD
 
     def __init__(self, file: Path):
         self.file, self.chars, self.bad = file, 0, 0
@@ -89,7 +90,7 @@ class _TextCheck:
     def decode(self, raw: bytes) -> str:
         line = raw.decode("utf-8", errors="replace")
         self.chars += len(line)
-        self.bad += line.count("\ufffd") + sum(line.count(c) for c in self._CONTROL if c in line)
+        self.bad += len(self._BAD.findall(line))
         if self.chars >= 65536:
             self.finish()
         return line

@@ -19,17 +19,17 @@ def extract(cfg: PipelineConfig, store_dir: str | Path | None = None) -> Path:
     """Write the store for ``cfg``. Under ``torchrun`` every rank runs this: rank 0 creates the
     store and each rank fills a disjoint block of its shards (see ``StoreWriter``)."""
     store_dir = Path(store_dir or cfg.store_dir)
-    models.read_architecture(cfg.model_dir)  # refuses a missing model: "run prepare_model"
+    arch = models.read_architecture(cfg.model_dir)  # refuses a missing model: "run prepare_model"
     tokenizer = models.load_tokenizer(cfg.model_dir)
     tokens = pack_tokens(iter_texts(cfg.dataset), tokenizer, cfg.dataset)  # too little text fails here
     dist = distributed.from_env()
     # A second extraction into the same store fails fast (rank 0 holds the lock for the job).
     with locks.exclusive(store_dir) if dist.rank == 0 else contextlib.nullcontext():
-        return _extract(cfg, store_dir, tokenizer, tokens, dist)
+        return _extract(cfg, store_dir, arch, tokenizer, tokens, dist)
 
 
-def _extract(cfg: PipelineConfig, store_dir: Path, tokenizer, tokens, dist: distributed.Context) -> Path:
-    arch = models.read_architecture(cfg.model_dir)
+def _extract(cfg: PipelineConfig, store_dir: Path, arch: models.Architecture, tokenizer, tokens,
+             dist: distributed.Context) -> Path:
     device = dist.device(cfg.model.device)
     wanted = [(layer, site) for layer in cfg.extract.layers for site in cfg.extract.sites]
     # Nothing is written until the wrapper gives the model's own activations on the first batch.
