@@ -277,3 +277,18 @@ def test_invalid_shapes_are_refused():
         MatryoshkaBatchTopK(4, 4, [8], 8)
     with pytest.raises(ValueError, match="SAE"):
         MatryoshkaBatchTopK(4, 5, [8], 2, kind="sae")
+
+
+@pytest.mark.parametrize("input_norm", ["token", "global"])
+def test_a_skip_connection_starts_at_the_least_squares_map_of_the_first_batch(input_norm):
+    torch.manual_seed(0)
+    d = MatryoshkaBatchTopK(16, 8, [8, 24], 4, kind="transcoder", input_norm=input_norm, skip_connection=True)
+    x = torch.randn(512, 16) * 3 + 1
+    d.set_scales(float(x.norm(dim=1).mean()), 1.0)
+    linear = torch.randn(16, 8)
+    y = d._normalised_source(x) @ linear + 2.0           # exactly linear in the encoder's input
+    d.init_means(x, y)
+    with_no_features = d.decode(torch.zeros(512, 32), source=x)
+    fvu = (with_no_features - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+    assert fvu < 1e-4                                   # only the small ridge term is left
+    torch.testing.assert_close(d.W_skip / d.target_scale, linear, atol=0.02, rtol=0.01)

@@ -74,8 +74,5 @@ class DataParallel(MatryoshkaBatchTopK):
         fired = all_reduce(fired.to(torch.int32), "max").bool()   # fired anywhere in the global batch
         return fired, all_reduce(smallest.reshape(1).clone(), "min")[0]
 
-    @torch.no_grad()
-    def init_means(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> None:
-        world = torch.distributed.get_world_size()
-        self.source_mean.copy_(all_reduce(self._scaled_source(x_BD).mean(dim=0), "sum") / world)
-        self.b_dec.copy_(all_reduce(self._scaled_target(x_BD, y_BD).mean(dim=0), "sum") / world)
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce(t.clone(), "sum")

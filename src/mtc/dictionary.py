@@ -64,6 +64,14 @@ def batch_topk_threshold(pre_BF: torch.Tensor, k: int) -> torch.Tensor:
 _SHARED_WORKSPACE: dict[tuple, torch.Tensor] = {}
 
 
+def ridge_solution(xtx: torch.Tensor, xty: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """W [d_in, d_out] minimising ||x W - y||^2 + ridge * (mean eigenvalue of x'x) * ||W||^2, from
+    x'x and x'y (solved in float64, so a batch barely larger than d_in still solves stably)."""
+    gram = xtx.double().clone()
+    gram.diagonal().add_(ridge * gram.diagonal().mean())
+    return torch.linalg.solve(gram, xty.double())
+
+
 def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                store: dict[tuple, torch.Tensor] = _SHARED_WORKSPACE) -> torch.Tensor:
     """A scratch buffer reused from step to step (uninitialised). A fresh B x D tensor every step
@@ -528,9 +536,21 @@ class MatryoshkaBatchTopK(nn.Module):
     @torch.no_grad()
     def init_means(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> None:
         """Centre the encoder on the source's mean and start b_dec at the target's mean
-        (normalised, from a first batch), so the initial FVU is about 1."""
-        self.source_mean.copy_(self._scaled_source(x_BD).mean(dim=0))
-        self.b_dec.copy_(self._scaled_target(x_BD, y_BD).mean(dim=0))
+        (normalised, from a first batch), so the initial FVU is about 1. A skip connection starts
+        at the batch's least-squares linear map: the features then learn only what is not linear,
+        instead of waiting for Adam to grow a dense [d_in, d_out] matrix from zero."""
+        rows = self._sum_over_ranks(torch.tensor(float(x_BD.shape[0]), device=x_BD.device))
+        self.source_mean.copy_(self._sum_over_ranks(self._scaled_source(x_BD).sum(dim=0)) / rows)
+        target = self._scaled_target(x_BD, y_BD)
+        self.b_dec.copy_(self._sum_over_ranks(target.sum(dim=0)) / rows)
+        if self.W_skip is not None:
+            x, y = self._normalised_source(x_BD).double(), (target - self.b_dec).double()
+            xtx, xty = self._sum_over_ranks(x.T @ x), self._sum_over_ranks(x.T @ y)
+            self.W_skip.copy_(ridge_solution(xtx, xty))
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over data-parallel ranks (one process: itself)."""
+        return t
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path, weights_file: str = WEIGHTS_FILE) -> None:
