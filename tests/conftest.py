@@ -19,19 +19,33 @@ SHAKESPEARE = SHARED / "corpora" / "tinyshakespeare" / "input.txt"
 
 def tiny_params(model_name: str | None = None, **dictionary) -> dict:
     """params.yaml content for a fast pipeline on stories260K (or a tiny random model dir)."""
-    entry = {"kind": "transcoder", "layer": 2, "source_site": "resid_mid", "target_site": "mlp_out",
-             "dict_size": 256, "group_sizes": [32, 64, 160], "top_k": 8, "lr": 0.003,
-             "batch_size": 512, "steps": 150, "save_every": 50}
+    entry = {
+        "kind": "transcoder",
+        "layer": 2,
+        "source_site": "resid_mid",
+        "target_site": "mlp_out",
+        "dict_size": 256,
+        "group_sizes": [32, 64, 160],
+        "top_k": 8,
+        "lr": 0.003,
+        "batch_size": 512,
+        "steps": 150,
+        "save_every": 50,
+    }
     entry.update(dictionary)
     return {
         "model": {"name": model_name or str(STORIES), "type": "stories260K"},
-        "dataset": {"path": str(SHAKESPEARE) if SHAKESPEARE.is_file() else "builtin:pydoc-topics",
-                    "n_tokens": 32768, "context_size": 64, "holdout_fraction": 0.1},
+        "dataset": {
+            "path": str(SHAKESPEARE) if SHAKESPEARE.is_file() else "builtin:pydoc-topics",
+            "n_tokens": 32768,
+            "context_size": 64,
+            "holdout_fraction": 0.1,
+        },
         "extract": {"layers": [2], "sites": ["resid_mid", "mlp_out"], "chunk_rows": 1024},
         "dictionaries": {"tc": entry},
         "evaluate": {"batch_size": 1024, "n_ce_sequences": 8, "ce_batch_size": 8},
         "mine": {"max_samples_per_feature": 5, "sample_context_size": 12, "batch_size": 1024},
-        "browse": {"max_feature_pages": 24},   # dvc.yaml's browse stage depends on the section
+        "browse": {"max_feature_pages": 24},  # dvc.yaml's browse stage depends on the section
     }
 
 
@@ -52,7 +66,9 @@ def tiny_pipeline(tmp_path_factory, stories_model_dir):
     from mtc.config import parse_params
 
     root = tmp_path_factory.mktemp("pipeline")
-    cfg = parse_params(tiny_params(str(stories_model_dir)), data_root=root / "data", results_root=root / "results")
+    cfg = parse_params(
+        tiny_params(str(stories_model_dir)), data_root=root / "data", results_root=root / "results"
+    )
     pipeline.prepare_model(cfg)
     pipeline.extract(cfg)
     return cfg
@@ -81,5 +97,5 @@ def copy_project(dest: Path) -> Path:
     shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
-    shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")   # the project's cache settings
+    shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")  # the project's cache settings
     return dest

@@ -23,20 +23,46 @@ def tiny_hf_models() -> dict:
     torch.manual_seed(0)
     return {
         "gpt2": GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=512, n_positions=64)),
-        "llama": LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
-                                              num_key_value_heads=2, intermediate_size=64, vocab_size=512,
-                                              max_position_embeddings=64)),
-        "gemma2": Gemma2ForCausalLM(Gemma2Config(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
-                                                 num_key_value_heads=2, head_dim=8, intermediate_size=64,
-                                                 vocab_size=512, max_position_embeddings=64)),
-        "neox": GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
-                                                 intermediate_size=64, vocab_size=512, max_position_embeddings=64,
-                                                 use_parallel_residual=True)),
+        "llama": LlamaForCausalLM(
+            LlamaConfig(
+                num_hidden_layers=3,
+                hidden_size=32,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                vocab_size=512,
+                max_position_embeddings=64,
+            )
+        ),
+        "gemma2": Gemma2ForCausalLM(
+            Gemma2Config(
+                num_hidden_layers=3,
+                hidden_size=32,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                intermediate_size=64,
+                vocab_size=512,
+                max_position_embeddings=64,
+            )
+        ),
+        "neox": GPTNeoXForCausalLM(
+            GPTNeoXConfig(
+                num_hidden_layers=3,
+                hidden_size=32,
+                num_attention_heads=4,
+                intermediate_size=64,
+                vocab_size=512,
+                max_position_embeddings=64,
+                use_parallel_residual=True,
+            )
+        ),
     }
 
 
 def tiny_random_llama_dir(path: Path) -> Path:
-    """A random Llama saved with the stories260K-shaped tokenizer it needs (fallback when ../shared is absent)."""
+    """A random Llama saved with the stories260K-shaped tokenizer it needs (fallback when ../shared is
+    absent)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -14,29 +14,53 @@ from tests.conftest import REPO, tiny_params
 def dictionary(**changes):
     def change(raw):
         raw["dictionaries"]["tc"].update(changes)
+
     return change
 
 
 def section(part, **changes):
     def change(raw):
         raw[part].update(changes)
+
     return change
 
 
 CASES = {
-    "group_sizes do not sum to dict_size": (dictionary(group_sizes=[32, 64, 100]),
-                                            "dictionaries.tc.group_sizes: [32, 64, 100] sums to 196"),
+    "group_sizes do not sum to dict_size": (
+        dictionary(group_sizes=[32, 64, 100]),
+        "dictionaries.tc.group_sizes: [32, 64, 100] sums to 196",
+    ),
     "a zero group size": (dictionary(group_sizes=[0, 96, 160]), "dictionaries.tc.group_sizes[0]: got 0"),
-    "a fractional group size": (dictionary(group_sizes=[32.5, 63.5, 160]), "dictionaries.tc.group_sizes[0]: got 32.5"),
+    "a fractional group size": (
+        dictionary(group_sizes=[32.5, 63.5, 160]),
+        "dictionaries.tc.group_sizes[0]: got 32.5",
+    ),
     "top_k = 0": (dictionary(top_k=0), "dictionaries.tc.top_k: got 0"),
-    "top_k >= dict_size": (dictionary(top_k=256), "dictionaries.tc.top_k: got 256; expected an integer in [1, dict_size=256)"),
-    "unknown site": (dictionary(source_site="resid_middle"), "dictionaries.tc.source_site: got 'resid_middle'"),
-    "layer out of range": (lambda raw: (raw["extract"].update(layers=[2, 9])),
-                           "extract.layers[1]: layer 9 is out of range; the model has layers 0..4"),
-    "dictionary layer not extracted": (dictionary(layer=3), "dictionaries.tc.layer: got 3; expected one of the extracted layers"),
+    "top_k >= dict_size": (
+        dictionary(top_k=256),
+        "dictionaries.tc.top_k: got 256; expected an integer in [1, dict_size=256)",
+    ),
+    "unknown site": (
+        dictionary(source_site="resid_middle"),
+        "dictionaries.tc.source_site: got 'resid_middle'",
+    ),
+    "layer out of range": (
+        lambda raw: raw["extract"].update(layers=[2, 9]),
+        "extract.layers[1]: layer 9 is out of range; the model has layers 0..4",
+    ),
+    "dictionary layer not extracted": (
+        dictionary(layer=3),
+        "dictionaries.tc.layer: got 3; expected one of the extracted layers",
+    ),
     "width that does not match the model": (dictionary(act_size=100), "dictionaries.tc.act_size: got 100"),
-    "unknown model path": (section("model", name="./no/such/model"), "model.name: './no/such/model' does not exist"),
-    "unknown dataset path": (section("dataset", path="./no/such.jsonl"), "dataset.path: './no/such.jsonl' does not exist"),
+    "unknown model path": (
+        section("model", name="./no/such/model"),
+        "model.name: './no/such/model' does not exist",
+    ),
+    "unknown dataset path": (
+        section("dataset", path="./no/such.jsonl"),
+        "dataset.path: './no/such.jsonl' does not exist",
+    ),
     "unknown dtype": (section("extract", dtype="bf16"), "extract.dtype: got 'bf16'"),
     "unknown key": (section("dataset", n_token=5), "dataset.n_token: unknown key"),
 }
@@ -44,8 +68,12 @@ CASES = {
 
 def run_first_stage(tmp_path, params_text):
     (tmp_path / "params.yaml").write_text(params_text)
-    return subprocess.run([sys.executable, str(REPO / "stages" / "prepare_model.py")], cwd=tmp_path,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages" / "prepare_model.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -64,7 +92,7 @@ def test_resid_mid_on_a_parallel_attention_model(tmp_path):
 
     model_dir = tmp_path / "neox"
     tiny_hf_models()["neox"].save_pretrained(model_dir)
-    tiny_random_llama_dir(tmp_path / "tok")   # borrow a tokenizer
+    tiny_random_llama_dir(tmp_path / "tok")  # borrow a tokenizer
     for f in (tmp_path / "tok").glob("*token*"):
         f.rename(model_dir / f.name)
     work = tmp_path / "work"
@@ -93,8 +121,9 @@ def prepared(tiny_pipeline, tmp_path):
 
 
 def run_stage(cwd, stage, *args):
-    return subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py"), *args], cwd=cwd,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages" / f"{stage}.py"), *args], cwd=cwd, capture_output=True, text=True
+    )
 
 
 def listing(root):
@@ -108,7 +137,10 @@ def test_a_dataset_with_fewer_tokens_than_asked(prepared):
     before = listing(root)
     result = run_stage(root, "extract")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "dataset.n_tokens: asked for 100000000 tokens but" in result.stderr and "lower dataset.n_tokens" in result.stderr
+    assert (
+        "dataset.n_tokens: asked for 100000000 tokens but" in result.stderr
+        and "lower dataset.n_tokens" in result.stderr
+    )
     assert listing(root) == before, "nothing written"
 
 
@@ -129,6 +161,7 @@ def test_a_finished_run_with_a_different_config(prepared):
     assert run_stage(root, "train", "tc").returncode == 0
     raw["dictionaries"]["tc"]["lr"] = 0.01
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
+
     def stamps():  # the lock file beside the run is the lock, not the run
         return {p: p.stat().st_mtime_ns for p in (root / "results").rglob("*") if p.suffix != ".lock"}
 
@@ -143,7 +176,7 @@ def test_a_corrupted_store_chunk_stops_training_in_one_line(prepared):
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     shard = root / "data" / "activations" / "stories260K" / "L2" / "mlp_out.zarr" / "c" / "0" / "0"
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF               # a byte inside one of the shard's inner chunks
+    data[len(data) // 2] ^= 0xFF  # a byte inside one of the shard's inner chunks
     shard.write_bytes(bytes(data))
     result = run_stage(root, "train", "tc")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
@@ -179,6 +212,7 @@ def first_stage_here(monkeypatch, capsys):
         with pytest.raises(SystemExit) as stop:
             pipeline.run_stage(pipeline.prepare_model)
         return subprocess.CompletedProcess([], stop.value.code, "", capsys.readouterr().err)
+
     return run
 
 
@@ -192,7 +226,7 @@ def one_line(result, message, code=2):
 
 def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, stories_model_dir):
     text = yaml.safe_dump(tiny_params(str(stories_model_dir)))
-    text += "dictionaries:\n  other:\n    layer: 2\n"          # a second block would drop the first
+    text += "dictionaries:\n  other:\n    layer: 2\n"  # a second block would drop the first
     one_line(run_first_stage(tmp_path, text), "key 'dictionaries' appears twice in one mapping (lines")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
@@ -205,9 +239,11 @@ def test_an_empty_params_file_is_refused(tmp_path, text, first_stage_here):
 
 def test_a_context_longer_than_the_models_positions(tmp_path, stories_model_dir, first_stage_here):
     raw = tiny_params(str(stories_model_dir))
-    raw["dataset"]["context_size"] = 1024                 # stories260K has 512 positions
-    one_line(first_stage_here(tmp_path, yaml.safe_dump(raw)),
-             "dataset.context_size: got 1024; llama has only 512 positions")
+    raw["dataset"]["context_size"] = 1024  # stories260K has 512 positions
+    one_line(
+        first_stage_here(tmp_path, yaml.safe_dump(raw)),
+        "dataset.context_size: got 1024; llama has only 512 positions",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
@@ -222,7 +258,9 @@ def test_a_model_directory_that_is_not_a_model(tmp_path, content, first_stage_he
     work = tmp_path / "work"
     work.mkdir()
     result = first_stage_here(work, yaml.safe_dump(tiny_params(str(model))))
-    message = "not a Hugging Face model config" if content.startswith("config") else "is not a model directory"
+    message = (
+        "not a Hugging Face model config" if content.startswith("config") else "is not a model directory"
+    )
     one_line(result, message)
     assert sorted(p.name for p in work.iterdir()) == ["params.yaml"], "no empty data/models/ left behind"
 
@@ -235,12 +273,15 @@ def test_extract_before_prepare_model_says_what_to_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("latin1.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "latin1.jsonl:2: not UTF-8 text"),
-    ("number.jsonl", b'{"text": "fine"}\n{"text": 5}\n', "number.jsonl:2: field 'text' is int"),
-    ("random.txt", bytes(range(256)) * 400, "random.txt: not text"),
-    ("random.bin", bytes(range(256)) * 400, "random.bin: not text"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("latin1.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "latin1.jsonl:2: not UTF-8 text"),
+        ("number.jsonl", b'{"text": "fine"}\n{"text": 5}\n', "number.jsonl:2: field 'text' is int"),
+        ("random.txt", bytes(range(256)) * 400, "random.txt: not text"),
+        ("random.bin", bytes(range(256)) * 400, "random.bin: not text"),
+    ],
+)
 def test_a_dataset_file_that_is_not_text(prepared, name, content, message, monkeypatch, capsys):
     from mtc import pipeline
 
@@ -260,7 +301,9 @@ def test_a_batch_larger_than_the_store_is_refused_before_anything_is_written(pre
     root, raw = prepared
     raw["dictionaries"]["tc"]["batch_size"] = 10**12
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    one_line(run_stage(root, "train", "tc"), "dictionaries.tc.batch_size: got 1000000000000; the store has only")
+    one_line(
+        run_stage(root, "train", "tc"), "dictionaries.tc.batch_size: got 1000000000000; the store has only"
+    )
     assert not (root / "results").exists(), "no config.json, checkpoints or lock"
 
 

@@ -15,7 +15,9 @@ from mtc import pipeline
 from mtc.config import parse_params
 from tests.conftest import tiny_params
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+CHROMIUM = next(
+    (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,9 @@ def run(tiny_pipeline, tmp_path_factory):
     """A trained, evaluated and mined transcoder, and its browser."""
     raw = tiny_params(steps=60, save_every=60)
     raw["model"]["name"] = tiny_pipeline.model.name
-    raw["evaluate"]["n_ce_sequences"] = 0   # the browser shows the spliced loss when there is one; not needed here
+    raw["evaluate"]["n_ce_sequences"] = (
+        0  # the browser shows the spliced loss when there is one; not needed here
+    )
     raw["browse"]["max_feature_pages"] = None
     root = tmp_path_factory.mktemp("browse")
     cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=root / "results")
@@ -43,11 +47,15 @@ def test_the_site_is_self_contained(run):
     pages = sorted((index.parent / "features").glob("*.html"))
     from safetensors.torch import load_file
 
-    fired = int((load_file(str(run_dir / "activation_samples/mined/features.safetensors"))["fire_count"] > 0).sum())
+    fired = int(
+        (load_file(str(run_dir / "activation_samples/mined/features.safetensors"))["fire_count"] > 0).sum()
+    )
     assert len(pages) == fired, "a page for every feature that fired"
     for page in [index, *pages[:20]]:
         text = page.read_text()
-        assert not re.search(r"""(src|href)=["']?(https?:)?//""", text), f"{page.name} loads something from the network"
+        assert not re.search(r"""(src|href)=["']?(https?:)?//""", text), (
+            f"{page.name} loads something from the network"
+        )
 
 
 def test_chromium_renders_the_index_and_a_feature_page(run, tmp_path):
@@ -68,7 +76,9 @@ def test_chromium_renders_the_index_and_a_feature_page(run, tmp_path):
     assert f"<h1>Feature {first}</h1>" in dom
     top = dom.split('<div id="top">', 1)[1].split("</div><h2>", 1)[0]
     assert top.count('class="ctx"') == min(cfg.browse.contexts_per_feature, cfg.mine.max_samples_per_feature)
-    assert top.count('class="tok hit"') == top.count('class="ctx"'), "the activating token is marked in each context"
+    assert top.count('class="tok hit"') == top.count('class="ctx"'), (
+        "the activating token is marked in each context"
+    )
     assert "<svg" in dom and 'class="up"' in dom and "quantile band 1" in dom
     shot = tmp_path / f"feature_{first}.png"
     chromium(f"--screenshot={shot}", "--window-size=1100,1300", page.as_uri())
@@ -79,16 +89,42 @@ def test_chromium_renders_the_index_and_a_feature_page(run, tmp_path):
 
 def test_mtc_browse_writes_the_site_where_asked_and_names_a_run_without_samples(run, tmp_path):
     _, run_dir, _ = run
-    result = subprocess.run([sys.executable, "-m", "mtc.cli", "browse", str(run_dir), "--out", str(tmp_path / "site"),
-                             "--max-feature-pages", "5"], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtc.cli",
+            "browse",
+            str(run_dir),
+            "--out",
+            str(tmp_path / "site"),
+            "--max-feature-pages",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "site" / "features").glob("*.html"))) == 5
-    result = subprocess.run([sys.executable, "-m", "mtc.cli", "browse", str(tmp_path)], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "mtc.cli", "browse", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no mined samples" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "mtc.cli", "browse", str(run_dir), "--max-feature-pages", "-1"],
-                            capture_output=True, text=True, check=False)
-    assert result.returncode == 2 and "--max-feature-pages: got -1" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "mtc.cli", "browse", str(run_dir), "--max-feature-pages", "-1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (
+        result.returncode == 2
+        and "--max-feature-pages: got -1" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 def test_browse_params_are_validated():

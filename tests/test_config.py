@@ -29,7 +29,10 @@ def test_the_repository_params_are_valid():
 
 
 def test_group_sizes_must_sum_to_dict_size():
-    bad(with_dict(group_sizes=[32, 64, 100]), r"dictionaries\.tc\.group_sizes: .*sums to 196.*dict_size is 256")
+    bad(
+        with_dict(group_sizes=[32, 64, 100]),
+        r"dictionaries\.tc\.group_sizes: .*sums to 196.*dict_size is 256",
+    )
 
 
 @pytest.mark.parametrize("sizes", [[0, 96, 160], [-32, 128, 160], [32.5, 63.5, 160], ["32", 64, 160]])
@@ -44,7 +47,10 @@ def test_top_k_must_be_between_one_and_dict_size(k):
 
 def test_unknown_keys_and_sites_are_named():
     bad(with_dict(grup_sizes=[1]), r"dictionaries\.tc\.grup_sizes: unknown key")
-    bad(with_dict(source_site="resid_middle"), r"dictionaries\.tc\.source_site: got 'resid_middle'; expected one of")
+    bad(
+        with_dict(source_site="resid_middle"),
+        r"dictionaries\.tc\.source_site: got 'resid_middle'; expected one of",
+    )
     raw = tiny_params()
     raw["extract"]["sites"] = ["mlp_in"]
     bad(raw, r"extract\.sites\[0\]")
@@ -90,10 +96,20 @@ def test_presets_follow_the_seed():
 
 def test_get_default_cfg_and_post_init_cfg_like_the_seed():
     cfg = get_default_cfg(model_type="gemma-2-2b")
-    cfg.update({"layer": 8, "source_site": "resid_mid", "target_site": "mlp_out", "dict_size": 12288,
-                "top_k": 64, "group_sizes": [768, 1536, 3072, 6912]})
+    cfg.update(
+        {
+            "layer": 8,
+            "source_site": "resid_mid",
+            "target_site": "mlp_out",
+            "dict_size": 12288,
+            "top_k": 64,
+            "group_sizes": [768, 1536, 3072, 6912],
+        }
+    )
     cfg = post_init_cfg(cfg)
-    assert cfg["top_k"] == 64 and cfg["lr"] == 3e-4 and cfg["batch_size"] == 4096 and cfg["save_every"] == 1000
+    assert (
+        cfg["top_k"] == 64 and cfg["lr"] == 3e-4 and cfg["batch_size"] == 4096 and cfg["save_every"] == 1000
+    )
     gpt2 = post_init_cfg(get_default_cfg("gpt2"))
     assert gpt2["dict_size"] == 12288 and gpt2["top_k"] == round(12288 / 200)
     smol = post_init_cfg(get_default_cfg("SmolLM2-135M-Instruct"))
@@ -127,8 +143,12 @@ def test_dvc_yaml_paths_agree_with_the_library():
     cfg = parse_params(raw)
     for name, d in cfg.dictionaries.items():
         for out in stages["train"]["do"]["outs"]:
-            path = (out.replace("${model.type}", cfg.model.type).replace("${item.layer}", str(d.layer))
-                    .replace("${item.steps}", str(d.steps)).replace("${key}", name))
+            path = (
+                out.replace("${model.type}", cfg.model.type)
+                .replace("${item.layer}", str(d.layer))
+                .replace("${item.steps}", str(d.steps))
+                .replace("${key}", name)
+            )
             assert path.startswith(str(d.run_dir()) + "/"), path
     assert stages["extract"]["outs"] == ["data/activations/${model.type}"]
     assert str(cfg.store_dir) == f"data/activations/{cfg.model.type}"

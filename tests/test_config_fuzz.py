@@ -13,12 +13,22 @@ from tests.conftest import REPO
 
 VALID = yaml.safe_load((REPO / "params.yaml").read_text())
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                    st.text(max_size=12), st.sampled_from(["resid_mid", "mlp_out", "sae", "bfloat16", "auto"]))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                       st.dictionaries(st.one_of(st.text(max_size=8), st.integers(), st.booleans()),
-                                                                       inner, max_size=4)),
-                      max_leaves=12)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.sampled_from(["resid_mid", "mlp_out", "sae", "bfloat16", "auto"]),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.one_of(st.text(max_size=8), st.integers(), st.booleans()), inner, max_size=4),
+    ),
+    max_leaves=12,
+)
 
 
 def leaves(tree, path=()):

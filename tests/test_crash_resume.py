@@ -21,8 +21,13 @@ KILL_POINTS = 4
 
 
 def start_training(cwd):
-    return subprocess.Popen([sys.executable, "-m", "mtc.cli", "train", "tc"], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "MTC_QUIET": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtc.cli", "train", "tc"],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "MTC_QUIET": "1"},
+    )
 
 
 def project(root, tiny_pipeline):
@@ -67,7 +72,9 @@ def reference(tiny_pipeline, tmp_path_factory):
     return run_dir
 
 
-def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_dictionary(tiny_pipeline, tmp_path, reference):
+def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_dictionary(
+    tiny_pipeline, tmp_path, reference
+):
 
     run_dir = project(tmp_path / "killed", tiny_pipeline)
     rng = random.Random(0)
@@ -87,11 +94,13 @@ def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_dictionary(
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
-    steps = [yaml.safe_load(line)["step"] for line in (run_dir / "training_log.jsonl").read_text().splitlines()]
+    steps = [
+        yaml.safe_load(line)["step"] for line in (run_dir / "training_log.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == 300, "the log has each step once, in order"
 
 
-SHARD_ROWS = 4096   # 8 shards of 4 chunks: the unit of writing and resuming
+SHARD_ROWS = 4096  # 8 shards of 4 chunks: the unit of writing and resuming
 
 
 def extraction_project(root, tiny_pipeline):
@@ -99,7 +108,7 @@ def extraction_project(root, tiny_pipeline):
 
     root.mkdir()
     raw = tiny_params(tiny_pipeline.model.name)
-    raw["extract"]["batch_size"] = 6          # batches that straddle shard boundaries
+    raw["extract"]["batch_size"] = 6  # batches that straddle shard boundaries
     raw["extract"]["shard_rows"] = SHARD_ROWS
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     shutil.copytree(tiny_pipeline.model_dir, root / "data" / "models" / "stories260K")
@@ -115,8 +124,13 @@ def test_kill_9_during_extraction_then_rerun_gives_a_bit_identical_store(tiny_pi
     from mtc.store import ActivationStore, StoreError
 
     def extract(cwd):
-        return subprocess.Popen([sys.executable, "-m", "mtc.cli", "extract"], cwd=cwd, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, env={**os.environ, "MTC_QUIET": "1"})
+        return subprocess.Popen(
+            [sys.executable, "-m", "mtc.cli", "extract"],
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "MTC_QUIET": "1"},
+        )
 
     reference = extraction_project(tmp_path / "reference", tiny_pipeline)
     assert extract(tmp_path / "reference").wait() == 0
@@ -128,14 +142,14 @@ def test_kill_9_during_extraction_then_rerun_gives_a_bit_identical_store(tiny_pi
         proc = extract(tmp_path / "killed")
         while proc.poll() is None and rows_on_disk(partial) < target:
             time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.05))       # mid-batch, mid-shard write or mid-marker write
+        time.sleep(rng.uniform(0, 0.05))  # mid-batch, mid-shard write or mid-marker write
         assert proc.poll() is None, "killed before it finished"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills.append(rows_on_disk(partial))
         assert not store.exists(), "a half-written store is never in place"
         with pytest.raises(StoreError, match="incomplete"):
-            ActivationStore(partial)           # nor readable as complete where it lies
+            ActivationStore(partial)  # nor readable as complete where it lies
     print(f"kill points (rows on disk): {kills}")
     first_shard = partial / "L2" / "mlp_out.zarr" / "c" / "0" / "0"
     written_before = first_shard.stat().st_mtime_ns
@@ -171,7 +185,9 @@ def test_a_store_replaced_while_training_reads_it_changes_nothing(tiny_pipeline,
 
     root = tmp_path / "disturbed"
     root.mkdir()
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_pipeline.model.name, steps=300, save_every=25)))
+    (root / "params.yaml").write_text(
+        yaml.safe_dump(tiny_params(tiny_pipeline.model.name, steps=300, save_every=25))
+    )
     shutil.copytree(tiny_pipeline.data_root, root / "data")
     store = root / "data" / "activations" / "stories260K"
     other = replaced_store(store, tmp_path)
@@ -179,10 +195,10 @@ def test_a_store_replaced_while_training_reads_it_changes_nothing(tiny_pipeline,
     proc = start_training(root)
     while proc.poll() is None and logged_step(run_dir) < 30:
         time.sleep(0.01)
-    shutil.rmtree(store)                     # DVC removes the outputs before running the stage
+    shutil.rmtree(store)  # DVC removes the outputs before running the stage
     while proc.poll() is None and logged_step(run_dir) < 120:
         time.sleep(0.01)
-    shutil.copytree(other, store)            # ... and the new extraction moves in
+    shutil.copytree(other, store)  # ... and the new extraction moves in
     assert proc.poll() is None, "training finished before the store was replaced: make it longer"
     assert proc.wait() == 0, proc.stderr.read().decode()
 

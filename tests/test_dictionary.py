@@ -31,7 +31,7 @@ def _dense_batch_topk(pre, k):
 def test_batch_topk_pairs_are_the_kB_largest_sorted_by_group_then_row(k):
     torch.manual_seed(k)
     mm, bias = torch.randn(32, 64), torch.randn(64)
-    mm[0, :40] += 8   # one row owns many of the top values
+    mm[0, :40] += 8  # one row owns many of the top values
     rows, feats, vals = batch_topk_pairs(mm, bias, k * 32, [8, 24, 64])
     assert set(zip(rows.tolist(), feats.tolist())) == _dense_batch_topk(mm + bias, k)
     torch.testing.assert_close(vals, (mm + bias)[rows, feats])
@@ -44,13 +44,13 @@ def test_batch_topk_pairs_stays_exact_when_the_sample_overestimates_the_threshol
     torch.manual_seed(0)
     mm, bias = torch.randn(16, 100), torch.zeros(100)
     best = mm.flatten().topk(10).indices  # a "sample" of only the ten largest entries
-    monkeypatch.setattr(torch, "randint", lambda high, size, **kw: best.repeat(size[0] // 10 + 1)[:size[0]])
+    monkeypatch.setattr(torch, "randint", lambda high, size, **kw: best.repeat(size[0] // 10 + 1)[: size[0]])
     rows, feats, _ = batch_topk_pairs(mm, bias, 5 * 16, [100])
     assert set(zip(rows.tolist(), feats.tolist())) == _dense_batch_topk(mm, 5)
 
 
 def test_batch_topk_pairs_keeps_exactly_kB_when_values_tie():
-    mm = torch.ones(8, 50, dtype=torch.bfloat16)   # every entry ties
+    mm = torch.ones(8, 50, dtype=torch.bfloat16)  # every entry ties
     rows, _, _ = batch_topk_pairs(mm, torch.zeros(50), 3 * 8, [50])
     assert rows.numel() == 3 * 8
 
@@ -86,10 +86,20 @@ def test_prefix_loss_is_the_mean_of_each_prefix_reconstruction_error(kind, input
 @pytest.mark.parametrize("groups", [[64], [16, 48], [8, 16, 40], [4, 4, 8, 16, 32], [1, 2, 5, 8, 16, 32]])
 @pytest.mark.parametrize("with_dead", [False, True, "fewer than top_k_aux"])
 @pytest.mark.parametrize("input_norm", ["token", "global"])
-def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(kind, groups, with_dead, input_norm):
+def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(
+    kind, groups, with_dead, input_norm
+):
     torch.manual_seed(0)
-    m = MatryoshkaBatchTopK(12, 12, groups, 5, kind=kind.split()[-1], top_k_aux=6, input_norm=input_norm,
-                            skip_connection=kind.startswith("skip"))
+    m = MatryoshkaBatchTopK(
+        12,
+        12,
+        groups,
+        5,
+        kind=kind.split()[-1],
+        top_k_aux=6,
+        input_norm=input_norm,
+        skip_connection=kind.startswith("skip"),
+    )
     with torch.no_grad():
         if m.W_skip is not None:
             m.W_skip.normal_(0, 0.2)
@@ -100,7 +110,7 @@ def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(kind
         m.source_mean.normal_()
     dead = torch.zeros(64, dtype=torch.long)
     if with_dead:  # a third of the features feed the auxiliary loss, or only four (all of them kept)
-        dead[::3 if with_dead is True else 16] = 100
+        dead[:: 3 if with_dead is True else 16] = 100
     x, y = torch.randn(30, 12) * torch.rand(30, 1) * 5, torch.randn(30, 12)
     results = []
     for sparse in (True, False):
@@ -133,14 +143,18 @@ def test_bf16_encoder_matmul_stays_close_to_float32():
     f32, b16 = outs
     assert abs(float(b16.loss.detach()) / float(f32.loss.detach()) - 1) < 0.01
     assert b16.codes.l0() == f32.codes.l0() == 8
-    same = len(set(zip(f32.codes.rows.tolist(), f32.codes.feats.tolist())) &
-               set(zip(b16.codes.rows.tolist(), b16.codes.feats.tolist())))
+    same = len(
+        set(zip(f32.codes.rows.tolist(), f32.codes.feats.tolist()))
+        & set(zip(b16.codes.rows.tolist(), b16.codes.feats.tolist()))
+    )
     assert same / f32.codes.rows.numel() > 0.95
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
 
 
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_gradients_are_exact_whether_freed_or_zeroed_between_steps_and_old_buffer_contents_never_leak(with_dead):
+def test_gradients_are_exact_whether_freed_or_zeroed_between_steps_and_old_buffer_contents_never_leak(
+    with_dead,
+):
     # Freed gradients (set_to_none) are rewritten into buffers reused from step to step; zeroed
     # ones are added to. Poison the reused buffers between steps: no gradient may change.
     freed, zeroed = make(), make()
@@ -210,7 +224,7 @@ def test_inference_encodes_each_token_on_its_own_with_the_learned_threshold():
     assert m.threshold > 0
     x = torch.randn(10, 12)
     together = m.encode(x)
-    alone = torch.cat([m.encode(x[i:i + 1]) for i in range(10)])
+    alone = torch.cat([m.encode(x[i : i + 1]) for i in range(10)])
     torch.testing.assert_close(together, alone)
     assert ((together > 0) <= (m.pre_acts(x) > m.threshold)).all()
 
@@ -286,9 +300,9 @@ def test_a_skip_connection_starts_at_the_least_squares_map_of_the_first_batch(in
     x = torch.randn(512, 16) * 3 + 1
     d.set_scales(float(x.norm(dim=1).mean()), 1.0)
     linear = torch.randn(16, 8)
-    y = d._normalised_source(x) @ linear + 2.0           # exactly linear in the encoder's input
+    y = d._normalised_source(x) @ linear + 2.0  # exactly linear in the encoder's input
     d.init_means(x, y)
     with_no_features = d.decode(torch.zeros(512, 32), source=x)
     fvu = (with_no_features - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
-    assert fvu < 1e-4                                   # only the small ridge term is left
+    assert fvu < 1e-4  # only the small ridge term is left
     torch.testing.assert_close(d.W_skip / d.target_scale, linear, atol=0.02, rtol=0.01)

@@ -24,8 +24,16 @@ def run(cwd, *args, nproc: int = 1) -> None:
     if nproc == 1:
         cmd = [sys.executable, "-m", "mtc.cli", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "mtc.cli", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "mtc.cli",
+            *args,
+        ]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
@@ -43,7 +51,9 @@ def extraction_project(root, tiny_pipeline, **extract):
     return root / "data" / "activations" / "stories260K"
 
 
-def test_torchrun_extraction_with_2_ranks_writes_the_single_process_store_byte_for_byte(tiny_pipeline, tmp_path):
+def test_torchrun_extraction_with_2_ranks_writes_the_single_process_store_byte_for_byte(
+    tiny_pipeline, tmp_path
+):
     single = extraction_project(tmp_path / "single", tiny_pipeline)
     run(tmp_path / "single", "extract")
     double = extraction_project(tmp_path / "double", tiny_pipeline)
@@ -51,12 +61,19 @@ def test_torchrun_extraction_with_2_ranks_writes_the_single_process_store_byte_f
     expected, got = files(single), files(double)
     assert len([f for f in expected if "/c/" in f]) == 3 * 8, "8 shards per array: both ranks wrote"
     assert expected.keys() == got.keys()
-    assert [f for f in expected if expected[f] != got[f]] == []   # chunks, indexes, attrs (mean norms)
+    assert [f for f in expected if expected[f] != got[f]] == []  # chunks, indexes, attrs (mean norms)
 
 
 def training_project(root, tiny_pipeline):
-    raw = tiny_params(tiny_pipeline.model.name, dict_size=256, group_sizes=[32, 64, 160], top_k=8,
-                      batch_size=256, steps=30, save_every=10)
+    raw = tiny_params(
+        tiny_pipeline.model.name,
+        dict_size=256,
+        group_sizes=[32, 64, 160],
+        top_k=8,
+        batch_size=256,
+        steps=30,
+        save_every=10,
+    )
     root.mkdir()
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     (root / "data").symlink_to(tiny_pipeline.data_root.resolve())
@@ -71,7 +88,7 @@ def test_data_parallel_training_on_2_ranks_gives_the_single_process_dictionary(t
     expected = load_file(str(single / "dictionary.safetensors"))
     got = load_file(str(double / "dictionary.safetensors"))
     assert expected.keys() == got.keys()
-    for name in expected:   # float tolerance: matmuls over half the rows round differently
+    for name in expected:  # float tolerance: matmuls over half the rows round differently
         torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-4, msg=name)
     assert (double / "training_log.jsonl").is_file() and (double / "config.json").is_file()
 

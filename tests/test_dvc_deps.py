@@ -26,7 +26,11 @@ def imported_modules(nodes) -> set[str]:
     found = set()
     for node in nodes:
         for n in ast.walk(node):
-            if isinstance(n, ast.ImportFrom) and n.module and (n.module == "mtc" or n.module.startswith("mtc.")):
+            if (
+                isinstance(n, ast.ImportFrom)
+                and n.module
+                and (n.module == "mtc" or n.module.startswith("mtc."))
+            ):
                 if n.module == "mtc":
                     found |= {a.name for a in n.names if (SRC / f"{a.name}.py").is_file()}
                 else:
@@ -58,7 +62,11 @@ def pipeline_entry_imports(entry: str) -> set[str]:
         if name in reached or name not in functions:
             continue
         reached.add(name)
-        todo += [c.func.id for c in ast.walk(functions[name]) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)]
+        todo += [
+            c.func.id
+            for c in ast.walk(functions[name])
+            if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)
+        ]
     return imported_modules(top + [functions[f] for f in reached]) - {"pipeline"}
 
 
@@ -78,8 +86,12 @@ def declared_code_deps(dvc_yaml: Path, stage: str) -> set[str]:
 @pytest.mark.parametrize("stage", STAGES)
 def test_dvc_yaml_lists_exactly_the_code_each_stage_imports(stage):
     expected, declared = code_closure(stage), declared_code_deps(REPO / "dvc.yaml", stage)
-    assert not expected - declared, f"{stage}: imported but missing from dvc.yaml deps: {sorted(expected - declared)}"
-    assert not declared - expected, f"{stage}: in dvc.yaml deps but never imported: {sorted(declared - expected)}"
+    assert not expected - declared, (
+        f"{stage}: imported but missing from dvc.yaml deps: {sorted(expected - declared)}"
+    )
+    assert not declared - expected, (
+        f"{stage}: in dvc.yaml deps but never imported: {sorted(declared - expected)}"
+    )
 
 
 def test_the_check_fails_when_an_import_is_not_declared(tmp_path):

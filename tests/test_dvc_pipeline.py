@@ -66,8 +66,12 @@ def test_a_second_repro_does_nothing(project):
 
 def test_adding_a_dictionary_reruns_only_its_own_stages(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["dictionaries"]["sae"] = {**params["dictionaries"]["tc"], "kind": "sae", "source_site": "mlp_out",
-                                     "steps": 60}
+    params["dictionaries"]["sae"] = {
+        **params["dictionaries"]["tc"],
+        "kind": "sae",
+        "source_site": "mlp_out",
+        "steps": 60,
+    }
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = dvc(project, "status")
     assert "train@sae" in status and "evaluate@sae" in status and "mine@sae" in status
@@ -75,7 +79,9 @@ def test_adding_a_dictionary_reruns_only_its_own_stages(project):
         assert f"{stage}:" not in status, status
     out = dvc(project, "repro")
     ran = [line for line in out.splitlines() if line.startswith("Running stage")]
-    assert sorted(ran) == sorted(f"Running stage '{s}@sae':" for s in ("train", "evaluate", "mine", "browse")), out
+    assert sorted(ran) == sorted(
+        f"Running stage '{s}@sae':" for s in ("train", "evaluate", "mine", "browse")
+    ), out
 
 
 def test_a_teammate_pulls_the_store_and_trains_without_the_model(project, tmp_path):
@@ -96,13 +102,18 @@ def test_a_teammate_pulls_the_store_and_trains_without_the_model(project, tmp_pa
     for name in ("params.yaml", "dvc.lock"):
         shutil.copy(project / name, clone / name)
     dvc(clone, "remote", "add", "-d", "team", str(remote))
-    dvc(clone, "pull", "extract")                        # the store only
+    dvc(clone, "pull", "extract")  # the store only
     store = clone / "data" / "activations" / "stories260K"
     assert (store / "tokens.zarr" / "zarr.json").is_file()
     assert not (clone / "data" / "models").exists(), "the model is not pulled"
 
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    params["dictionaries"]["tc2"] = {**params["dictionaries"]["tc"], "top_k": 4, "steps": 20, "save_every": 20}
+    params["dictionaries"]["tc2"] = {
+        **params["dictionaries"]["tc"],
+        "top_k": 4,
+        "steps": 20,
+        "save_every": 20,
+    }
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = dvc(clone, "repro", "--allow-missing", "train@tc2")
     ran = sorted(line for line in out.splitlines() if line.startswith("Running stage"))
@@ -114,5 +125,7 @@ def test_a_teammate_pulls_the_store_and_trains_without_the_model(project, tmp_pa
     out = dvc(clone, "repro")
     ran = sorted(line for line in out.splitlines() if line.startswith("Running stage"))
     assert ran == sorted(f"Running stage '{s}@tc2':" for s in ("evaluate", "mine", "browse")), out
-    metrics = json.loads((clone / "results" / "stories260K" / "2" / "20" / "tc2" / "metrics.json").read_text())
+    metrics = json.loads(
+        (clone / "results" / "stories260K" / "2" / "20" / "tc2" / "metrics.json").read_text()
+    )
     assert metrics["fvu_max"] < 1.5

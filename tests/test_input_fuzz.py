@@ -13,15 +13,18 @@ from mtc.config import DatasetConfig
 from mtc.data import DatasetError, iter_texts
 from mtc.store import ActivationStore, StoreError
 
-json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
-                                     st.text(max_size=20)),
-                           lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                   st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-                           max_leaves=8)
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 jsonl_lines = st.one_of(
     st.dictionaries(st.sampled_from(["text", "body", "id"]), json_values, max_size=3).map(json.dumps),
     st.binary(max_size=40).map(lambda b: b.decode("latin-1")),
-    st.text(max_size=40))
+    st.text(max_size=40),
+)
 
 
 def texts_or_error(path, suffix_content: bytes):
@@ -53,8 +56,11 @@ def store_copy_source(tiny_pipeline):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(which=st.sampled_from(["tokens.zarr", "L2/mlp_out.zarr", "L2/resid_mid.zarr"]),
-       cut=st.integers(0, 2000), junk=st.binary(max_size=30))
+@given(
+    which=st.sampled_from(["tokens.zarr", "L2/mlp_out.zarr", "L2/resid_mid.zarr"]),
+    cut=st.integers(0, 2000),
+    junk=st.binary(max_size=30),
+)
 def test_damaged_array_metadata_is_a_store_error(store_copy_source, tmp_path_factory, which, cut, junk):
     store = tmp_path_factory.mktemp("store") / "s"
     shutil.copytree(store_copy_source, store)

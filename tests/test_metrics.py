@@ -18,7 +18,7 @@ def test_streamed_fvu_equals_the_direct_computation():
     r1, r2 = t + 0.1 * torch.randn_like(t), t + torch.randn_like(t)
     acc = FVUAccumulator(2)
     for i in range(0, 300, 64):
-        acc.update(t[i:i + 64], [r1[i:i + 64], r2[i:i + 64]])
+        acc.update(t[i : i + 64], [r1[i : i + 64], r2[i : i + 64]])
     f = acc.fvus()
     assert abs(f[0] - compute_fvu(t, r1)) < 1e-9 and abs(f[1] - compute_fvu(t, r2)) < 1e-9
 

@@ -9,8 +9,15 @@ from mtc import model_check, models
 from mtc.config import ConfigError
 from mtc.models import Architecture, ModelError
 
-SMALL = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=64, vocab_size=512, max_position_embeddings=64)
+SMALL = dict(
+    num_hidden_layers=3,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    vocab_size=512,
+    max_position_embeddings=64,
+)
 
 
 def tiny(name: str):
@@ -24,11 +31,20 @@ def tiny(name: str):
         "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**SMALL)),
         "phi3": lambda: t.Phi3ForCausalLM(t.Phi3Config(**SMALL, pad_token_id=0)),
         "cohere": lambda: t.CohereForCausalLM(t.CohereConfig(**SMALL)),
-        "opt": lambda: t.OPTForCausalLM(t.OPTConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
-                                                    ffn_dim=64, vocab_size=512, max_position_embeddings=64,
-                                                    word_embed_proj_dim=32)),
-        "codegen": lambda: t.CodeGenForCausalLM(t.CodeGenConfig(n_layer=3, n_embd=32, n_head=4, vocab_size=512,
-                                                                n_positions=64, rotary_dim=4)),
+        "opt": lambda: t.OPTForCausalLM(
+            t.OPTConfig(
+                num_hidden_layers=3,
+                hidden_size=32,
+                num_attention_heads=4,
+                ffn_dim=64,
+                vocab_size=512,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+            )
+        ),
+        "codegen": lambda: t.CodeGenForCausalLM(
+            t.CodeGenConfig(n_layer=3, n_embd=32, n_head=4, vocab_size=512, n_positions=64, rotary_dim=4)
+        ),
     }
     return built[name]() if name in built else tiny_hf_models()[name]
 
@@ -72,7 +88,9 @@ SEQUENTIAL = ["gpt2", "llama", "gemma2", "qwen2", "mistral", "phi3", "opt"]
 
 @pytest.mark.parametrize("name", SEQUENTIAL)
 def test_the_wrapper_gives_the_models_own_logits_and_sites(name, tmp_path):
-    errors = check(saved(name, tmp_path), [(1, s) for s in ("resid_pre", "resid_mid", "mlp_out", "resid_post")])
+    errors = check(
+        saved(name, tmp_path), [(1, s) for s in ("resid_pre", "resid_mid", "mlp_out", "resid_post")]
+    )
     assert set(errors) == {"logits", "L1/resid_pre", "L1/resid_mid", "L1/mlp_out", "L1/resid_post"}
     assert max(errors.values()) < 1e-5, errors
 
@@ -80,7 +98,9 @@ def test_the_wrapper_gives_the_models_own_logits_and_sites(name, tmp_path):
 @pytest.mark.parametrize("name", ["neox", "cohere"])
 def test_parallel_attention_is_found_from_the_structure_and_resid_mid_refused(name, tmp_path):
     model_dir = saved(name, tmp_path)
-    with pytest.raises(ConfigError, match=r"extract.sites: resid_mid does not exist in \w+ \(its MLP does not read"):
+    with pytest.raises(
+        ConfigError, match=r"extract.sites: resid_mid does not exist in \w+ \(its MLP does not read"
+    ):
         check(model_dir, [(1, "resid_mid")])
 
 
@@ -88,7 +108,9 @@ def test_a_perturbed_rotary_base_in_the_wrapper_stops_extraction_in_one_line(tmp
     def bend_rotary(hf):
         hf.model.rotary_emb.inv_freq *= 1.02
 
-    with pytest.raises(ModelError, match=r"llama: transformer_lens's wrapper disagrees .* at logits \(relative error") as e:
+    with pytest.raises(
+        ModelError, match=r"llama: transformer_lens's wrapper disagrees .* at logits \(relative error"
+    ) as e:
         check(saved("llama", tmp_path), [(1, "resid_pre")], perturb=bend_rotary)
     assert "\n" not in str(e.value)
 
@@ -100,5 +122,7 @@ def test_cohere_whose_wrapper_moves_the_logits_is_refused_even_for_resid_pre(tmp
 
 
 def test_an_architecture_the_wrapper_cannot_run_is_one_line(tmp_path):
-    with pytest.raises(ModelError, match="codegen: transformer_lens's TransformerBridge cannot run this model"):
+    with pytest.raises(
+        ModelError, match="codegen: transformer_lens's TransformerBridge cannot run this model"
+    ):
         check(saved("codegen", tmp_path), [(1, "resid_pre")])

@@ -42,7 +42,9 @@ def test_sites_match_the_hf_hidden_states(bridges, arch):
 def test_gemma2_mlp_out_is_after_the_post_feedforward_norm(bridges):
     captured = {}
     block = HF["gemma2"].model.layers[1]
-    handle = block.post_feedforward_layernorm.register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
+    handle = block.post_feedforward_layernorm.register_forward_hook(
+        lambda m, i, o: captured.setdefault("out", o)
+    )
     try:
         acts = run_layer(bridges["gemma2"], 1, ["mlp_out"])
     finally:

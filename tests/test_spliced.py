@@ -28,8 +28,15 @@ def model(tiny_pipeline):
 
 def splice(model, dictionary, source, target):
     bridge, store, windows, mean = model
-    return spliced_loss(bridge, windows, Replacements(dictionary, mean), source, target,
-                        batch_size=16, skip_bos=store.skip_bos)
+    return spliced_loss(
+        bridge,
+        windows,
+        Replacements(dictionary, mean),
+        source,
+        target,
+        batch_size=16,
+        skip_bos=store.skip_bos,
+    )
 
 
 def identity_sae(d: int) -> MatryoshkaBatchTopK:
@@ -105,10 +112,13 @@ def test_splicing_resid_mid_changes_the_residual_stream_not_only_the_mlp_input(m
         def hook(x, hook):
             seen[name] = x.detach()
             return x
+
         return hook
 
     # The MLP's own output is seen before the splice adds the change of resid_mid to it.
-    bridge.run_with_hooks(tokens, fwd_hooks=[(n, keep_value(n)) for n in names[1:]] + splice_hooks(RESID_MID, new, keep))
+    bridge.run_with_hooks(
+        tokens, fwd_hooks=[(n, keep_value(n)) for n in names[1:]] + splice_hooks(RESID_MID, new, keep)
+    )
     expected = torch.where(keep[..., None], clean[names[0]], new)
     torch.testing.assert_close(seen[names[2]], expected + seen[names[1]])
     torch.testing.assert_close(seen[names[2]][:, 0], clean[names[2]][:, 0], msg="BOS keeps the model's value")

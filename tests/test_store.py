@@ -21,12 +21,19 @@ def test_encode_decode_round_trips_values_of_that_dtype(dtype):
 
 def make_store(path, n_seq=10, ctx=8, d=4, chunk_rows=16, holdout=2, dtype="float32"):
     tokens = np.arange(n_seq * ctx, dtype=np.int32).reshape(n_seq, ctx)
-    writer = StoreWriter(path, {"prepend_bos": True, "n_holdout_sequences": holdout}, tokens, [(0, "mlp_out")],
-                         d, dtype, chunk_rows)
+    writer = StoreWriter(
+        path,
+        {"prepend_bos": True, "n_holdout_sequences": holdout},
+        tokens,
+        [(0, "mlp_out")],
+        d,
+        dtype,
+        chunk_rows,
+    )
     # Activation row r holds the value r everywhere, so every read can be checked against its row index.
     rows = torch.arange(n_seq * ctx, dtype=torch.float32).reshape(n_seq, ctx, 1).expand(-1, -1, d)
     for start in range(0, n_seq, 3):  # batches that do not align with chunks
-        writer.add({(0, "mlp_out"): rows[start:start + 3]})
+        writer.add({(0, "mlp_out"): rows[start : start + 3]})
     writer.close()
     return ActivationStore(path)
 
@@ -42,11 +49,11 @@ def test_rows_read_back_in_place_with_the_token_ids(tmp_path):
 def test_training_batches_cover_each_training_row_once_per_epoch_and_never_holdout_or_bos(tmp_path):
     store = make_store(tmp_path / "s")
     batches = store.iter_training_batches([(0, "mlp_out")], batch_size=7, seed=0, shuffle_chunks=2)
-    n_train = (10 - 2) * 8 * 7 // 8            # training windows x non-BOS positions
+    n_train = (10 - 2) * 8 * 7 // 8  # training windows x non-BOS positions
     seen = []
     while len(seen) < n_train // 7 * 7:
         (x,), rows = next(batches)
-        torch.testing.assert_close(x[:, 0], rows.float())   # the row index travels with its values
+        torch.testing.assert_close(x[:, 0], rows.float())  # the row index travels with its values
         seen += rows.tolist()
     assert len(set(seen)) == len(seen), "no row twice within an epoch"
     assert max(seen) < store.n_train_rows, "held-out rows are never trained on"
@@ -101,7 +108,9 @@ def test_extracted_store_holds_real_activations_with_provenance(tiny_pipeline):
 def test_a_store_made_from_other_params_is_refused(tiny_pipeline):
     import dataclasses
 
-    other = dataclasses.replace(tiny_pipeline, dataset=dataclasses.replace(tiny_pipeline.dataset, context_size=32))
+    other = dataclasses.replace(
+        tiny_pipeline, dataset=dataclasses.replace(tiny_pipeline.dataset, context_size=32)
+    )
     with pytest.raises(StoreError, match=r"context_size: store has 64, params ask 32"):
         pipeline.open_store(other)
 
@@ -109,15 +118,24 @@ def test_a_store_made_from_other_params_is_refused(tiny_pipeline):
 def test_a_mismatch_names_every_differing_field_and_dictionary_params_never_matter(tiny_pipeline):
     import dataclasses
 
-    other = dataclasses.replace(tiny_pipeline, dataset=dataclasses.replace(tiny_pipeline.dataset, prepend_bos=False),
-                                extract=dataclasses.replace(tiny_pipeline.extract, dtype="float16"))
+    other = dataclasses.replace(
+        tiny_pipeline,
+        dataset=dataclasses.replace(tiny_pipeline.dataset, prepend_bos=False),
+        extract=dataclasses.replace(tiny_pipeline.extract, dtype="float16"),
+    )
     with pytest.raises(StoreError) as e:
         pipeline.open_store(other)
     assert "prepend_bos: store has True, params ask False" in str(e.value)
     assert "dtype: store has 'bfloat16', params ask 'float16'" in str(e.value)
     tc = tiny_pipeline.dictionaries["tc"]
-    retrained = dataclasses.replace(tiny_pipeline, dictionaries={
-        "tc": dataclasses.replace(tc, dict_size=512, group_sizes=[64, 448], top_k=4, lr=0.1, batch_size=64)})
+    retrained = dataclasses.replace(
+        tiny_pipeline,
+        dictionaries={
+            "tc": dataclasses.replace(
+                tc, dict_size=512, group_sizes=[64, 448], top_k=4, lr=0.1, batch_size=64
+            )
+        },
+    )
     assert pipeline.open_store(retrained).n_rows == 32768
 
 
@@ -134,13 +152,21 @@ def test_a_second_extraction_into_the_same_store_fails_fast(tiny_pipeline):
 def write_rows(writer, n_seq, ctx, d, stop_window=None):
     rows = torch.arange(n_seq * ctx, dtype=torch.float32).reshape(n_seq, ctx, 1).expand(-1, -1, d)
     for start in range(0, stop_window or n_seq, 3):
-        writer.add({(0, "mlp_out"): rows[start:start + 3]}, at_window=start)
+        writer.add({(0, "mlp_out"): rows[start : start + 3]}, at_window=start)
 
 
 def open_writer(path, n_seq=10, ctx=8, d=4):
     tokens = np.arange(n_seq * ctx, dtype=np.int32).reshape(n_seq, ctx)
-    return StoreWriter(path, {"prepend_bos": True, "n_holdout_sequences": 2}, tokens, [(0, "mlp_out")],
-                       d, "bfloat16", chunk_rows=8, shard_rows=16)
+    return StoreWriter(
+        path,
+        {"prepend_bos": True, "n_holdout_sequences": 2},
+        tokens,
+        [(0, "mlp_out")],
+        d,
+        "bfloat16",
+        chunk_rows=8,
+        shard_rows=16,
+    )
 
 
 def test_arrays_are_sharded_and_every_chunk_is_checksummed(tmp_path):
@@ -152,7 +178,13 @@ def test_arrays_are_sharded_and_every_chunk_is_checksummed(tmp_path):
     codecs = array.metadata.to_dict()["codecs"][0]["configuration"]
     assert [c["name"] for c in codecs["codecs"]] == ["bytes", "zstd", "crc32c"]
     assert [c["name"] for c in codecs["index_codecs"]] == ["bytes", "crc32c"]
-    assert sorted(p.name for p in (tmp_path / "s" / "L0" / "mlp_out.zarr" / "c").iterdir()) == ["0", "1", "2", "3", "4"]
+    assert sorted(p.name for p in (tmp_path / "s" / "L0" / "mlp_out.zarr" / "c").iterdir()) == [
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+    ]
     assert not (tmp_path / "s" / "progress").exists(), "progress markers are removed once complete"
 
 
@@ -165,7 +197,7 @@ def test_a_resumed_writer_rewrites_a_half_written_shard_and_keeps_finished_ones(
     shard_file.write_bytes(b"half a shard from a killed run")
     resumed = open_writer(tmp_path / "s")
     assert resumed.todo == [3, 4] and resumed.first_window == 6
-    write_rows(resumed, 10, 8, 4)                # whole batches again; rows of finished shards are ignored
+    write_rows(resumed, 10, 8, 4)  # whole batches again; rows of finished shards are ignored
     resumed.close()
     site = ActivationStore(tmp_path / "s").site(0, "mlp_out")
     torch.testing.assert_close(site.rows(0, 80)[:, 0], torch.arange(80, dtype=torch.float32))
@@ -176,19 +208,24 @@ def test_a_damaged_chunk_is_a_one_line_error_naming_array_and_chunk(tmp_path, da
     writer = open_writer(tmp_path / "s")
     write_rows(writer, 10, 8, 4)
     writer.close()
-    shard = tmp_path / "s" / "L0" / "mlp_out.zarr" / "c" / "1" / "0"   # rows 16..31: chunks 2 and 3
+    shard = tmp_path / "s" / "L0" / "mlp_out.zarr" / "c" / "1" / "0"  # rows 16..31: chunks 2 and 3
     data = bytearray(shard.read_bytes())
     if damage == "flip a byte":
-        data[5] ^= 0xFF                          # inside the first inner chunk of the shard
+        data[5] ^= 0xFF  # inside the first inner chunk of the shard
     else:
-        data = data[:len(data) // 2]
+        data = data[: len(data) // 2]
     shard.write_bytes(bytes(data))
     site = ActivationStore(tmp_path / "s").site(0, "mlp_out")
-    torch.testing.assert_close(site.rows(0, 16)[:, 0], torch.arange(16, dtype=torch.float32))  # others read fine
+    torch.testing.assert_close(
+        site.rows(0, 16)[:, 0], torch.arange(16, dtype=torch.float32)
+    )  # others read fine
     with pytest.raises(StoreError) as e:
         site.rows(0, 80)
     message = str(e.value)
-    assert "\n" not in message and "L0/mlp_out.zarr: chunk 2 (rows 16..23, shard 1) is corrupt or truncated" in message
+    assert (
+        "\n" not in message
+        and "L0/mlp_out.zarr: chunk 2 (rows 16..23, shard 1) is corrupt or truncated" in message
+    )
 
 
 def test_a_missing_shard_file_is_reported_not_read_as_zeros(tmp_path):
@@ -196,7 +233,9 @@ def test_a_missing_shard_file_is_reported_not_read_as_zeros(tmp_path):
     write_rows(writer, 10, 8, 4)
     writer.close()
     (tmp_path / "s" / "L0" / "mlp_out.zarr" / "c" / "2" / "0").unlink()
-    with pytest.raises(StoreError, match=r"mlp_out.zarr: 1 of its 5 shard files are missing \(shard 2 first\)"):
+    with pytest.raises(
+        StoreError, match=r"mlp_out.zarr: 1 of its 5 shard files are missing \(shard 2 first\)"
+    ):
         ActivationStore(tmp_path / "s").site(0, "mlp_out")
 
 
@@ -209,10 +248,15 @@ def test_a_store_reads_the_same_through_an_fsspec_url(tmp_path):
             fsspec.filesystem("memory").put(str(tmp_path / "s"), "/stores/s", recursive=True)
         remote = ActivationStore(url)
         assert remote.provenance == local.provenance and remote.n_rows == local.n_rows
-        torch.testing.assert_close(remote.site(0, "mlp_out").rows(3, 40), local.site(0, "mlp_out").rows(3, 40))
+        torch.testing.assert_close(
+            remote.site(0, "mlp_out").rows(3, 40), local.site(0, "mlp_out").rows(3, 40)
+        )
         np.testing.assert_array_equal(remote.tokens(), local.tokens())
-        with pytest.raises(StoreError, match=r"memory://stores/s/L1/resid_mid.zarr: not in the store|"
-                                             r"/L1/resid_mid.zarr: not in the store \(has: L0/mlp_out.zarr\)"):
+        with pytest.raises(
+            StoreError,
+            match=r"memory://stores/s/L1/resid_mid.zarr: not in the store|"
+            r"/L1/resid_mid.zarr: not in the store \(has: L0/mlp_out.zarr\)",
+        ):
             remote.site(1, "resid_mid")
 
 
@@ -227,8 +271,8 @@ def test_an_error_in_the_writer_thread_reaches_the_extraction_loop(tmp_path):
     writer._write_shard = disk_full
     rows = torch.zeros(10, 8, 4)
     with pytest.raises(OSError, match="No space left"), writer:
-        for start in range(0, 10, 2):            # the failure surfaces at a later add(), or at close()
-            writer.add({(0, "mlp_out"): rows[start:start + 2]}, at_window=start)
+        for start in range(0, 10, 2):  # the failure surfaces at a later add(), or at close()
+            writer.add({(0, "mlp_out"): rows[start : start + 2]}, at_window=start)
         writer.close()
     assert not writer._thread.is_alive(), "the writer thread is stopped"
     with pytest.raises(StoreError, match="incomplete"):
@@ -240,6 +284,8 @@ def test_training_reads_a_store_through_an_fsspec_url(tiny_pipeline, tmp_path):
 
     from mtc.train import train
 
-    cfg = dataclasses.replace(tiny_pipeline.dictionaries["tc"], steps=5, save_every=5, save_activation_samples=False)
+    cfg = dataclasses.replace(
+        tiny_pipeline.dictionaries["tc"], steps=5, save_every=5, save_activation_samples=False
+    )
     [run_dir] = train([cfg], f"file://{tiny_pipeline.store_dir.resolve()}", tmp_path / "results")
     assert (run_dir / "dictionary.safetensors").is_file()

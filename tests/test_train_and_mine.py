@@ -22,13 +22,21 @@ def test_trained_transcoder_beats_the_trivial_predictor_on_held_out_rows(trained
     metrics = json.loads(pipeline.evaluate(cfg, "tc").read_text())
     assert len(metrics["fvu_per_prefix"]) == 3
     assert metrics["fvu_max"] < 1.0, metrics
-    assert metrics["fvu_min"] == min(metrics["fvu_per_prefix"]) and metrics["fvu_max"] == max(metrics["fvu_per_prefix"])
-    assert metrics["fvu_per_prefix"][-1] < metrics["fvu_per_prefix"][0], "the full dictionary beats its first group"
+    assert metrics["fvu_min"] == min(metrics["fvu_per_prefix"]) and metrics["fvu_max"] == max(
+        metrics["fvu_per_prefix"]
+    )
+    assert metrics["fvu_per_prefix"][-1] < metrics["fvu_per_prefix"][0], (
+        "the full dictionary beats its first group"
+    )
     assert 0 <= metrics["dead_fraction"] <= 1 and metrics["l0"] > 0
     assert metrics["n_tokens"] > 0
     # Spliced loss at every prefix: the transcoder is closer to the clean model than zero-ablating the MLP.
-    for key in ("ce_spliced_per_prefix", "ce_recovered_vs_zero_per_prefix", "ce_recovered_vs_mean_per_prefix",
-                "kl_per_prefix"):
+    for key in (
+        "ce_spliced_per_prefix",
+        "ce_recovered_vs_zero_per_prefix",
+        "ce_recovered_vs_mean_per_prefix",
+        "kl_per_prefix",
+    ):
         assert len(metrics[key]) == 3, key
     assert metrics["ce_zero_ablation"] > metrics["ce_clean"]
     assert metrics["kl_per_prefix"][-1] < metrics["kl_zero_ablation"]
@@ -52,15 +60,19 @@ def test_trained_transcoder_beats_the_trivial_predictor_on_held_out_rows(trained
 
 @pytest.mark.parametrize("kind", ["transcoder", "sae"])
 def test_every_group_a_trained_dictionary_adds_lowers_held_out_fvu_and_inference_l0_matches_k(
-        tiny_pipeline, tmp_path, kind):
+    tiny_pipeline, tmp_path, kind
+):
     # A Matryoshka dictionary must never reconstruct worse with more of itself, and the threshold
     # it encodes with at inference must give about the top_k codes per token it was trained with.
     site = {"target_site": "resid_mid"} if kind == "sae" else {}
     raw = tiny_params(str(tiny_pipeline.model.name), kind=kind, steps=300, top_k=8, **site)
     cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=tmp_path / "results")
     pipeline.train(cfg, ["tc"])
-    metrics = json.loads(pipeline.evaluate(dataclasses.replace(cfg, evaluate=dataclasses.replace(
-        cfg.evaluate, n_ce_sequences=0)), "tc").read_text())
+    metrics = json.loads(
+        pipeline.evaluate(
+            dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, n_ce_sequences=0)), "tc"
+        ).read_text()
+    )
     fvus = metrics["fvu_per_prefix"]
     assert all(b < a for a, b in zip(fvus, fvus[1:])), fvus
     assert metrics["prefix_fvu_decreasing"] is True and metrics["warnings"] == []
@@ -82,8 +94,19 @@ def test_a_finished_run_honours_the_results_contract(trained_transcoder):
     assert run_dir == cfg.results_root / "stories260K" / "2" / "150" / "tc"
     config = json.loads((run_dir / "config.json").read_text())
     datetime.fromisoformat(config["completed_at"])
-    for key in ("dict_size", "group_sizes", "top_k", "lr", "batch_size", "steps", "save_every", "layer",
-                "source_site", "target_site", "store_provenance"):
+    for key in (
+        "dict_size",
+        "group_sizes",
+        "top_k",
+        "lr",
+        "batch_size",
+        "steps",
+        "save_every",
+        "layer",
+        "source_site",
+        "target_site",
+        "store_provenance",
+    ):
         assert key in config
     assert (run_dir / "dictionary.safetensors").is_file()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_100", "step_50"]
@@ -108,6 +131,7 @@ def test_the_loaded_dictionary_works_on_raw_store_rows(trained_transcoder):
     d = MatryoshkaBatchTopK.load(run_dir)
     (x, y), _ = store.read([(2, "resid_mid"), (2, "mlp_out")], store.n_train_rows, store.n_rows)
     from mtc.metrics import compute_fvu
+
     assert compute_fvu(y, d(x)) < 1.0
 
 
@@ -117,6 +141,7 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tiny_pipeline, tm
     # Simulate a crash after step 100: keep the checkpoints, drop the finished marker and weights.
     resumed_cfg = dataclasses.replace(tiny_pipeline, results_root=tmp_path / "b")
     import shutil
+
     shutil.copytree(full, resumed_cfg.dictionaries["tc"].run_dir(tmp_path / "b"))
     run_dir = resumed_cfg.dictionaries["tc"].run_dir(tmp_path / "b")
     shutil.rmtree(run_dir / "checkpoints" / "step_50")
@@ -132,7 +157,9 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tiny_pipeline, tm
 
 def test_a_finished_run_with_another_config_is_not_overwritten(trained_transcoder):
     cfg, run_dir = trained_transcoder
-    changed = dataclasses.replace(cfg, dictionaries={"tc": dataclasses.replace(cfg.dictionaries["tc"], lr=0.01)})
+    changed = dataclasses.replace(
+        cfg, dictionaries={"tc": dataclasses.replace(cfg.dictionaries["tc"], lr=0.01)}
+    )
     with pytest.raises(ConfigError, match="holds a finished run with a different config"):
         pipeline.train(changed, ["tc"])
 
@@ -154,7 +181,7 @@ def test_multi_mode_trains_several_dictionaries_from_one_pass(tiny_pipeline, tmp
 def test_top_activations_keep_the_largest_values_per_feature_once():
     top = TopActivations(dict_size=3, max_samples=2, threshold=0.1)
     top.update(torch.tensor([[0.5, 0.0, 0.05], [0.9, 0.2, 0.0], [0.7, 0.0, 0.0]]), torch.tensor([10, 11, 12]))
-    top.update(torch.tensor([[0.8, 0.3, 0.0]]), torch.tensor([11]))      # row 11 again (a later epoch)
+    top.update(torch.tensor([[0.8, 0.3, 0.0]]), torch.tensor([11]))  # row 11 again (a later epoch)
     assert top.rows[0].tolist() == [11, 12] and top.values[0].tolist() == pytest.approx([0.9, 0.7])
     assert top.rows[1].tolist() == [11, -1]
     assert top.rows[2].tolist() == [-1, -1], "below the threshold"
@@ -188,9 +215,13 @@ def test_mining_keeps_quantile_samples_histograms_frequencies_and_logit_effects(
     fired = torch.nonzero(info["fire_count"] > 0).flatten().tolist()
     assert len(fired) > 100
     # Same held-out tokens, same encoder: mine's fire counts are evaluate's (its spliced loss skipped here).
-    metrics = pipeline.evaluate(dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, n_ce_sequences=0)), "tc")
+    metrics = pipeline.evaluate(
+        dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, n_ce_sequences=0)), "tc"
+    )
     assert "ce_clean" not in json.loads(metrics.read_text())
-    torch.testing.assert_close(info["fire_count"], load_file(str(run_dir / "feature_frequency.safetensors"))["fire_count"])
+    torch.testing.assert_close(
+        info["fire_count"], load_file(str(run_dir / "feature_frequency.safetensors"))["fire_count"]
+    )
     torch.testing.assert_close(info["histogram"].sum(dim=1), info["fire_count"])
     bands, per_band = cfg.mine.quantile_bands, cfg.mine.samples_per_band
     for f in fired[:50]:
@@ -217,7 +248,10 @@ def test_samples_collected_during_training(tiny_pipeline, tmp_path):
     [run_dir] = pipeline.train(cfg, ["tc"])
     analyzer = ActivationSampleAnalyzer(run_dir / "activation_samples" / "training")
     assert analyzer.meta["n_tokens_seen"] == 3 * 512
-    assert analyzer.features() and analyzer.samples(analyzer.features()[0])[0]["row"] < pipeline.open_store(cfg).n_train_rows
+    assert (
+        analyzer.features()
+        and analyzer.samples(analyzer.features()[0])[0]["row"] < pipeline.open_store(cfg).n_train_rows
+    )
 
 
 def test_wandb_logs_offline_when_configured(tiny_pipeline, tmp_path, monkeypatch):
@@ -254,7 +288,7 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused_not_run(tiny_pipeline, tmp_
     cfg = dataclasses.replace(tiny_pipeline, results_root=tmp_path)
     [run_dir] = pipeline.train(cfg, ["tc"])
     config = json.loads((run_dir / "config.json").read_text())
-    config.pop("completed_at")                       # looks interrupted: the next run resumes
+    config.pop("completed_at")  # looks interrupted: the next run resumes
     (run_dir / "config.json").write_text(json.dumps(config))
     marker = tmp_path / "pwned"
 
@@ -275,7 +309,7 @@ def test_a_second_writer_of_the_same_run_fails_fast(tiny_pipeline, tmp_path):
     with exclusive(cfg.dictionaries["tc"].run_dir(tmp_path)):
         with pytest.raises(LockedError, match=r"tc: another process \(pid \d+\) is writing it"):
             pipeline.train(cfg, ["tc"])
-    [run_dir] = pipeline.train(cfg, ["tc"])         # released: the next run goes ahead
+    [run_dir] = pipeline.train(cfg, ["tc"])  # released: the next run goes ahead
     assert json.loads((run_dir / "config.json").read_text())["completed_at"]
 
 
@@ -292,7 +326,7 @@ def test_a_nan_in_the_activations_stops_training_naming_the_step(tiny_pipeline, 
     cfg = dataclasses.replace(tiny_pipeline, data_root=data, results_root=tmp_path / "results")
     arr = zarr.open_array(str(site_path(cfg.store_dir, 2, "mlp_out")), mode="r+")
     rows = arr[:]
-    rows[1::7] = np.uint16(0x7FC0)                   # bfloat16 NaN bits in every 7th row
+    rows[1::7] = np.uint16(0x7FC0)  # bfloat16 NaN bits in every 7th row
     arr[:] = rows
     with pytest.raises(FloatingPointError, match=r"tc: loss is nan at step 1; the last good checkpoint"):
         pipeline.train(cfg, ["tc"])

@@ -22,7 +22,9 @@ def test_scores_are_the_models_logits_up_to_the_final_norms_scale(family, tmp_pa
     centred = h - h.mean(dim=-1, keepdim=True) if u.centre else h
     eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6))
     scale = (centred.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
-    expected = logits - (norm.bias @ model.get_output_embeddings().weight.T if getattr(norm, "bias", None) is not None else 0)
+    expected = logits - (
+        norm.bias @ model.get_output_embeddings().weight.T if getattr(norm, "bias", None) is not None else 0
+    )
     torch.testing.assert_close(u.scores(h) / scale, expected, atol=1e-5, rtol=1e-4)
     assert u.centre == (family in ("gpt2", "neox")), "LayerNorm centres, RMSNorm does not"
 

@@ -1,11 +1,11 @@
 """``mtc``: the pipeline's stages outside DVC, plus the seed's one-command training runs.
 
-    mtc prepare-model | extract | train [NAME...] | evaluate NAME | mine NAME   (params.yaml)
-    mtc smoke --layer 8 --steps 2000                                           (quick transcoder)
-    mtc train --model-name gpt2 --source-layer 8 --target-layer 8 --config overrides.yaml
-    mtc train --mode multi                                                     (all, one pass)
-    mtc samples RUN_DIR [--feature F]                                          (show contexts)
-    mtc browse RUN_DIR [--out DIR]                                             (static HTML browser)
+mtc prepare-model | extract | train [NAME...] | evaluate NAME | mine NAME   (params.yaml)
+mtc smoke --layer 8 --steps 2000                                           (quick transcoder)
+mtc train --model-name gpt2 --source-layer 8 --target-layer 8 --config overrides.yaml
+mtc train --mode multi                                                     (all, one pass)
+mtc samples RUN_DIR [--feature F]                                          (show contexts)
+mtc browse RUN_DIR [--out DIR]                                             (static HTML browser)
 """
 
 from __future__ import annotations
@@ -21,8 +21,12 @@ from mtc import pipeline
 from mtc.config import PipelineConfig, parse_params, read_yaml
 from mtc.errors import StoreError, one_line_exit
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Matryoshka transcoders and SAEs trained from cached activations.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Matryoshka transcoders and SAEs trained from cached activations.",
+)
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="The params file.")
 
@@ -53,7 +57,8 @@ def extract(params: Path = ParamsOption) -> None:
 
 @app.command()
 def evaluate(name: str, params: Path = ParamsOption) -> None:
-    """Held-out FVU, feature statistics and spliced loss per prefix of dictionary NAME -> metrics.json, plots/."""
+    """Held-out FVU, feature statistics and spliced loss per prefix of dictionary NAME
+    -> metrics.json, plots/."""
     typer.echo(f"wrote {pipeline.evaluate(_load(params), name)}")
 
 
@@ -69,8 +74,15 @@ def model_type_of(model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", name.split("/")[-1])
 
 
-def adhoc_params(raw: dict[str, Any], *, model_name: Optional[str], source_layer: int, target_layer: int,
-                 overrides: dict[str, Any], steps: Optional[int]) -> tuple[dict[str, Any], str]:
+def adhoc_params(
+    raw: dict[str, Any],
+    *,
+    model_name: Optional[str],
+    source_layer: int,
+    target_layer: int,
+    overrides: dict[str, Any],
+    steps: Optional[int],
+) -> tuple[dict[str, Any], str]:
     """params.yaml content for one transcoder run given on the command line (the seed's scripts)."""
     raw = copy.deepcopy(raw)
     if model_name:
@@ -78,15 +90,25 @@ def adhoc_params(raw: dict[str, Any], *, model_name: Optional[str], source_layer
     for section in ("model", "dataset", "extract", "evaluate", "mine"):
         if isinstance(overrides.get(section), dict):
             raw[section] = {**raw.get(section, {}), **overrides.pop(section)}
-    entry = {"kind": "transcoder", "source_site": "resid_mid", "target_site": "mlp_out", **overrides,
-             "layer": source_layer, "target_layer": target_layer}
+    entry = {
+        "kind": "transcoder",
+        "source_site": "resid_mid",
+        "target_site": "mlp_out",
+        **overrides,
+        "layer": source_layer,
+        "target_layer": target_layer,
+    }
     if steps is not None:
         entry["steps"] = steps
     # the results path names the source layer only: a cross-layer run's name carries the target
     default_name = entry["kind"] if target_layer == source_layer else f"{entry['kind']}-to-L{target_layer}"
     name = entry.pop("name", default_name)
     sites = sorted({entry["source_site"], entry["target_site"]})
-    raw["extract"] = {**raw.get("extract", {}), "layers": sorted({source_layer, target_layer}), "sites": sites}
+    raw["extract"] = {
+        **raw.get("extract", {}),
+        "layers": sorted({source_layer, target_layer}),
+        "sites": sites,
+    }
     raw["dictionaries"] = {name: entry}
     return raw, name
 
@@ -111,10 +133,14 @@ def train(
     names: list[str] = typer.Argument(None, help="Dictionaries of params.yaml to train (default: all)."),
     params: Path = ParamsOption,
     mode: str = typer.Option("single", help="single: one pass per dictionary; multi: one pass feeds all."),
-    model_name: Optional[str] = typer.Option(None, help="Train a transcoder on this model (hub id, dir, packaged:X)."),
+    model_name: Optional[str] = typer.Option(
+        None, help="Train a transcoder on this model (hub id, dir, packaged:X)."
+    ),
     source_layer: Optional[int] = typer.Option(None, help="Source layer of a command-line transcoder."),
     target_layer: Optional[int] = typer.Option(None, help="Target layer (default: source layer)."),
-    config: Optional[Path] = typer.Option(None, help="YAML of dictionary settings (and optional model/dataset sections)."),
+    config: Optional[Path] = typer.Option(
+        None, help="YAML of dictionary settings (and optional model/dataset sections)."
+    ),
     steps: Optional[int] = typer.Option(None, help="Training steps of a command-line transcoder."),
 ) -> None:
     """Train dictionaries from the activation store.
@@ -131,9 +157,14 @@ def train(
         overrides = read_yaml(config) if config else {}
         if not isinstance(overrides, dict):
             _fail(f"{config}: expected a mapping of settings")
-        raw, name = adhoc_params(raw, model_name=model_name, source_layer=source_layer,
-                                 target_layer=source_layer if target_layer is None else target_layer,
-                                 overrides=overrides, steps=steps)
+        raw, name = adhoc_params(
+            raw,
+            model_name=model_name,
+            source_layer=source_layer,
+            target_layer=source_layer if target_layer is None else target_layer,
+            overrides=overrides,
+            steps=steps,
+        )
         cfg = _load(params, raw)
         _full_run(cfg, name)
         return
@@ -156,20 +187,27 @@ def _full_run(cfg: PipelineConfig, name: str) -> None:
 
 
 @app.command()
-def smoke(layer: int = typer.Option(8), steps: int = typer.Option(2000), params: Path = ParamsOption,
-          model_name: Optional[str] = typer.Option(None, help="Default: model.name of params.yaml.")) -> None:
+def smoke(
+    layer: int = typer.Option(8),
+    steps: int = typer.Option(2000),
+    params: Path = ParamsOption,
+    model_name: Optional[str] = typer.Option(None, help="Default: model.name of params.yaml."),
+) -> None:
     """Quick transcoder (resid_mid -> mlp_out at LAYER, the model's preset) end to end: the seed's
     GPT-2 smoke test. Extracts first when no store matches."""
     raw = read_yaml(params) if params.is_file() else {}
-    raw, name = adhoc_params(raw, model_name=model_name, source_layer=layer, target_layer=layer,
-                             overrides={}, steps=steps)
+    raw, name = adhoc_params(
+        raw, model_name=model_name, source_layer=layer, target_layer=layer, overrides={}, steps=steps
+    )
     _full_run(_load(params, raw), name)
 
 
 @app.command()
-def samples(directory: Path = typer.Argument(..., help="A run directory or its activation_samples/<source>/."),
-            feature: Optional[int] = typer.Option(None, help="Feature to show (default: the 3 strongest)."),
-            n: int = typer.Option(5, "-n", "--n-samples", help="Contexts per feature.")) -> None:
+def samples(
+    directory: Path = typer.Argument(..., help="A run directory or its activation_samples/<source>/."),
+    feature: Optional[int] = typer.Option(None, help="Feature to show (default: the 3 strongest)."),
+    n: int = typer.Option(5, "-n", "--n-samples", help="Contexts per feature."),
+) -> None:
     """Show top-activating contexts as text, the activating token in «»."""
     from mtc.samples import META_FILE, ActivationSampleAnalyzer
 
@@ -183,11 +221,15 @@ def samples(directory: Path = typer.Argument(..., help="A run directory or its a
 
 
 @app.command()
-def browse(run_dir: Path = typer.Argument(..., help="A run directory (results/{model}/{layer}/{steps}/{name})."),
-           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the site (default RUN_DIR/browser)."),
-           max_feature_pages: Optional[int] = typer.Option(None, help="Write at most this many feature pages."),
-           contexts: int = typer.Option(10, help="Top contexts per feature page."),
-           tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the one mine used).")) -> None:
+def browse(
+    run_dir: Path = typer.Argument(..., help="A run directory (results/{model}/{layer}/{steps}/{name})."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Where to write the site (default RUN_DIR/browser)."
+    ),
+    max_feature_pages: Optional[int] = typer.Option(None, help="Write at most this many feature pages."),
+    contexts: int = typer.Option(10, help="Top contexts per feature page."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the one mine used)."),
+) -> None:
     """Write a static HTML feature browser (index + one page per feature that fired) from mined samples."""
     from mtc.browse import build_site
     from mtc.config import BrowseConfig, ConfigError
@@ -196,8 +238,16 @@ def browse(run_dir: Path = typer.Argument(..., help="A run directory (results/{m
         cfg = BrowseConfig(max_feature_pages=max_feature_pages, contexts_per_feature=contexts)
         cfg.validate("browse")
     except ConfigError as e:
-        _fail(str(e).replace("browse.max_feature_pages", "--max-feature-pages").replace("browse.contexts_per_feature", "--contexts"))
-    if tokenizer is not None and not (tokenizer / "tokenizer_config.json").is_file() and not (tokenizer / "tokenizer.json").is_file():
+        _fail(
+            str(e)
+            .replace("browse.max_feature_pages", "--max-feature-pages")
+            .replace("browse.contexts_per_feature", "--contexts")
+        )
+    if (
+        tokenizer is not None
+        and not (tokenizer / "tokenizer_config.json").is_file()
+        and not (tokenizer / "tokenizer.json").is_file()
+    ):
         _fail(f"--tokenizer: {tokenizer} holds no tokenizer")
     tok = None
     if tokenizer is not None:

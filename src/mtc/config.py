@@ -89,7 +89,9 @@ def _build(cls, section: Any, prefix: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(section) - known, key=str)
     if unknown:
-        raise ConfigError(f"{prefix}.{_show(unknown[0])}: unknown key; valid keys are {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"{prefix}.{_show(unknown[0])}: unknown key; valid keys are {', '.join(sorted(known))}"
+        )
     obj = cls(**section)
     obj.validate(prefix)
     return obj
@@ -177,8 +179,11 @@ class DatasetConfig:
         n_seq = self.n_tokens // self.context_size
         n_holdout = self.n_holdout_sequences
         if n_seq - n_holdout < 1:
-            _fail(f"{p}.n_tokens", self.n_tokens,
-                  f"enough tokens for at least {n_holdout + 1} windows of context_size {self.context_size}")
+            _fail(
+                f"{p}.n_tokens",
+                self.n_tokens,
+                f"enough tokens for at least {n_holdout + 1} windows of context_size {self.context_size}",
+            )
 
     @property
     def n_sequences(self) -> int:
@@ -290,12 +295,20 @@ class DictionaryConfig:
             if getattr(self, key) is not None:
                 _check_int(f"{p}.{key}", getattr(self, key), 0)
         if self.source_layer is not None and self.source_layer != self.layer:
-            _fail(f"{p}.source_layer", self.source_layer, f"the same as {p}.layer ({self.layer}), or left out")
+            _fail(
+                f"{p}.source_layer", self.source_layer, f"the same as {p}.layer ({self.layer}), or left out"
+            )
         _check_choice(f"{p}.source_site", self.source_site, SITES)
         _check_choice(f"{p}.target_site", self.target_site, SITES)
-        if self.kind == "sae" and (self.source_site != self.target_site or self.resolved_target_layer != self.layer):
-            _fail(f"{p}.target_site", self.target_site,
-                  f"the source site '{self.source_site}' at the same layer for kind sae (use kind transcoder otherwise)")
+        if self.kind == "sae" and (
+            self.source_site != self.target_site or self.resolved_target_layer != self.layer
+        ):
+            _fail(
+                f"{p}.target_site",
+                self.target_site,
+                f"the source site '{self.source_site}' at the same layer for kind sae "
+                "(use kind transcoder otherwise)",
+            )
         if self.act_size is not None:
             _check_int(f"{p}.act_size", self.act_size, 1)
         _check_int(f"{p}.dict_size", self.dict_size, 1)
@@ -304,17 +317,27 @@ class DictionaryConfig:
         for i, g in enumerate(self.group_sizes):
             _check_int(f"{p}.group_sizes[{i}]", g, 1)
         if sum(self.group_sizes) != self.dict_size:
-            raise ConfigError(f"{p}.group_sizes: {self.group_sizes} sums to {sum(self.group_sizes)}, "
-                              f"but {p}.dict_size is {self.dict_size}; they must be equal")
+            raise ConfigError(
+                f"{p}.group_sizes: {self.group_sizes} sums to {sum(self.group_sizes)}, "
+                f"but {p}.dict_size is {self.dict_size}; they must be equal"
+            )
         if self.top_k is not None:
             _check_int(f"{p}.top_k", self.top_k, 1)
             if self.top_k >= self.dict_size:
                 _fail(f"{p}.top_k", self.top_k, f"an integer in [1, dict_size={self.dict_size})")
         _check_float(f"{p}.lr", self.lr, 0.0, 1.0)
         _check_float(f"{p}.adam_beta2", self.adam_beta2, 0.0, 0.99999)
-        for key in ("batch_size", "steps", "save_every", "top_k_aux", "n_batches_to_dead",
-                    "shuffle_chunks", "sample_collection_freq", "max_samples_per_feature",
-                    "sample_context_size"):
+        for key in (
+            "batch_size",
+            "steps",
+            "save_every",
+            "top_k_aux",
+            "n_batches_to_dead",
+            "shuffle_chunks",
+            "sample_collection_freq",
+            "max_samples_per_feature",
+            "sample_context_size",
+        ):
             _check_int(f"{p}.{key}", getattr(self, key), 1)
         _check_int(f"{p}.seed", self.seed, 0)
         _check_float(f"{p}.aux_penalty", self.aux_penalty, 0.0, 1e3, low_open=False)
@@ -323,7 +346,9 @@ class DictionaryConfig:
         _check_int(f"{p}.calibration_rows", self.calibration_rows, 0)
         if self.max_grad_norm is not None:
             _check_float(f"{p}.max_grad_norm", self.max_grad_norm, 0.0, 1e9)
-        _check_float(f"{p}.sample_activation_threshold", self.sample_activation_threshold, 0.0, 1e9, low_open=False)
+        _check_float(
+            f"{p}.sample_activation_threshold", self.sample_activation_threshold, 0.0, 1e9, low_open=False
+        )
         if not isinstance(self.save_activation_samples, bool):
             _fail(f"{p}.save_activation_samples", self.save_activation_samples, "true or false")
         if self.skip_connection is not None and not isinstance(self.skip_connection, bool):
@@ -354,7 +379,9 @@ class DictionaryConfig:
         name, so dictionaries sharing model, layer and steps never overwrite each other. ``{layer}`` is
         the source layer, for a cross-layer transcoder too: dvc.yaml templates the same path from the
         entry's ``layer`` (it cannot compute anything else)."""
-        return Path(results_root) / (self.model_type or "model") / str(self.layer) / str(self.steps) / self.name
+        return (
+            Path(results_root) / (self.model_type or "model") / str(self.layer) / str(self.steps) / self.name
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -408,7 +435,9 @@ class MineConfig:
     def validate(self, p: str) -> None:
         _check_int(f"{p}.max_samples_per_feature", self.max_samples_per_feature, 1)
         _check_int(f"{p}.sample_context_size", self.sample_context_size, 1)
-        _check_float(f"{p}.sample_activation_threshold", self.sample_activation_threshold, 0.0, 1e9, low_open=False)
+        _check_float(
+            f"{p}.sample_activation_threshold", self.sample_activation_threshold, 0.0, 1e9, low_open=False
+        )
         _check_int(f"{p}.batch_size", self.batch_size, 1)
         _check_device(f"{p}.device", self.device)
         for key in ("quantile_bands", "samples_per_band", "histogram_bins", "n_logit_tokens"):
@@ -446,7 +475,9 @@ class PipelineConfig:
 
     def dictionary(self, name: str) -> DictionaryConfig:
         if name not in self.dictionaries:
-            raise ConfigError(f"dictionaries.{name}: no such dictionary; known: {', '.join(self.dictionaries) or 'none'}")
+            raise ConfigError(
+                f"dictionaries.{name}: no such dictionary; known: {', '.join(self.dictionaries) or 'none'}"
+            )
         return self.dictionaries[name]
 
     @property
@@ -466,8 +497,10 @@ def default_top_k(dict_size: int) -> int:
 def get_default_cfg(model_type: str = "SmolLM2-135M-Instruct") -> dict[str, Any]:
     """The seed's default training config for ``model_type`` as a plain dict (edit, then
     ``post_init_cfg``). Unknown model types get a 16x dictionary once ``act_size`` is known."""
-    cfg = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-           for f in fields(DictionaryConfig)}
+    cfg = {
+        f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+        for f in fields(DictionaryConfig)
+    }
     cfg["model_type"] = model_type
     preset = PRESETS.get(model_type)
     if preset is not None:
@@ -492,8 +525,10 @@ def post_init_cfg(cfg: dict[str, Any], prefix: str = "cfg") -> dict[str, Any]:
     if cfg.get("group_sizes") is None and cfg.get("act_size") and cfg.get("dict_size"):
         cfg["group_sizes"] = geometric_groups(cfg["act_size"], cfg["dict_size"])
     if cfg.get("dict_size") is None or cfg.get("group_sizes") is None:
-        raise ConfigError(f"{prefix}.dict_size: not set and no preset for model type "
-                          f"{cfg.get('model_type')!r}; give dict_size and group_sizes (presets: {', '.join(PRESETS)})")
+        raise ConfigError(
+            f"{prefix}.dict_size: not set and no preset for model type "
+            f"{cfg.get('model_type')!r}; give dict_size and group_sizes (presets: {', '.join(PRESETS)})"
+        )
     if cfg.get("top_k") is None and isinstance(cfg["dict_size"], int) and cfg["dict_size"] > 0:
         cfg["top_k"] = default_top_k(cfg["dict_size"])
     dictionary_from_dict(cfg, prefix)  # validates
@@ -517,8 +552,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if not isinstance(key, Hashable):
                 break  # SafeLoader's own error names it
             if key in seen:
-                raise ConfigError(f"{self.name}: key {key!r} appears twice in one mapping "
-                                  f"(lines {seen[key]} and {line}); keep one")
+                raise ConfigError(
+                    f"{self.name}: key {key!r} appears twice in one mapping "
+                    f"(lines {seen[key]} and {line}); keep one"
+                )
             seen[key] = line
         return super().construct_mapping(node, deep)
 
@@ -545,7 +582,9 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
 
 
-def parse_params(raw: Any, *, data_root: str | Path = "data", results_root: str | Path = "results") -> PipelineConfig:
+def parse_params(
+    raw: Any, *, data_root: str | Path = "data", results_root: str | Path = "results"
+) -> PipelineConfig:
     """Validate a whole params mapping (as loaded from YAML) into a ``PipelineConfig``."""
     if raw is None:
         raw = {}
@@ -554,7 +593,9 @@ def parse_params(raw: Any, *, data_root: str | Path = "data", results_root: str 
     sections = {"model", "dataset", "extract", "dictionaries", "evaluate", "mine", "browse"}
     unknown = sorted(set(raw) - sections, key=str)
     if unknown:
-        raise ConfigError(f"{_show(unknown[0])}: unknown section; valid sections are {', '.join(sorted(sections))}")
+        raise ConfigError(
+            f"{_show(unknown[0])}: unknown section; valid sections are {', '.join(sorted(sections))}"
+        )
     model = _build(ModelConfig, raw.get("model"), "model")
     dataset = _build(DatasetConfig, raw.get("dataset"), "dataset")
     extract = _build(ExtractConfig, raw.get("extract"), "extract")
@@ -576,11 +617,15 @@ def parse_params(raw: Any, *, data_root: str | Path = "data", results_root: str 
         dictionaries[name] = dictionary_from_dict(post_init_cfg(cfg, prefix), prefix)
         _check_against_extract(dictionaries[name], extract, prefix)
     return PipelineConfig(
-        model=model, dataset=dataset, extract=extract, dictionaries=dictionaries,
+        model=model,
+        dataset=dataset,
+        extract=extract,
+        dictionaries=dictionaries,
         evaluate=_build(EvaluateConfig, raw.get("evaluate"), "evaluate"),
         mine=_build(MineConfig, raw.get("mine"), "mine"),
         browse=_build(BrowseConfig, raw.get("browse"), "browse"),
-        data_root=Path(data_root), results_root=Path(results_root),
+        data_root=Path(data_root),
+        results_root=Path(results_root),
     )
 
 
@@ -591,12 +636,18 @@ def _check_against_extract(d: DictionaryConfig, extract: ExtractConfig, prefix: 
             _fail(f"{prefix}.{key}", layer, f"one of the extracted layers {extract.layers} (extract.layers)")
     for key in ("source_site", "target_site"):
         if getattr(d, key) not in extract.sites:
-            _fail(f"{prefix}.{key}", getattr(d, key), f"one of the extracted sites {extract.sites} (extract.sites)")
+            _fail(
+                f"{prefix}.{key}",
+                getattr(d, key),
+                f"one of the extracted sites {extract.sites} (extract.sites)",
+            )
 
 
 def load_params(path: str | Path = "params.yaml", **roots: Any) -> PipelineConfig:
     raw = read_yaml(path)
     if not raw:  # an empty file would silently run the whole default pipeline
-        raise ConfigError(f"{path}: empty; it needs at least the model, dataset, extract and dictionaries "
-                          "sections (start from the repository's params.yaml)")
+        raise ConfigError(
+            f"{path}: empty; it needs at least the model, dataset, extract and dictionaries "
+            "sections (start from the repository's params.yaml)"
+        )
     return parse_params(raw, **roots)

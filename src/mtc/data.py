@@ -18,8 +18,6 @@ BUILTIN = {
 }
 
 
-
-
 def _builtin_texts(path: str) -> Iterator[str]:
     if path == "builtin:pydoc-topics":
         from pydoc_data.topics import topics
@@ -57,8 +55,9 @@ def _jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DatasetError(f"{file}:{n}: not UTF-8 text (byte {e.start} of the line); "
-                                   "JSON lines must be UTF-8") from None
+                raise DatasetError(
+                    f"{file}:{n}: not UTF-8 text (byte {e.start} of the line); JSON lines must be UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -72,8 +71,9 @@ def _jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
 
 def _text_value(value, where: str, text_field: str) -> str:
     if not isinstance(value, str):
-        raise DatasetError(f"{where}: field {text_field!r} is {type(value).__name__} {str(value)[:40]!r}; "
-                           "expected a string")
+        raise DatasetError(
+            f"{where}: field {text_field!r} is {type(value).__name__} {str(value)[:40]!r}; expected a string"
+        )
     return value
 
 
@@ -97,13 +97,17 @@ class _TextCheck:
 
     def finish(self) -> None:
         if self.chars and self.bad / self.chars > self.MAX_BAD:
-            raise DatasetError(f"{self.file}: not text ({self.bad} of the first {self.chars} characters are "
-                               "undecodable bytes or control characters; expected UTF-8 text)")
+            raise DatasetError(
+                f"{self.file}: not text ({self.bad} of the first {self.chars} characters are "
+                "undecodable bytes or control characters; expected UTF-8 text)"
+            )
 
 
 def _dataset_texts(ds, text_field: str, where: str) -> Iterator[str]:
     if text_field not in ds.column_names:
-        raise DatasetError(f"{where}: no column {text_field!r} (set dataset.text_field; columns: {ds.column_names})")
+        raise DatasetError(
+            f"{where}: no column {text_field!r} (set dataset.text_field; columns: {ds.column_names})"
+        )
     for n, record in enumerate(ds):
         yield _text_value(record[text_field], f"{where}: record {n}", text_field)
 
@@ -164,10 +168,14 @@ def _hub_texts(cfg: DatasetConfig) -> Iterator[str]:
         first = next(iterator)
     except Exception as e:  # network errors come in many types; the message is what matters
         raise DatasetError(
-            f"dataset.path: cannot load hub dataset {cfg.path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "without network access, point dataset.path at local .txt/.jsonl files or a saved dataset directory") from None
+            f"dataset.path: cannot load hub dataset {cfg.path!r} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); without network access, "
+            "point dataset.path at local .txt/.jsonl files or a saved dataset directory"
+        ) from None
     if cfg.text_field not in first:
-        raise DatasetError(f"dataset.text_field: {cfg.text_field!r} not in {cfg.path} (fields: {list(first)})")
+        raise DatasetError(
+            f"dataset.text_field: {cfg.text_field!r} not in {cfg.path} (fields: {list(first)})"
+        )
     yield _text_value(first[cfg.text_field], f"{cfg.path}: record 0", cfg.text_field)
     for n, record in enumerate(iterator, 1):
         yield _text_value(record[cfg.text_field], f"{cfg.path}: record {n}", cfg.text_field)
@@ -209,8 +217,10 @@ def pack_tokens(texts: Iterator[str], tokenizer, cfg: DatasetConfig, batch_docs:
         flush()
     if len(stream) < need:
         have = len(stream) // body * cfg.context_size
-        raise DatasetError(f"dataset.n_tokens: asked for {cfg.n_tokens} tokens but {dataset_label(cfg)} gives only "
-                           f"{have} in windows of {cfg.context_size}; lower dataset.n_tokens to at most {have}")
+        raise DatasetError(
+            f"dataset.n_tokens: asked for {cfg.n_tokens} tokens but {dataset_label(cfg)} gives only "
+            f"{have} in windows of {cfg.context_size}; lower dataset.n_tokens to at most {have}"
+        )
     windows = np.asarray(stream[:need], dtype=np.int32).reshape(cfg.n_sequences, body)
     if cfg.prepend_bos:
         windows = np.concatenate([np.full((cfg.n_sequences, 1), bos, dtype=np.int32), windows], axis=1)

@@ -24,7 +24,7 @@ def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     padded = torch.cat([t, t.new_zeros(longest - t.numel())])
     parts = [torch.empty_like(padded) for _ in range(world)]
     torch.distributed.all_gather(parts, padded)
-    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
 def _nth_largest_over_ranks(values: torch.Tensor, n: int) -> torch.Tensor:
@@ -58,8 +58,14 @@ class DataParallel(MatryoshkaBatchTopK):
             found["short"] = bool(cand.numel()) and bool(cand.min() > found["t"])
             return found["t"]
 
-        rows, feats, vals = batch_topk_pairs(mm_BF, bias, n_local, self.boundaries,
-                                             self._sample_generator(mm_BF.device), threshold_of=global_threshold)
+        rows, feats, vals = batch_topk_pairs(
+            mm_BF,
+            bias,
+            n_local,
+            self.boundaries,
+            self._sample_generator(mm_BF.device),
+            threshold_of=global_threshold,
+        )
         short = all_reduce(torch.tensor([int(found["short"])], device=mm_BF.device), "max")
         if not bool(short.item()):
             return rows, feats, vals
@@ -71,7 +77,7 @@ class DataParallel(MatryoshkaBatchTopK):
 
     def _batch_stats(self, codes: SparseCodes) -> tuple[torch.Tensor, torch.Tensor]:
         fired, smallest = super()._batch_stats(codes)
-        fired = all_reduce(fired.to(torch.int32), "max").bool()   # fired anywhere in the global batch
+        fired = all_reduce(fired.to(torch.int32), "max").bool()  # fired anywhere in the global batch
         return fired, all_reduce(smallest.reshape(1).clone(), "min")[0]
 
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:

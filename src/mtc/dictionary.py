@@ -30,9 +30,9 @@ CONFIG_FILE = "dictionary.json"
 class SparseCodes(NamedTuple):
     """The batch's non-zero codes as (row, feature, value) triples, sorted by group, then row."""
 
-    rows: torch.Tensor    # [nnz] int64
-    feats: torch.Tensor   # [nnz] int64
-    vals: torch.Tensor    # [nnz] float, > 0
+    rows: torch.Tensor  # [nnz] int64
+    feats: torch.Tensor  # [nnz] int64
+    vals: torch.Tensor  # [nnz] float, > 0
     shape: tuple[int, int]  # (B, D)
 
     def dense(self) -> torch.Tensor:
@@ -45,10 +45,10 @@ class SparseCodes(NamedTuple):
 
 
 class TrainOutput(NamedTuple):
-    loss: torch.Tensor            # scalar: mean prefix MSE + aux
-    prefix_mse: torch.Tensor      # [n_groups] normalised-space MSE of each prefix
-    aux_loss: torch.Tensor        # scalar
-    codes: SparseCodes            # the batch-top-k codes
+    loss: torch.Tensor  # scalar: mean prefix MSE + aux
+    prefix_mse: torch.Tensor  # [n_groups] normalised-space MSE of each prefix
+    aux_loss: torch.Tensor  # scalar
+    codes: SparseCodes  # the batch-top-k codes
 
     @property
     def acts_BF(self) -> torch.Tensor:
@@ -72,8 +72,13 @@ def ridge_solution(xtx: torch.Tensor, xty: torch.Tensor, ridge: float = 1e-3) ->
     return torch.linalg.solve(gram, xty.double())
 
 
-def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-               store: dict[tuple, torch.Tensor] = _SHARED_WORKSPACE) -> torch.Tensor:
+def _workspace(
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    store: dict[tuple, torch.Tensor] = _SHARED_WORKSPACE,
+) -> torch.Tensor:
     """A scratch buffer reused from step to step (uninitialised). A fresh B x D tensor every step
     costs page faults on CPU: about 60 ms per 200 MB here, an eighth of the encoder matmul. Buffers
     that outlive a call (saved for backward) live in their dictionary's own ``store``."""
@@ -84,10 +89,14 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: to
     return buf[:numel].view(shape)
 
 
-def batch_topk_pairs(mm_BF: torch.Tensor, bias_F: torch.Tensor, n: int, boundaries: list[int],
-                     generator: torch.Generator | None = None,
-                     threshold_of: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_topk_pairs(
+    mm_BF: torch.Tensor,
+    bias_F: torch.Tensor,
+    n: int,
+    boundaries: list[int],
+    generator: torch.Generator | None = None,
+    threshold_of: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, features, values) of the ``n`` largest entries of ``pre = mm_BF + bias_F``, less
     those <= 0, sorted by group (``boundaries``), then row, then feature.
 
@@ -105,8 +114,12 @@ def batch_topk_pairs(mm_BF: torch.Tensor, bias_F: torch.Tensor, n: int, boundari
     t = (mm_BF.view(-1)[sample].to(bias_F.dtype) + bias_F[sample % D]).topk(rank, sorted=False).values.min()
     for attempt in range(4):
         bound = (t - bias_F).to(mm_BF.dtype)  # mm >= t - bias  <=>  pre >= t
-        pairs = nonzero_by_group(lambda a, b: torch.ge(mm_BF[:, a:b], bound[a:b], out=_workspace(
-            "mask", (B, b - a), torch.bool, mm_BF.device)), boundaries)
+        pairs = nonzero_by_group(
+            lambda a, b: torch.ge(
+                mm_BF[:, a:b], bound[a:b], out=_workspace("mask", (B, b - a), torch.bool, mm_BF.device)
+            ),
+            boundaries,
+        )
         if pairs.shape[0] >= n:
             break
         # rare (a sample far off): lower the bound, in the end to -inf (every entry)
@@ -155,7 +168,9 @@ class _FeatureOrder(NamedTuple):
         sorted_feats, perm = torch.sort(feats)
         return cls(perm, _row_offsets(sorted_feats, dict_size + 1))
 
-    def sums(self, cols: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def sums(
+        self, cols: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
         """``out[f] = sum of weights[i] * dense[cols[i]]`` over feature f's triples i, as one sparse
         (CSR) times dense product written into ``out`` (MKL's on CPU: faster than an
         ``embedding_bag``, and no fresh [D, d] tensor)."""
@@ -163,11 +178,15 @@ class _FeatureOrder(NamedTuple):
         return torch.addmm(out, A, dense, beta=0, out=out)
 
 
-def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+def _csr(
+    crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
     """A sparse CSR matrix (rows' column indices ascending, as built here), without torch's
     invariant checks and its one-time "CSR support is in beta" warning."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message="Sparse CSR tensor support is in beta", category=UserWarning
+        )
         return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
@@ -202,7 +221,9 @@ class _SparsePreActs(torch.autograd.Function):
     def backward(ctx, grad):
         x, rows, feats = ctx.saved_tensors
         grad_WT = ctx.by_feat.sums(rows, grad, x, _grad_buffer(ctx.W_encT, "grad_W_enc", ctx.scratch))
-        grad_b = torch.zeros(ctx.W_encT.shape[0], dtype=grad.dtype, device=grad.device).index_add_(0, feats, grad)
+        grad_b = torch.zeros(ctx.W_encT.shape[0], dtype=grad.dtype, device=grad.device).index_add_(
+            0, feats, grad
+        )
         return grad_WT, grad_b, None, None, None, None, None, None
 
 
@@ -223,17 +244,21 @@ class _PrefixLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vals, W_dec, initial, rows, feats, by_feat, ptr, scratch):
         G, (B, d) = len(ptr) - 1, initial.shape
-        residuals = (initial.new_empty(G, B, d) if scratch is None else
-                     _workspace("residuals", (G, B, d), initial.dtype, initial.device, scratch))
+        residuals = (
+            initial.new_empty(G, B, d)
+            if scratch is None
+            else _workspace("residuals", (G, B, d), initial.dtype, initial.device, scratch)
+        )
         bags = rows.clone()  # (group, row) -> one bag of the [G * B] stacked residuals
         for g in range(1, G):
-            bags[ptr[g]:ptr[g + 1]] += g * B
+            bags[ptr[g] : ptr[g + 1]] += g * B
         crow = _row_offsets(bags, G * B + 1)
         running, weights, codes = initial, W_dec.detach(), vals.detach()  # detached: the forward-only kernel
         for g in range(G):
             a, b = ptr[g], ptr[g + 1]
-            contrib = F.embedding_bag(feats[a:b], weights, crow[g * B:(g + 1) * B] - a, mode="sum",
-                                      per_sample_weights=codes[a:b])
+            contrib = F.embedding_bag(
+                feats[a:b], weights, crow[g * B : (g + 1) * B] - a, mode="sum", per_sample_weights=codes[a:b]
+            )
             running = torch.add(running, contrib, out=residuals[g])
         ctx.save_for_backward(vals, W_dec, feats, bags, crow, residuals)
         ctx.W_dec, ctx.by_feat, ctx.scratch = W_dec, by_feat, scratch
@@ -253,7 +278,9 @@ class _PrefixLoss(torch.autograd.Function):
         stacked = grads.view(G * B, d)
         pattern = _csr(crow, feats, vals.detach(), (G * B, W_dec.shape[0]))
         grad_vals = torch.sparse.sampled_addmm(pattern, stacked, W_dec.detach().t(), beta=0).values()
-        grad_W = ctx.by_feat.sums(bags, vals.detach(), stacked, _grad_buffer(ctx.W_dec, "grad_W_dec", ctx.scratch))
+        grad_W = ctx.by_feat.sums(
+            bags, vals.detach(), stacked, _grad_buffer(ctx.W_dec, "grad_W_dec", ctx.scratch)
+        )
         grad_initial = grads[0] if ctx.needs_input_grad[2] else None  # b_dec's, through autograd
         return grad_vals, grad_W, grad_initial, None, None, None, None, None
 
@@ -268,10 +295,22 @@ def _load_W_enc_input_major(module, state_dict, prefix, *args) -> None:
 
 
 class MatryoshkaBatchTopK(nn.Module):
-    def __init__(self, d_in: int, d_out: int, group_sizes: list[int], top_k: int, *,
-                 top_k_aux: int = 512, aux_penalty: float = 1 / 32, n_batches_to_dead: int = 5,
-                 threshold_momentum: float = 0.01, kind: str = "transcoder", input_norm: str = "token",
-                 skip_connection: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        group_sizes: list[int],
+        top_k: int,
+        *,
+        top_k_aux: int = 512,
+        aux_penalty: float = 1 / 32,
+        n_batches_to_dead: int = 5,
+        threshold_momentum: float = 0.01,
+        kind: str = "transcoder",
+        input_norm: str = "token",
+        skip_connection: bool = False,
+        seed: int = 0,
+    ):
         super().__init__()
         if not group_sizes or any(g <= 0 for g in group_sizes):
             raise ValueError(f"group_sizes must be positive, got {group_sizes}")
@@ -281,21 +320,32 @@ class MatryoshkaBatchTopK(nn.Module):
         if kind == "sae" and d_in != d_out:
             raise ValueError("an SAE reconstructs its input: d_in must equal d_out")
         if kind == "sae" and skip_connection:
-            raise ValueError("an SAE with a skip connection would learn the identity: skip_connection is for transcoders")
+            raise ValueError(
+                "an SAE with a skip connection would learn the identity: skip_connection is for transcoders"
+            )
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
-        self.cfg = dict(d_in=d_in, d_out=d_out, group_sizes=list(group_sizes), top_k=top_k, top_k_aux=top_k_aux,
-                        aux_penalty=aux_penalty, n_batches_to_dead=n_batches_to_dead,
-                        threshold_momentum=threshold_momentum, kind=kind, input_norm=input_norm,
-                        skip_connection=skip_connection)
+        self.cfg = dict(
+            d_in=d_in,
+            d_out=d_out,
+            group_sizes=list(group_sizes),
+            top_k=top_k,
+            top_k_aux=top_k_aux,
+            aux_penalty=aux_penalty,
+            n_batches_to_dead=n_batches_to_dead,
+            threshold_momentum=threshold_momentum,
+            kind=kind,
+            input_norm=input_norm,
+            skip_connection=skip_connection,
+        )
         self.group_sizes = list(group_sizes)
-        self.boundaries = [sum(group_sizes[:i + 1]) for i in range(len(group_sizes))]
+        self.boundaries = [sum(group_sizes[: i + 1]) for i in range(len(group_sizes))]
         self.dict_size = dict_size
         self.top_k = top_k
         gen = torch.Generator().manual_seed(seed)
         W_dec = torch.randn(dict_size, d_out, generator=gen)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec)                      # [D, d_out], unit rows
+        self.W_dec = nn.Parameter(W_dec)  # [D, d_out], unit rows
         # Encoder starts as the decoder's transpose (for an SAE) or a random direction set (transcoder).
         W_enc = W_dec.T.clone() if kind == "sae" else torch.randn(d_in, dict_size, generator=gen)
         W_enc = W_enc / W_enc.norm(dim=0, keepdim=True)
@@ -358,7 +408,9 @@ class MatryoshkaBatchTopK(nn.Module):
         pre = self.pre_acts(x_BD)
         return pre * (pre > self.threshold)
 
-    def decode(self, acts_BF: torch.Tensor, n_groups: int | None = None, source: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self, acts_BF: torch.Tensor, n_groups: int | None = None, source: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Raw target reconstruction from the first ``n_groups`` groups (all by default).
         ``source``: the raw rows that were encoded, which an SAE with per-token input scaling needs
         to scale its output back (ignored otherwise)."""
@@ -366,11 +418,15 @@ class MatryoshkaBatchTopK(nn.Module):
         recon = acts_BF[:, :end] @ self.W_dec[:end] + self.b_dec
         if self.W_skip is not None:
             if source is None:
-                raise ValueError("this transcoder has a skip connection: decode needs source=the encoded rows")
+                raise ValueError(
+                    "this transcoder has a skip connection: decode needs source=the encoded rows"
+                )
             recon = recon + self._skip(self._normalised_source(source))
         if self._per_token_output:
             if source is None:
-                raise ValueError("this SAE scales each token by its own norm: decode needs source=the encoded rows")
+                raise ValueError(
+                    "this SAE scales each token by its own norm: decode needs source=the encoded rows"
+                )
             return recon / self._row_scale(source)
         return recon / self.target_scale
 
@@ -388,8 +444,9 @@ class MatryoshkaBatchTopK(nn.Module):
             start = end
         return out
 
-    def prefix_losses(self, codes: SparseCodes, vals: torch.Tensor, y_BD: torch.Tensor,
-                      by_feat: _FeatureOrder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefix_losses(
+        self, codes: SparseCodes, vals: torch.Tensor, y_BD: torch.Tensor, by_feat: _FeatureOrder | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(MSE of every prefix's reconstruction of the normalised target ``y_BD``;
         the full dictionary's residual), from the codes ``vals`` at ``codes``' (row, feature) pairs,
         which must be sorted by group, then row (``by_feat``: their order by feature, if already
@@ -399,10 +456,13 @@ class MatryoshkaBatchTopK(nn.Module):
         ptr = [0, *torch.bincount(group, minlength=len(self.boundaries)).cumsum(0).tolist()]
         by_feat = _FeatureOrder.of(codes.feats, self.dict_size) if by_feat is None else by_feat
         initial = self.b_dec - y_BD
-        return _PrefixLoss.apply(vals, self.W_dec, initial, codes.rows, codes.feats, by_feat, ptr, self._scratch)
+        return _PrefixLoss.apply(
+            vals, self.W_dec, initial, codes.rows, codes.feats, by_feat, ptr, self._scratch
+        )
 
-    def training_forward(self, x_BD: torch.Tensor, y_BD: torch.Tensor,
-                         matmul_dtype: torch.dtype = torch.float32) -> TrainOutput:
+    def training_forward(
+        self, x_BD: torch.Tensor, y_BD: torch.Tensor, matmul_dtype: torch.dtype = torch.float32
+    ) -> TrainOutput:
         """Loss on a batch of raw source/target rows; updates the threshold and dead counters.
 
         Only the encoder matmul is dense. BatchTopK keeps k*B of the B*D pre-activations; the
@@ -414,8 +474,11 @@ class MatryoshkaBatchTopK(nn.Module):
         B = x_BD.shape[0]
         x = self._normalised_source(x_BD)
         with torch.no_grad():  # the one dense product; b_enc is added only where it is needed
-            mm = torch.mm(x.to(matmul_dtype), self.W_enc.to(matmul_dtype),
-                          out=_workspace("mm", (B, self.dict_size), matmul_dtype, x.device))
+            mm = torch.mm(
+                x.to(matmul_dtype),
+                self.W_enc.to(matmul_dtype),
+                out=_workspace("mm", (B, self.dict_size), matmul_dtype, x.device),
+            )
         rows, feats, pre_vals = self._select(mm)
         by_feat = _FeatureOrder.of(feats, self.dict_size)
         vals = _SparsePreActs.apply(self.W_encT, self.b_enc, x, pre_vals, rows, feats, by_feat, self._scratch)
@@ -426,7 +489,9 @@ class MatryoshkaBatchTopK(nn.Module):
         self._update_stats(codes)
         return TrainOutput(prefix_mse.mean() + aux, prefix_mse.detach(), aux.detach(), codes)
 
-    def dense_reference_loss(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def dense_reference_loss(
+        self, x_BD: torch.Tensor, y_BD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, prefix_mse) of ``training_forward`` computed the straightforward way: dense
         codes, one dense decode per group, dense autograd. For tests and benchmarks only."""
         y = self._scaled_target(x_BD, y_BD) - self._skip(self._normalised_source(x_BD))
@@ -452,8 +517,13 @@ class MatryoshkaBatchTopK(nn.Module):
 
     def _select(self, mm_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's top ``k * B`` codes (rows, features, values); see ``batch_topk_pairs``."""
-        return batch_topk_pairs(mm_BF, self.b_enc.detach(), self.top_k * mm_BF.shape[0], self.boundaries,
-                                self._sample_generator(mm_BF.device))
+        return batch_topk_pairs(
+            mm_BF,
+            self.b_enc.detach(),
+            self.top_k * mm_BF.shape[0],
+            self.boundaries,
+            self._sample_generator(mm_BF.device),
+        )
 
     def _sample_generator(self, device: torch.device) -> torch.Generator:
         # Only speeds up the threshold search (the result does not depend on it); not saved.
@@ -474,7 +544,9 @@ class MatryoshkaBatchTopK(nn.Module):
         codes = torch.relu(pre)
         k_aux = self.cfg["top_k_aux"]
         if k_aux < dead.numel():
-            keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.detach().topk(k_aux, dim=1, sorted=False).indices, True)
+            keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(
+                1, pre.detach().topk(k_aux, dim=1, sorted=False).indices, True
+            )
             codes = codes * keep
         error = torch.addmm(residual_BD, codes, self.W_dec.index_select(0, dead))
         return self.cfg["aux_penalty"] * error.pow(2).mean()
@@ -501,7 +573,9 @@ class MatryoshkaBatchTopK(nn.Module):
         for x in sources:
             pre = self.pre_acts(x.to(self.W_dec.device, self.W_dec.dtype))
             # a batch holds about k * B of the global top k * N: keep twice that as candidates
-            candidates.append(pre.flatten().topk(min(2 * self.top_k * x.shape[0], pre.numel()), sorted=False).values)
+            candidates.append(
+                pre.flatten().topk(min(2 * self.top_k * x.shape[0], pre.numel()), sorted=False).values
+            )
             n_rows += x.shape[0]
         if n_rows:
             values = torch.cat(candidates)
@@ -562,7 +636,9 @@ class MatryoshkaBatchTopK(nn.Module):
         atomic_write_text(directory / CONFIG_FILE, json.dumps(self.cfg, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path, weights_file: str = WEIGHTS_FILE, device: str | torch.device = "cpu"):
+    def load(
+        cls, directory: str | Path, weights_file: str = WEIGHTS_FILE, device: str | torch.device = "cpu"
+    ):
         directory = Path(directory)
         cfg: dict[str, Any] = json.loads((directory / CONFIG_FILE).read_text())
         cfg.setdefault("input_norm", "global")  # saved before per-token scaling existed

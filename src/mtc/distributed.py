@@ -73,8 +73,11 @@ def from_env() -> Context:
 
 # ----------------------------------------------------------------------------- data-parallel training
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
-           "min": torch.distributed.ReduceOp.MIN}
+    ops = {
+        "sum": torch.distributed.ReduceOp.SUM,
+        "max": torch.distributed.ReduceOp.MAX,
+        "min": torch.distributed.ReduceOp.MIN,
+    }
     torch.distributed.all_reduce(t, op=ops[op])
     return t
 
@@ -88,7 +91,7 @@ def average_gradients(model: torch.nn.Module) -> None:
     all_reduce(flat, "sum").div_(torch.distributed.get_world_size())
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
@@ -98,8 +101,10 @@ def check_batch_size(batch_size: int, name: str) -> None:
     if batch_size % world:
         from mtc.config import ConfigError
 
-        raise ConfigError(f"dictionaries.{name}.batch_size: {batch_size} does not split evenly over "
-                          f"{world} ranks; use a multiple of {world}")
+        raise ConfigError(
+            f"dictionaries.{name}.batch_size: {batch_size} does not split evenly over "
+            f"{world} ranks; use a multiple of {world}"
+        )
 
 
 def shard_batch(xs: list[torch.Tensor], rows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -40,17 +40,27 @@ class BrowseError(RuntimeError):
     """Nothing to browse: no mined samples, or no tokenizer to show them with."""
 
 
-USER_ERRORS = (ConfigError, StoreError, ModelError, DatasetError, LockedError, CheckpointError, FloatingPointError,
-               BrowseError)
+USER_ERRORS = (
+    ConfigError,
+    StoreError,
+    ModelError,
+    DatasetError,
+    LockedError,
+    CheckpointError,
+    FloatingPointError,
+    BrowseError,
+)
 
 
 def disk_full_message(e: OSError) -> str | None:
     """One line for a full disk or quota (None for other OS errors, which are bugs to show whole)."""
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
-    return (f"no space left on the device writing {e.filename or 'a file'}; finished stores, checkpoints "
-            "and results are intact (every file is written whole, then renamed): free space and re-run; "
-            "training resumes from its last checkpoint, extraction from its last whole chunk")
+    return (
+        f"no space left on the device writing {e.filename or 'a file'}; finished stores, checkpoints "
+        "and results are intact (every file is written whole, then renamed): free space and re-run; "
+        "training resumes from its last checkpoint, extraction from its last whole chunk"
+    )
 
 
 def _to_stderr(line: str) -> None:

@@ -37,8 +37,13 @@ HISTOGRAM_BIN = 0.25
 
 
 @torch.no_grad()
-def reconstruction(dictionary: MatryoshkaBatchTopK, store: ActivationStore, source: tuple[int, str],
-                   target: tuple[int, str], cfg: EvaluateConfig) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+def reconstruction(
+    dictionary: MatryoshkaBatchTopK,
+    store: ActivationStore,
+    source: tuple[int, str],
+    target: tuple[int, str],
+    cfg: EvaluateConfig,
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """FVU per prefix, L0 and feature statistics on the store's held-out rows (never trained on).
 
     Returns the metrics, each feature's fire count [D] and the mean target activation [d]."""
@@ -65,13 +70,17 @@ def reconstruction(dictionary: MatryoshkaBatchTopK, store: ActivationStore, sour
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     metrics = {
-        "fvu": fvus[-1], "explained_variance": 1 - fvus[-1],
-        "fvu_per_prefix": fvus, **fvu_summary(fvus),
+        "fvu": fvus[-1],
+        "explained_variance": 1 - fvus[-1],
+        "fvu_per_prefix": fvus,
+        **fvu_summary(fvus),
         "explained_variance_per_prefix": [1 - f for f in fvus],
         "l0": active_total / max(1, n_tokens),
         **feature_counts(fired, n_tokens, dictionary.group_sizes),
-        "prefix_sizes": list(dictionary.boundaries), "n_tokens": n_tokens,
-        "prefix_fvu_decreasing": not warnings, "warnings": warnings,
+        "prefix_sizes": list(dictionary.boundaries),
+        "n_tokens": n_tokens,
+        "prefix_fvu_decreasing": not warnings,
+        "warnings": warnings,
     }
     return metrics, fired, (fvu.sum / fvu.n).float().cpu()
 
@@ -79,17 +88,24 @@ def reconstruction(dictionary: MatryoshkaBatchTopK, store: ActivationStore, sour
 def prefix_warnings(fvus: list[float], prefix_sizes: list[int]) -> list[str]:
     """A Matryoshka dictionary must reconstruct strictly better with every group it adds: one
     message per prefix that does not."""
-    return [f"FVU does not decrease from prefix {a} to {b} features ({fa:.4f} -> {fb:.4f}): the added group hurts"
-            for (a, fa), (b, fb) in zip(zip(prefix_sizes, fvus), zip(prefix_sizes[1:], fvus[1:])) if not fb < fa]
+    return [
+        f"FVU does not decrease from prefix {a} to {b} features ({fa:.4f} -> {fb:.4f}): the added group hurts"
+        for (a, fa), (b, fb) in zip(zip(prefix_sizes, fvus), zip(prefix_sizes[1:], fvus[1:]))
+        if not fb < fa
+    ]
 
 
 def feature_counts(fire_counts_F: torch.Tensor, n_tokens: int, group_sizes: list[int]) -> dict[str, Any]:
     """Dead (never fired) and dense (fired on more than 10 % of tokens) features, in all and per group."""
     dead = fire_counts_F == 0
     dense = fire_counts_F > DENSE_FREQUENCY * n_tokens
-    return {"dead_features": int(dead.sum()), "dead_fraction": float(dead.float().mean()),
-            "dead_per_group": per_group_counts(dead, group_sizes),
-            "dense_features": int(dense.sum()), "dense_per_group": per_group_counts(dense, group_sizes)}
+    return {
+        "dead_features": int(dead.sum()),
+        "dead_fraction": float(dead.float().mean()),
+        "dead_per_group": per_group_counts(dead, group_sizes),
+        "dense_features": int(dense.sum()),
+        "dense_per_group": per_group_counts(dense, group_sizes),
+    }
 
 
 def heldout_windows(store: ActivationStore, n: int) -> torch.Tensor:
@@ -98,8 +114,15 @@ def heldout_windows(store: ActivationStore, n: int) -> torch.Tensor:
     return torch.from_numpy(store.tokens(first, first + n)).long()
 
 
-def spliced_metrics(dictionary: MatryoshkaBatchTopK, store: ActivationStore, mean_target_D: torch.Tensor,
-                    source: tuple[int, str], target: tuple[int, str], cfg: EvaluateConfig, model_dir: Path) -> dict[str, Any]:
+def spliced_metrics(
+    dictionary: MatryoshkaBatchTopK,
+    store: ActivationStore,
+    mean_target_D: torch.Tensor,
+    source: tuple[int, str],
+    target: tuple[int, str],
+    cfg: EvaluateConfig,
+    model_dir: Path,
+) -> dict[str, Any]:
     """The spliced-loss metrics on ``cfg.n_ce_sequences`` held-out windows (none when 0)."""
     from mtc.models import load_bridge
     from mtc.spliced import Replacements, spliced_loss
@@ -109,12 +132,23 @@ def spliced_metrics(dictionary: MatryoshkaBatchTopK, store: ActivationStore, mea
     bridge = load_bridge(model_dir, cfg.dtype, cfg.device)
     device = next(bridge.parameters()).device
     windows = heldout_windows(store, min(cfg.n_ce_sequences, store.n_holdout_sequences))
-    result = spliced_loss(bridge, windows, Replacements(dictionary.to(device).eval(), mean_target_D.to(device)),
-                          source, target, batch_size=cfg.ce_batch_size, skip_bos=store.skip_bos)
-    return {"ce_clean": result["ce_clean"], "ce_spliced": result["ce_spliced_per_prefix"][-1],
-            "ce_recovered_vs_zero": result["ce_recovered_vs_zero_per_prefix"][-1],
-            "ce_recovered_vs_mean": result["ce_recovered_vs_mean_per_prefix"][-1],
-            "kl": result["kl_per_prefix"][-1], **result}
+    result = spliced_loss(
+        bridge,
+        windows,
+        Replacements(dictionary.to(device).eval(), mean_target_D.to(device)),
+        source,
+        target,
+        batch_size=cfg.ce_batch_size,
+        skip_bos=store.skip_bos,
+    )
+    return {
+        "ce_clean": result["ce_clean"],
+        "ce_spliced": result["ce_spliced_per_prefix"][-1],
+        "ce_recovered_vs_zero": result["ce_recovered_vs_zero_per_prefix"][-1],
+        "ce_recovered_vs_mean": result["ce_recovered_vs_mean_per_prefix"][-1],
+        "kl": result["kl_per_prefix"][-1],
+        **result,
+    }
 
 
 def frequency_histogram(log10_freq_F: torch.Tensor) -> list[dict[str, Any]]:
@@ -137,10 +171,12 @@ def plot_rows(metrics: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     def against_features(key: str, field: str) -> list[dict[str, Any]]:
         return [{"features": n, field: v} for n, v in zip(sizes, metrics.get(key, []))]
 
-    return {"fvu": against_features("fvu_per_prefix", "fvu"),
-            "ce_recovered_vs_zero": against_features("ce_recovered_vs_zero_per_prefix", "ce_recovered_vs_zero"),
-            "ce_recovered_vs_mean": against_features("ce_recovered_vs_mean_per_prefix", "ce_recovered_vs_mean"),
-            "kl": against_features("kl_per_prefix", "kl")}
+    return {
+        "fvu": against_features("fvu_per_prefix", "fvu"),
+        "ce_recovered_vs_zero": against_features("ce_recovered_vs_zero_per_prefix", "ce_recovered_vs_zero"),
+        "ce_recovered_vs_mean": against_features("ce_recovered_vs_mean_per_prefix", "ce_recovered_vs_mean"),
+        "kl": against_features("kl_per_prefix", "kl"),
+    }
 
 
 def evaluate_run(cfg: PipelineConfig, name: str, store: ActivationStore) -> Path:
@@ -153,10 +189,17 @@ def evaluate_run(cfg: PipelineConfig, name: str, store: ActivationStore) -> Path
     run_dir = d.run_dir(cfg.results_root)
     dictionary = MatryoshkaBatchTopK.load(run_dir)
     metrics, fire_counts, mean_target = reconstruction(dictionary, store, source, target, cfg.evaluate)
-    metrics.update(spliced_metrics(dictionary, store, mean_target, source, target, cfg.evaluate, cfg.model_dir))
+    metrics.update(
+        spliced_metrics(dictionary, store, mean_target, source, target, cfg.evaluate, cfg.model_dir)
+    )
     log10_freq = log10_frequency(fire_counts, metrics["n_tokens"])
-    atomic_write_bytes(run_dir / FREQUENCY_FILE, save_tensors(
-        {"log10_frequency": log10_freq, "fire_count": fire_counts}, metadata={"n_tokens": str(metrics["n_tokens"])}))
+    atomic_write_bytes(
+        run_dir / FREQUENCY_FILE,
+        save_tensors(
+            {"log10_frequency": log10_freq, "fire_count": fire_counts},
+            metadata={"n_tokens": str(metrics["n_tokens"])},
+        ),
+    )
     plots = {**plot_rows(metrics), "frequency_histogram": frequency_histogram(log10_freq)}
     for plot, rows in plots.items():
         atomic_write_json(run_dir / PLOTS_DIR / f"{plot}.json", rows)
@@ -165,7 +208,9 @@ def evaluate_run(cfg: PipelineConfig, name: str, store: ActivationStore) -> Path
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN or infinity: such values (e.g. CE recovered when an ablation costs nothing) become null."""
+    """JSON has no NaN or infinity: such values (e.g. CE recovered when an ablation costs nothing)
+    become null."""
+
     def fix(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
             return None

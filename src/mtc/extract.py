@@ -28,18 +28,34 @@ def extract(cfg: PipelineConfig, store_dir: str | Path | None = None) -> Path:
         return _extract(cfg, store_dir, arch, tokenizer, tokens, dist)
 
 
-def _extract(cfg: PipelineConfig, store_dir: Path, arch: models.Architecture, tokenizer, tokens,
-             dist: distributed.Context) -> Path:
+def _extract(
+    cfg: PipelineConfig,
+    store_dir: Path,
+    arch: models.Architecture,
+    tokenizer,
+    tokens,
+    dist: distributed.Context,
+) -> Path:
     device = dist.device(cfg.model.device)
     wanted = [(layer, site) for layer in cfg.extract.layers for site in cfg.extract.sites]
     # Nothing is written until the wrapper gives the model's own activations on the first batch.
-    first_batch = torch.from_numpy(tokens[:cfg.extract.batch_size]).long().to(device)
-    bridge, errors = model_check.checked_bridge(cfg.model_dir, models.load_hf_model(cfg.model_dir, cfg.model.dtype),
-                                                arch, first_batch, wanted, cfg.model.dtype, device)
-    progress.note(f"wrapper check on the first batch: largest relative error {max(errors.values()):.1e} "
-                  f"(logits and {len(errors) - 1} site(s) against the model's own forward)")
-    provenance = store_provenance(cfg, tokenizer.bos_token_id if tokenizer.bos_token_id is not None
-                                  else tokenizer.eos_token_id)
+    first_batch = torch.from_numpy(tokens[: cfg.extract.batch_size]).long().to(device)
+    bridge, errors = model_check.checked_bridge(
+        cfg.model_dir,
+        models.load_hf_model(cfg.model_dir, cfg.model.dtype),
+        arch,
+        first_batch,
+        wanted,
+        cfg.model.dtype,
+        device,
+    )
+    progress.note(
+        f"wrapper check on the first batch: largest relative error {max(errors.values()):.1e} "
+        f"(logits and {len(errors) - 1} site(s) against the model's own forward)"
+    )
+    provenance = store_provenance(
+        cfg, tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    )
 
     # Build the store beside its final place and move it in only when complete. An interrupted
     # extraction of the same params resumes: shards already on disk are kept. Batches always start
@@ -47,11 +63,23 @@ def _extract(cfg: PipelineConfig, store_dir: Path, arch: models.Architecture, to
     # shard boundary), so every row comes from the same forward pass as in one uninterrupted run
     # and the store is bit-identical.
     tmp_dir = store_dir.with_name(store_dir.name + ".partial")
-    writer = StoreWriter(tmp_dir, provenance, tokens, wanted, arch.d_model, cfg.extract.dtype,
-                         cfg.extract.chunk_rows, shard_rows=cfg.extract.shard_rows,
-                         rank=dist.rank, world_size=dist.world_size, barrier=dist.barrier)
+    writer = StoreWriter(
+        tmp_dir,
+        provenance,
+        tokens,
+        wanted,
+        arch.d_model,
+        cfg.extract.dtype,
+        cfg.extract.chunk_rows,
+        shard_rows=cfg.extract.shard_rows,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        barrier=dist.barrier,
+    )
     batch = cfg.extract.batch_size
-    label = f"extract {len(wanted)} site(s)" + (f" [rank {dist.rank}/{dist.world_size}]" if dist.world_size > 1 else "")
+    label = f"extract {len(wanted)} site(s)" + (
+        f" [rank {dist.rank}/{dist.world_size}]" if dist.world_size > 1 else ""
+    )
     with writer, progress.bar(label, total=writer.rows_todo, unit="tok") as advance:
         fill(writer, bridge, tokens, wanted, batch, device, advance)
         writer.close()
@@ -63,12 +91,19 @@ def _extract(cfg: PipelineConfig, store_dir: Path, arch: models.Architecture, to
     return store_dir
 
 
-def fill(writer: StoreWriter, bridge, tokens, wanted: list[tuple[int, str]], batch: int, device,
-         advance=lambda n: None) -> None:
+def fill(
+    writer: StoreWriter,
+    bridge,
+    tokens,
+    wanted: list[tuple[int, str]],
+    batch: int,
+    device,
+    advance=lambda n: None,
+) -> None:
     """Run the model over the windows ``writer`` still needs and hand it the activations; the
     writer's thread compresses and writes while the next batch runs."""
     for first, stop in writer.todo_windows():
         for start in range(first - first % batch, stop, batch):
-            ids = torch.from_numpy(tokens[start:start + batch]).long().to(device)
+            ids = torch.from_numpy(tokens[start : start + batch]).long().to(device)
             writer.add(models.run_sites(bridge, ids, wanted), at_window=start)
             advance((min(start + batch, stop) - max(start, first)) * tokens.shape[1])

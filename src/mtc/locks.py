@@ -26,8 +26,9 @@ def exclusive(directory: str | Path) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
-            raise LockedError(f"{directory}: another process (pid {holder}) is writing it; "
-                              "wait for it to finish or stop it") from None
+            raise LockedError(
+                f"{directory}: another process (pid {holder}) is writing it; wait for it to finish or stop it"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))

@@ -47,13 +47,16 @@ class FVUAccumulator:
 # ----------------------------------------------------------------------------- spliced loss
 def ce_loss_recovered(clean: float, spliced: float, ablated: float) -> float:
     """Share of the loss an ablation costs that the dictionary gives back:
-    (CE_ablated - CE_spliced) / (CE_ablated - CE_clean); 1 = as good as the model, 0 = as bad as the ablation."""
+    (CE_ablated - CE_spliced) / (CE_ablated - CE_clean); 1 = as good as the model, 0 = as bad as the
+    ablation."""
     if ablated == clean:  # the ablation costs nothing: nothing to recover
         return float("nan")
     return (ablated - spliced) / (ablated - clean)
 
 
-def ce_and_kl_sums(clean_logp_NV: torch.Tensor, logits_NV: torch.Tensor, targets_N: torch.Tensor) -> tuple[float, float]:
+def ce_and_kl_sums(
+    clean_logp_NV: torch.Tensor, logits_NV: torch.Tensor, targets_N: torch.Tensor
+) -> tuple[float, float]:
     """Summed cross-entropy of ``logits_NV`` on ``targets_N`` and summed KL(clean || softmax(logits))
     over N predictions; ``clean_logp_NV`` are the clean model's log-probabilities."""
     logp = torch.log_softmax(logits_NV.float(), dim=-1)

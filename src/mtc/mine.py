@@ -4,6 +4,7 @@ Writes ``activation_samples/mined/`` in the format described in ``mtc.samples``:
 contexts per feature, firing histograms and frequencies, and each decoder direction's direct effect on
 the logits.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,9 @@ class ContextActivations:
 
     def __init__(self, crow_DMC: np.ndarray):
         self.crow = torch.from_numpy(crow_DMC).reshape(-1)
-        self.feature = torch.arange(crow_DMC.shape[0]).repeat_interleave(crow_DMC.shape[1] * crow_DMC.shape[2])
+        self.feature = torch.arange(crow_DMC.shape[0]).repeat_interleave(
+            crow_DMC.shape[1] * crow_DMC.shape[2]
+        )
         self.acts = torch.zeros(self.crow.shape[0])
         self.shape = crow_DMC.shape
 
@@ -56,13 +59,15 @@ def quantile_bands(values_DR: torch.Tensor, n_bands: int) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def logit_effects(dictionary: MatryoshkaBatchTopK, unembedding: Any, k: int, chunk: int = 1024) -> dict[str, torch.Tensor]:
+def logit_effects(
+    dictionary: MatryoshkaBatchTopK, unembedding: Any, k: int, chunk: int = 1024
+) -> dict[str, torch.Tensor]:
     """The ``k`` tokens each decoder direction promotes and suppresses most through the unembedding."""
     W = (dictionary.W_dec / dictionary.target_scale).detach().float().cpu()
     k = min(k, unembedding.W_U.shape[1])
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in ("promoted", "suppressed")}
     for start in range(0, W.shape[0], chunk):
-        scores = unembedding.scores(W[start:start + chunk])                   # [chunk, vocab]
+        scores = unembedding.scores(W[start : start + chunk])  # [chunk, vocab]
         parts["promoted"].append(scores.topk(k, dim=1))
         parts["suppressed"].append(scores.topk(k, dim=1, largest=False))
     out = {}
@@ -73,8 +78,16 @@ def logit_effects(dictionary: MatryoshkaBatchTopK, unembedding: Any, k: int, chu
 
 
 @torch.no_grad()
-def mine(dictionary: MatryoshkaBatchTopK, store: ActivationStore, layer: int, site: str, cfg: MineConfig,
-         out_dir: str | Path, tokenizer_dir: str | Path, unembedding: Any = None) -> Path:
+def mine(
+    dictionary: MatryoshkaBatchTopK,
+    store: ActivationStore,
+    layer: int,
+    site: str,
+    cfg: MineConfig,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path,
+    unembedding: Any = None,
+) -> Path:
     """Two passes over the held-out rows: the first keeps each feature's top-activating and random
     firings, fire counts and largest activation; the second fills in activation histograms and the
     feature's activation on every token of the kept contexts. Then the decoder's logit effects."""
@@ -100,7 +113,10 @@ def mine(dictionary: MatryoshkaBatchTopK, store: ActivationStore, layer: int, si
     for name in ("values", "rows", "keys"):
         setattr(random, name, getattr(random, name).gather(1, order))
     tokens = store.tokens()
-    top_t, random_t = top.tensors(tokens, cfg.sample_context_size), random.tensors(tokens, cfg.sample_context_size)
+    top_t, random_t = (
+        top.tensors(tokens, cfg.sample_context_size),
+        random.tensors(tokens, cfg.sample_context_size),
+    )
     top_ctx = ContextActivations(context_rows(top.rows, store.context_size, cfg.sample_context_size)[0])
     random_ctx = ContextActivations(context_rows(random.rows, store.context_size, cfg.sample_context_size)[0])
     bins = cfg.histogram_bins
@@ -115,24 +131,44 @@ def mine(dictionary: MatryoshkaBatchTopK, store: ActivationStore, layer: int, si
             histogram += torch.bincount(feat * bins + b, minlength=D * bins)
             advance(int(rows.numel()))
     n_tokens = top.n_tokens_seen
-    features = {"fire_count": fire_count, "log10_frequency": log10_frequency(fire_count, n_tokens),
-                "max_activation": max_act, "histogram": histogram.reshape(D, bins)}
+    features = {
+        "fire_count": fire_count,
+        "log10_frequency": log10_frequency(fire_count, n_tokens),
+        "max_activation": max_act,
+        "histogram": histogram.reshape(D, bins),
+    }
     if unembedding is not None:
         features.update(logit_effects(dictionary, unembedding, cfg.n_logit_tokens))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / SAMPLES_FILE, save_tensors({**top_t, "context_acts": top_ctx.tensor()}))
-    atomic_write_bytes(out_dir / QUANTILE_FILE, save_tensors({**random_t, "context_acts": random_ctx.tensor(),
-                                                               "band": band.contiguous()}))
-    atomic_write_bytes(out_dir / FEATURES_FILE, save_tensors({k: v.contiguous() for k, v in features.items()}))
-    atomic_write_json(out_dir / META_FILE, {
-        "dict_size": D, "max_samples_per_feature": cfg.max_samples_per_feature,
-        "sample_context_size": cfg.sample_context_size, "sample_activation_threshold": cfg.sample_activation_threshold,
-        "n_tokens_seen": n_tokens, "quantile_bands": cfg.quantile_bands, "samples_per_band": cfg.samples_per_band,
-        "histogram_bins": bins, "n_logit_tokens": cfg.n_logit_tokens if unembedding is not None else 0,
-        "group_sizes": list(dictionary.group_sizes), "fired_features": int((fire_count > 0).sum()),
-        "source": "mine (held-out rows)", "store": str(store.dir), "tokenizer_dir": str(tokenizer_dir),
-        "logit_effects": getattr(unembedding, "description", None)})
+    atomic_write_bytes(
+        out_dir / QUANTILE_FILE,
+        save_tensors({**random_t, "context_acts": random_ctx.tensor(), "band": band.contiguous()}),
+    )
+    atomic_write_bytes(
+        out_dir / FEATURES_FILE, save_tensors({k: v.contiguous() for k, v in features.items()})
+    )
+    atomic_write_json(
+        out_dir / META_FILE,
+        {
+            "dict_size": D,
+            "max_samples_per_feature": cfg.max_samples_per_feature,
+            "sample_context_size": cfg.sample_context_size,
+            "sample_activation_threshold": cfg.sample_activation_threshold,
+            "n_tokens_seen": n_tokens,
+            "quantile_bands": cfg.quantile_bands,
+            "samples_per_band": cfg.samples_per_band,
+            "histogram_bins": bins,
+            "n_logit_tokens": cfg.n_logit_tokens if unembedding is not None else 0,
+            "group_sizes": list(dictionary.group_sizes),
+            "fired_features": int((fire_count > 0).sum()),
+            "source": "mine (held-out rows)",
+            "store": str(store.dir),
+            "tokenizer_dir": str(tokenizer_dir),
+            "logit_effects": getattr(unembedding, "description", None),
+        },
+    )
     return out_dir
 
 
@@ -143,5 +179,13 @@ def mine_run(cfg: PipelineConfig, name: str, store: ActivationStore) -> Path:
     d = cfg.dictionary(name)
     run_dir = d.run_dir(cfg.results_root)
     dictionary = MatryoshkaBatchTopK.load(run_dir)
-    return mine(dictionary, store, d.layer, d.source_site, cfg.mine, run_dir / "activation_samples" / "mined",
-                cfg.model_dir, load_unembedding(cfg.model_dir))
+    return mine(
+        dictionary,
+        store,
+        d.layer,
+        d.source_site,
+        cfg.mine,
+        run_dir / "activation_samples" / "mined",
+        cfg.model_dir,
+        load_unembedding(cfg.model_dir),
+    )

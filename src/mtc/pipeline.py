@@ -23,8 +23,10 @@ def check_model_facts(cfg: PipelineConfig) -> None:
     local = Path(cfg.model.name).expanduser()
     if looks_local(cfg.model.name) or local.is_dir():
         if not (local / "config.json").is_file():
-            raise ConfigError(f"model.name: {cfg.model.name!r} is not a model directory (no config.json); point it at "
-                              "a Hugging Face model directory, a hub id, or packaged:<name>")
+            raise ConfigError(
+                f"model.name: {cfg.model.name!r} is not a model directory (no config.json); point it at "
+                "a Hugging Face model directory, a hub id, or packaged:<name>"
+            )
         candidates.append(local)
     model_dir = next((d for d in candidates if (d / "config.json").is_file()), None)
     if model_dir is None:
@@ -37,7 +39,9 @@ def check_model_facts(cfg: PipelineConfig) -> None:
             arch.check_site(site, layer, "extract.sites")
     for name, d in cfg.dictionaries.items():
         if d.act_size is not None and d.act_size != arch.d_model:
-            raise ConfigError(f"dictionaries.{name}.act_size: got {d.act_size}; {cfg.model.name} has width {arch.d_model}")
+            raise ConfigError(
+                f"dictionaries.{name}.act_size: got {d.act_size}; {cfg.model.name} has width {arch.d_model}"
+            )
 
 
 def open_store(cfg: PipelineConfig):

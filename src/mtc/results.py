@@ -18,10 +18,9 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 
 
-
-
-def create_run_dir(model_type: str, layer: int | str, steps: int, name: str | None = None,
-                   root: str | Path = "results") -> Path:
+def create_run_dir(
+    model_type: str, layer: int | str, steps: int, name: str | None = None, root: str | Path = "results"
+) -> Path:
     """``root/model_type/layer/steps[/name]``, created."""
     path = Path(root) / model_type / str(layer) / str(steps)
     if name:

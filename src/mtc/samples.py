@@ -58,13 +58,15 @@ class TopActivations:
         self.n_tokens_seen = 0
 
     @torch.no_grad()
-    def update(self, acts_BF: torch.Tensor, rows_B: torch.Tensor, keys_BF: torch.Tensor | None = None) -> None:
+    def update(
+        self, acts_BF: torch.Tensor, rows_B: torch.Tensor, keys_BF: torch.Tensor | None = None
+    ) -> None:
         acts = acts_BF.float().cpu()
         fired = acts > self.threshold
         rank = (acts if keys_BF is None else keys_BF.float().cpu()).masked_fill(~fired, -1.0)
         m = min(self.values.shape[1], acts.shape[0])
-        keys, idx = rank.topk(m, dim=0)                                   # [m, D]
-        keys, idx = keys.T, idx.T                                         # [D, m]
+        keys, idx = rank.topk(m, dim=0)  # [m, D]
+        keys, idx = keys.T, idx.T  # [D, m]
         valid = keys >= 0
         vals = acts.T.gather(1, idx).masked_fill(~valid, -1.0)
         rows = rows_B.cpu()[idx].masked_fill(~valid, -1)
@@ -80,23 +82,38 @@ class TopActivations:
         self.n_tokens_seen += acts.shape[0]
 
     def tensors(self, tokens_SC: np.ndarray, context_size: int) -> dict[str, torch.Tensor]:
-        """The samples with their token contexts (``context_size`` tokens, the activating one near the end)."""
+        """The samples with their token contexts (``context_size`` tokens, the activating one near the
+        end)."""
         ctx = tokens_SC.shape[1]
         crow, token_index = context_rows(self.rows, ctx, context_size)
         flat = tokens_SC.reshape(-1)
         contexts = np.where(crow >= 0, flat[np.maximum(crow, 0)], -1).astype(np.int32)
-        return {"values": self.values.clamp_min(0.0).contiguous(), "rows": self.rows.contiguous(),
-                "contexts": torch.from_numpy(contexts), "token_index": token_index}
+        return {
+            "values": self.values.clamp_min(0.0).contiguous(),
+            "rows": self.rows.contiguous(),
+            "contexts": torch.from_numpy(contexts),
+            "token_index": token_index,
+        }
 
-    def save(self, directory: str | Path, tokens_SC: np.ndarray, context_size: int, meta: dict[str, Any]) -> Path:
+    def save(
+        self, directory: str | Path, tokens_SC: np.ndarray, context_size: int, meta: dict[str, Any]
+    ) -> Path:
         """Write ``samples.safetensors`` and ``meta.json`` to ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(directory / SAMPLES_FILE, save_tensors(self.tensors(tokens_SC, context_size)))
         D, M = self.rows.shape
-        atomic_write_json(directory / META_FILE, {
-            "dict_size": D, "max_samples_per_feature": M, "sample_context_size": context_size,
-            "sample_activation_threshold": self.threshold, "n_tokens_seen": self.n_tokens_seen, **meta})
+        atomic_write_json(
+            directory / META_FILE,
+            {
+                "dict_size": D,
+                "max_samples_per_feature": M,
+                "sample_context_size": context_size,
+                "sample_activation_threshold": self.threshold,
+                "n_tokens_seen": self.n_tokens_seen,
+                **meta,
+            },
+        )
         return directory
 
 
@@ -108,7 +125,7 @@ def context_rows(rows_DM: torch.Tensor, ctx: int, context_size: int) -> tuple[np
     rows = rows_DM.numpy()
     seq, pos = np.maximum(rows, 0) // ctx, np.maximum(rows, 0) % ctx
     start = np.clip(pos - (context_size - 1 - after), 0, None)
-    offsets = start[..., None] + np.arange(context_size)                      # [D, M, C]
+    offsets = start[..., None] + np.arange(context_size)  # [D, M, C]
     valid = (offsets < ctx) & (offsets <= pos[..., None] + after) & (rows[..., None] >= 0)
     crow = np.where(valid, seq[..., None] * ctx + offsets, -1)
     return crow, torch.from_numpy((pos - start).astype(np.int32) * (rows >= 0))
@@ -121,10 +138,19 @@ class ActivationSampleAnalyzer:
         self.dir = Path(directory)
         self.meta = read_json(self.dir / META_FILE)
         t = load_file(str(self.dir / SAMPLES_FILE))
-        self.values, self.rows, self.contexts, self.token_index = t["values"], t["rows"], t["contexts"], t["token_index"]
+        self.values, self.rows, self.contexts, self.token_index = (
+            t["values"],
+            t["rows"],
+            t["contexts"],
+            t["token_index"],
+        )
         self.context_acts = t.get("context_acts")
-        self.quantile = load_file(str(self.dir / QUANTILE_FILE)) if (self.dir / QUANTILE_FILE).is_file() else None
-        self.feature_info = load_file(str(self.dir / FEATURES_FILE)) if (self.dir / FEATURES_FILE).is_file() else None
+        self.quantile = (
+            load_file(str(self.dir / QUANTILE_FILE)) if (self.dir / QUANTILE_FILE).is_file() else None
+        )
+        self.feature_info = (
+            load_file(str(self.dir / FEATURES_FILE)) if (self.dir / FEATURES_FILE).is_file() else None
+        )
         self._tokenizer = tokenizer
 
     @property
@@ -139,9 +165,16 @@ class ActivationSampleAnalyzer:
         ids = torch.nonzero(counts >= min_samples).flatten()
         return ids[self.values[ids, 0].argsort(descending=True)].tolist()
 
-    def samples(self, feature: int, n: int | None = None, marker: tuple[str, str] = ("«", "»")) -> list[dict[str, Any]]:
+    def samples(
+        self, feature: int, n: int | None = None, marker: tuple[str, str] = ("«", "»")
+    ) -> list[dict[str, Any]]:
         """Top-activating contexts as text, best first."""
-        t = {"values": self.values, "rows": self.rows, "contexts": self.contexts, "token_index": self.token_index}
+        t = {
+            "values": self.values,
+            "rows": self.rows,
+            "contexts": self.contexts,
+            "token_index": self.token_index,
+        }
         if self.context_acts is not None:
             t["context_acts"] = self.context_acts
         return self._decode(t, feature, n, marker)
@@ -155,7 +188,9 @@ class ActivationSampleAnalyzer:
             s["band"] = b
         return out
 
-    def _decode(self, t: dict[str, torch.Tensor], feature: int, n: int | None, marker: tuple[str, str]) -> list[dict[str, Any]]:
+    def _decode(
+        self, t: dict[str, torch.Tensor], feature: int, n: int | None, marker: tuple[str, str]
+    ) -> list[dict[str, Any]]:
         out = []
         M = t["rows"].shape[1]
         for j in range(M if n is None else min(n, M)):
@@ -166,10 +201,15 @@ class ActivationSampleAnalyzer:
             valid = ids >= 0
             before = self.tokenizer.decode(ids[:i][valid[:i]].tolist())
             token = self.tokenizer.decode([int(ids[i])])
-            after = self.tokenizer.decode(ids[i + 1:][valid[i + 1:]].tolist())
-            sample = {"activation": float(t["values"][feature, j]), "row": int(t["rows"][feature, j]),
-                      "token": token, "text": f"{before}{marker[0]}{token}{marker[1]}{after}",
-                      "token_ids": ids[valid].tolist(), "token_index": i}
+            after = self.tokenizer.decode(ids[i + 1 :][valid[i + 1 :]].tolist())
+            sample = {
+                "activation": float(t["values"][feature, j]),
+                "row": int(t["rows"][feature, j]),
+                "token": token,
+                "text": f"{before}{marker[0]}{token}{marker[1]}{after}",
+                "token_ids": ids[valid].tolist(),
+                "token_index": i,
+            }
             if "context_acts" in t:
                 sample["token_acts"] = t["context_acts"][feature, j][valid].float().tolist()
             out.append(sample)

@@ -34,12 +34,15 @@ def check_splice_order(source: tuple[int, str], target: tuple[int, str], key: st
     must come first (or be the target itself, as for an SAE)."""
     (sl, ss), (tl, ts) = source, target
     if (tl, SITE_ORDER[ts]) < (sl, SITE_ORDER[ss]):
-        raise ConfigError(f"{key}: {ts} at layer {tl} comes before the source {ss} at layer {sl} in the forward "
-                          "pass, so the dictionary cannot be spliced in")
+        raise ConfigError(
+            f"{key}: {ts} at layer {tl} comes before the source {ss} at layer {sl} in the forward "
+            "pass, so the dictionary cannot be spliced in"
+        )
 
 
-def splice_hooks(target: tuple[int, str], value_BTD: torch.Tensor, keep_BT: torch.Tensor | None = None
-                 ) -> list[tuple[str, Any]]:
+def splice_hooks(
+    target: tuple[int, str], value_BTD: torch.Tensor, keep_BT: torch.Tensor | None = None
+) -> list[tuple[str, Any]]:
     """Forward hooks that make the residual stream carry ``value_BTD`` at ``target`` (layer, site);
     positions where ``keep_BT`` is True keep the model's own value.
 
@@ -80,14 +83,18 @@ class Replacements:
         B, T, _ = source_BTD.shape
         source = source_BTD.reshape(B * T, -1).float()
         acts = self.dictionary.encode(source)
-        out = {"zero_ablation": source_BTD.new_zeros(B, T, d_out, dtype=torch.float32),
-               "mean_ablation": self.mean.to(source_BTD.device).float().expand(B, T, d_out)}
+        out = {
+            "zero_ablation": source_BTD.new_zeros(B, T, d_out, dtype=torch.float32),
+            "mean_ablation": self.mean.to(source_BTD.device).float().expand(B, T, d_out),
+        }
         for g in range(1, self.n_groups + 1):
             out[f"prefix_{g}"] = self.dictionary.decode(acts, g, source=source).reshape(B, T, d_out)
         return out
 
 
-def clean_run(bridge: Any, tokens_BT: torch.Tensor, source: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
+def clean_run(
+    bridge: Any, tokens_BT: torch.Tensor, source: tuple[int, str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean logits [B, T, V] and the source activation [B, T, d] of the same forward pass."""
     captured: dict[str, torch.Tensor] = {}
 
@@ -100,8 +107,16 @@ def clean_run(bridge: Any, tokens_BT: torch.Tensor, source: tuple[int, str]) -> 
 
 
 @torch.no_grad()
-def spliced_loss(bridge: Any, windows_ST: torch.Tensor, replacements: Replacements, source: tuple[int, str],
-                 target: tuple[int, str], *, batch_size: int, skip_bos: bool) -> dict[str, Any]:
+def spliced_loss(
+    bridge: Any,
+    windows_ST: torch.Tensor,
+    replacements: Replacements,
+    source: tuple[int, str],
+    target: tuple[int, str],
+    *,
+    batch_size: int,
+    skip_bos: bool,
+) -> dict[str, Any]:
     """Clean, ablated and spliced next-token CE and KL(clean || spliced) on ``windows_ST`` (token ids)."""
     check_splice_order(source, target)
     device = next(bridge.parameters()).device
@@ -114,7 +129,9 @@ def spliced_loss(bridge: Any, windows_ST: torch.Tensor, replacements: Replacemen
         for tokens in windows_ST.split(batch_size):
             tokens = tokens.to(device).long()
             B, T = tokens.shape
-            keep_BT = torch.zeros(B, T, dtype=torch.bool, device=device)   # positions left as the model made them
+            keep_BT = torch.zeros(
+                B, T, dtype=torch.bool, device=device
+            )  # positions left as the model made them
             scored_BT = torch.ones(B, T - 1, dtype=torch.bool, device=device)  # position t predicts token t+1
             if skip_bos:
                 keep_BT[:, 0] = True
@@ -134,11 +151,19 @@ def spliced_loss(bridge: Any, windows_ST: torch.Tensor, replacements: Replacemen
     kl = {k: v / n_scored for k, v in kl.items()}
     prefixes = [f"prefix_{g}" for g in range(1, replacements.n_groups + 1)]
     return {
-        "ce_clean": ce["clean"], "ce_zero_ablation": ce["zero_ablation"], "ce_mean_ablation": ce["mean_ablation"],
+        "ce_clean": ce["clean"],
+        "ce_zero_ablation": ce["zero_ablation"],
+        "ce_mean_ablation": ce["mean_ablation"],
         "ce_spliced_per_prefix": [ce[p] for p in prefixes],
-        "ce_recovered_vs_zero_per_prefix": [ce_loss_recovered(ce["clean"], ce[p], ce["zero_ablation"]) for p in prefixes],
-        "ce_recovered_vs_mean_per_prefix": [ce_loss_recovered(ce["clean"], ce[p], ce["mean_ablation"]) for p in prefixes],
+        "ce_recovered_vs_zero_per_prefix": [
+            ce_loss_recovered(ce["clean"], ce[p], ce["zero_ablation"]) for p in prefixes
+        ],
+        "ce_recovered_vs_mean_per_prefix": [
+            ce_loss_recovered(ce["clean"], ce[p], ce["mean_ablation"]) for p in prefixes
+        ],
         "kl_per_prefix": [kl[p] for p in prefixes],
-        "kl_zero_ablation": kl["zero_ablation"], "kl_mean_ablation": kl["mean_ablation"],
-        "ce_n_sequences": int(windows_ST.shape[0]), "ce_n_tokens": n_scored,
+        "kl_zero_ablation": kl["zero_ablation"],
+        "kl_mean_ablation": kl["mean_ablation"],
+        "ce_n_sequences": int(windows_ST.shape[0]),
+        "ce_n_tokens": n_scored,
     }

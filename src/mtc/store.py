@@ -44,8 +44,6 @@ FORMAT_VERSION = 1
 _NUMPY_DTYPE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
 
 
-
-
 def site_path(store_dir: str | Path, layer: int, site: str) -> Path:
     return Path(store_dir) / f"L{layer}" / f"{site}.zarr"
 
@@ -99,10 +97,22 @@ class StoreWriter:
 
     PROGRESS = "progress"
 
-    def __init__(self, store_dir: str | Path, provenance: dict[str, Any], tokens: np.ndarray,
-                 sites: list[tuple[int, str]], d_model: int, dtype: str, chunk_rows: int, *,
-                 shard_rows: int | None = None, rank: int = 0, world_size: int = 1,
-                 barrier: Callable[[], None] | None = None, queue_depth: int = 4):
+    def __init__(
+        self,
+        store_dir: str | Path,
+        provenance: dict[str, Any],
+        tokens: np.ndarray,
+        sites: list[tuple[int, str]],
+        d_model: int,
+        dtype: str,
+        chunk_rows: int,
+        *,
+        shard_rows: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] | None = None,
+        queue_depth: int = 4,
+    ):
         self.dir = Path(store_dir)
         self.dtype = dtype
         self.d_model = d_model
@@ -113,13 +123,21 @@ class StoreWriter:
         self.chunk_rows = max(1, chunk_rows // ctx) * ctx
         self.shard_rows = max(1, (shard_rows or DEFAULT_SHARD_ROWS) // self.chunk_rows) * self.chunk_rows
         self.n_shards = -(-self.n_rows // self.shard_rows)
-        self.provenance = {**provenance, "format_version": FORMAT_VERSION, "dtype": dtype,
-                           "encoding": "bfloat16-bits" if dtype == "bfloat16" else dtype,
-                           "chunk_rows": self.chunk_rows, "shard_rows": self.shard_rows}
+        self.provenance = {
+            **provenance,
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype,
+            "encoding": "bfloat16-bits" if dtype == "bfloat16" else dtype,
+            "chunk_rows": self.chunk_rows,
+            "shard_rows": self.shard_rows,
+        }
         self.skip_bos = bool(provenance.get("prepend_bos"))
         self.keys = [tuple(k) for k in sites]
-        self.identity = json.loads(json.dumps(
-            {"provenance": self.provenance, "sites": [list(k) for k in self.keys], "d_model": d_model}))
+        self.identity = json.loads(
+            json.dumps(
+                {"provenance": self.provenance, "sites": [list(k) for k in self.keys], "d_model": d_model}
+            )
+        )
         self.rank, self.world_size = rank, world_size
         self._barrier = barrier or (lambda: None)
 
@@ -129,7 +147,7 @@ class StoreWriter:
         self.arrays = {k: zarr.open_array(str(site_path(self.dir, *k)), mode="r+") for k in self.keys}
         undone = [s for s in range(self.n_shards) if s not in self._done_shards()]
         self._barrier()  # nobody writes a marker before every rank has listed them
-        self.todo = undone[rank * len(undone) // world_size:(rank + 1) * len(undone) // world_size]
+        self.todo = undone[rank * len(undone) // world_size : (rank + 1) * len(undone) // world_size]
         self._todo_set = set(self.todo)
         self._filling: dict[int, tuple[dict, dict, np.ndarray]] = {}
         self._cursor = 0
@@ -175,17 +193,28 @@ class StoreWriter:
         if same:
             return  # resume: arrays exist, markers say which shards are on disk
         shutil.rmtree(self.dir, ignore_errors=True)
-        tok = zarr.create_array(store=str(tokens_path(self.dir)), shape=tokens.shape,
-                                chunks=(self.chunk_rows // self.ctx, self.ctx),
-                                shards=(self.shard_rows // self.ctx, self.ctx), dtype="int32",
-                                compressors=chunk_codecs(), overwrite=True,
-                                attributes={**self.provenance, "complete": False})
+        tok = zarr.create_array(
+            store=str(tokens_path(self.dir)),
+            shape=tokens.shape,
+            chunks=(self.chunk_rows // self.ctx, self.ctx),
+            shards=(self.shard_rows // self.ctx, self.ctx),
+            dtype="int32",
+            compressors=chunk_codecs(),
+            overwrite=True,
+            attributes={**self.provenance, "complete": False},
+        )
         tok[:] = tokens
         for layer, site in self.keys:
-            zarr.create_array(store=str(site_path(self.dir, layer, site)), shape=(self.n_rows, self.d_model),
-                              chunks=(self.chunk_rows, self.d_model), shards=(self.shard_rows, self.d_model),
-                              dtype=_NUMPY_DTYPE[self.dtype], compressors=chunk_codecs(), overwrite=True,
-                              attributes={**self.provenance, "layer": layer, "site": site, "complete": False})
+            zarr.create_array(
+                store=str(site_path(self.dir, layer, site)),
+                shape=(self.n_rows, self.d_model),
+                chunks=(self.chunk_rows, self.d_model),
+                shards=(self.shard_rows, self.d_model),
+                dtype=_NUMPY_DTYPE[self.dtype],
+                compressors=chunk_codecs(),
+                overwrite=True,
+                attributes={**self.provenance, "layer": layer, "site": site, "complete": False},
+            )
         from mtc.results import atomic_write_json
 
         atomic_write_json(self._progress_dir() / "identity.json", self.identity)  # last: the store is usable
@@ -215,7 +244,13 @@ class StoreWriter:
                 continue
             # Only a view of the batch goes to the writer thread: the cast to the stored dtype,
             # the norms, compression and disk writes all run there, beside the next forward pass.
-            self._put((s, lo - a, {k: x.detach().reshape(-1, x.shape[-1])[lo - r0:hi - r0] for k, x in acts.items()}))
+            self._put(
+                (
+                    s,
+                    lo - a,
+                    {k: x.detach().reshape(-1, x.shape[-1])[lo - r0 : hi - r0] for k, x in acts.items()},
+                )
+            )
 
     def _put(self, item) -> None:
         while True:
@@ -245,15 +280,20 @@ class StoreWriter:
     def _fill(self, shard: int, offset: int, xs: dict[tuple[int, str], torch.Tensor]) -> None:
         """Copy rows into the shard's buffer (stored dtype, plus each row's norm); write it when full."""
         a, b = self.shard_range(shard)
-        data, norms, filled = self._filling.setdefault(shard, (
-            {k: np.empty((b - a, self.d_model), dtype=_NUMPY_DTYPE[self.dtype]) for k in self.keys},
-            {k: np.empty(b - a, dtype=np.float32) for k in self.keys}, np.zeros(b - a, dtype=bool)))
+        data, norms, filled = self._filling.setdefault(
+            shard,
+            (
+                {k: np.empty((b - a, self.d_model), dtype=_NUMPY_DTYPE[self.dtype]) for k in self.keys},
+                {k: np.empty(b - a, dtype=np.float32) for k in self.keys},
+                np.zeros(b - a, dtype=bool),
+            ),
+        )
         n = next(iter(xs.values())).shape[0]
         for key in self.keys:
             x = xs[key].float().cpu()
-            data[key][offset:offset + n] = encode(x, self.dtype)
-            norms[key][offset:offset + n] = x.norm(dim=-1).numpy()
-        filled[offset:offset + n] = True  # a batch computed twice (it straddles two runs) fills rows once
+            data[key][offset : offset + n] = encode(x, self.dtype)
+            norms[key][offset : offset + n] = x.norm(dim=-1).numpy()
+        filled[offset : offset + n] = True  # a batch computed twice (it straddles two runs) fills rows once
         if filled.all():
             del self._filling[shard]
             self._write_shard(shard, data, norms)
@@ -273,9 +313,11 @@ class StoreWriter:
         sums = {}
         for key in self.keys:
             n = torch.from_numpy(norms[key])
-            sums[f"L{key[0]}/{key[1]}"] = [n[c:c + self.chunk_rows][keep[c:c + self.chunk_rows]].double().sum().item()
-                                           for c in range(0, b - a, self.chunk_rows)]
-        counts = [int(keep[c:c + self.chunk_rows].sum()) for c in range(0, b - a, self.chunk_rows)]
+            sums[f"L{key[0]}/{key[1]}"] = [
+                n[c : c + self.chunk_rows][keep[c : c + self.chunk_rows]].double().sum().item()
+                for c in range(0, b - a, self.chunk_rows)
+            ]
+        counts = [int(keep[c : c + self.chunk_rows].sum()) for c in range(0, b - a, self.chunk_rows)]
         atomic_write_json(self._marker(shard), {"shard": shard, "norm_sum": sums, "norm_count": counts})
 
     # -------------------------------------------------------------- finishing
@@ -302,7 +344,9 @@ class StoreWriter:
         self._raise_if_failed()
         if self._filling:
             missing = sorted(self._filling)
-            raise StoreError(f"{self.dir}: shards {missing} were only partly given rows; every window must be added")
+            raise StoreError(
+                f"{self.dir}: shards {missing} were only partly given rows; every window must be added"
+            )
         self._barrier()
         if self.rank == 0:
             self._finalise()
@@ -312,8 +356,10 @@ class StoreWriter:
         done = self._done_shards()
         missing = [s for s in range(self.n_shards) if s not in done]
         if missing:
-            raise StoreError(f"{self.dir}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} of "
-                             f"{self.n_shards} are not on disk; re-run extract to finish them")
+            raise StoreError(
+                f"{self.dir}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} of "
+                f"{self.n_shards} are not on disk; re-run extract to finish them"
+            )
         markers = [json.loads(self._marker(s).read_text()) for s in range(self.n_shards)]
         for key, arr in self.arrays.items():
             name = f"L{key[0]}/{key[1]}"
@@ -381,8 +427,10 @@ REPAIR = "rebuild the store: dvc repro -f extract (or mtc extract)"
 def _corrupt(where: str, chunk: int, a: int, b: int, array: Any, e: Exception) -> StoreError:
     shard = f", shard {a // array.shards[0]}" if getattr(array, "shards", None) else ""
     detail = (str(e).splitlines() or [""])[0][:120]
-    return StoreError(f"{where}: chunk {chunk} (rows {a}..{b - 1}{shard}) is corrupt or truncated "
-                      f"({type(e).__name__}: {detail}); {REPAIR}")
+    return StoreError(
+        f"{where}: chunk {chunk} (rows {a}..{b - 1}{shard}) is corrupt or truncated "
+        f"({type(e).__name__}: {detail}); {REPAIR}"
+    )
 
 
 READERS_DIR = ".mtc-readers"
@@ -411,8 +459,11 @@ def pin(store_dir: Path) -> Path | None:
                     pass  # deleted under the walk: the shard check reports it
     except OSError as e:
         shutil.rmtree(snapshot, ignore_errors=True)
-        print(f"warning: cannot pin {store_dir} with hard links ({e.strerror}); reading it in place: "
-              "do not replace it while this runs", file=sys.stderr)
+        print(
+            f"warning: cannot pin {store_dir} with hard links ({e.strerror}); reading it in place: "
+            "do not replace it while this runs",
+            file=sys.stderr,
+        )
         return None
     return snapshot
 
@@ -469,11 +520,16 @@ class ActivationStore:
 
             self._zarr_root = FsspecStore.from_url(self.url, read_only=True)
         if not self._exists("tokens.zarr"):
-            raise StoreError(f"{self.dir}: no activation store here (tokens.zarr missing); run the extract stage")
+            raise StoreError(
+                f"{self.dir}: no activation store here (tokens.zarr missing); run the extract stage"
+            )
         self.tokens_array = self._open("tokens.zarr")
         self.provenance = self.tokens_array.attrs.asdict()
         if not self.provenance.get("complete"):
-            raise StoreError(f"{self._where('tokens.zarr')}: store is incomplete (extraction did not finish); re-run extract")
+            raise StoreError(
+                f"{self._where('tokens.zarr')}: store is incomplete (extraction did not finish); "
+                "re-run extract"
+            )
         self._check_shards("tokens.zarr", self.tokens_array)
         self.n_sequences, self.context_size = self.tokens_array.shape
         self.n_rows = self.n_sequences * self.context_size
@@ -496,8 +552,10 @@ class ActivationStore:
             return zarr.open_array(str(self._read_dir / rel), mode="r")
         except Exception as e:  # a truncated or edited zarr.json: JSON, key or value errors from zarr
             detail = (str(e).splitlines() or [""])[0][:120]
-            raise StoreError(f"{self._where(rel)}/zarr.json: unreadable array metadata ({type(e).__name__}: "
-                             f"{detail}); {REPAIR}") from None
+            raise StoreError(
+                f"{self._where(rel)}/zarr.json: unreadable array metadata ({type(e).__name__}: "
+                f"{detail}); {REPAIR}"
+            ) from None
 
     def _check_shards(self, rel: str, array: Any) -> None:
         """zarr reads a missing shard file as zeros: a complete store must have all of them."""
@@ -508,8 +566,10 @@ class ActivationStore:
         found = {p.removeprefix(prefix) for p in self._fs.find(prefix)}
         missing = [i for i in range(n_shards) if f"{i}/0" not in found]
         if missing:
-            raise StoreError(f"{self._where(rel)}: {len(missing)} of its {n_shards} shard files are missing "
-                             f"(shard {missing[0]} first); {REPAIR}")
+            raise StoreError(
+                f"{self._where(rel)}: {len(missing)} of its {n_shards} shard files are missing "
+                f"(shard {missing[0]} first); {REPAIR}"
+            )
 
     @property
     def n_train_rows(self) -> int:
@@ -531,13 +591,19 @@ class ActivationStore:
         if key not in self._sites:
             rel = f"L{layer}/{site}.zarr"
             if not self._exists(rel):
-                have = sorted(p.removeprefix(self._root).strip("/").removesuffix("/zarr.json")
-                              for p in self._fs.glob(f"{self._root}/L*/*.zarr/zarr.json"))
-                raise StoreError(f"{self._where(rel)}: not in the store (has: {', '.join(have) or 'nothing'}); "
-                                 "add the layer/site to extract.layers/extract.sites and re-run extract")
+                have = sorted(
+                    p.removeprefix(self._root).strip("/").removesuffix("/zarr.json")
+                    for p in self._fs.glob(f"{self._root}/L*/*.zarr/zarr.json")
+                )
+                raise StoreError(
+                    f"{self._where(rel)}: not in the store (has: {', '.join(have) or 'nothing'}); "
+                    "add the layer/site to extract.layers/extract.sites and re-run extract"
+                )
             arr = self._open(rel)
             if not arr.attrs.get("complete"):
-                raise StoreError(f"{self._where(rel)}: incomplete (extraction did not finish); re-run extract")
+                raise StoreError(
+                    f"{self._where(rel)}: incomplete (extraction did not finish); re-run extract"
+                )
             self._check_shards(rel, arr)
             self._sites[key] = SiteArray(arr, layer, site, self._where(rel), self)
         return self._sites[key]
@@ -552,19 +618,24 @@ class ActivationStore:
         first = start // self.chunk_rows * self.chunk_rows
         return [(max(a, start), min(a + self.chunk_rows, stop)) for a in range(first, stop, self.chunk_rows)]
 
-    def read(self, keys: list[tuple[int, str]], start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def read(
+        self, keys: list[tuple[int, str]], start: int, stop: int
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Rows [start, stop) of each site (BOS rows dropped) and their row indices."""
         keep = self.keep_mask(start, stop)
         rows = torch.arange(start, stop)[keep]
         return [self.site(*k).rows(start, stop)[keep] for k in keys], rows
 
-    def iter_holdout(self, keys: list[tuple[int, str]], batch_rows: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    def iter_holdout(
+        self, keys: list[tuple[int, str]], batch_rows: int
+    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         """Held-out rows in order, in batches of about ``batch_rows``."""
         for start in range(self.n_train_rows, self.n_rows, batch_rows):
             yield self.read(keys, start, min(start + batch_rows, self.n_rows))
 
-    def iter_training_batches(self, keys: list[tuple[int, str]], batch_size: int, seed: int,
-                              shuffle_chunks: int = 16) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    def iter_training_batches(
+        self, keys: list[tuple[int, str]], batch_size: int, seed: int, shuffle_chunks: int = 16
+    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         """Endless shuffled batches of training rows: ([x_B_d per key], rows_B).
 
         Each epoch visits the training chunks in a seeded random order, ``shuffle_chunks`` at a
@@ -573,14 +644,16 @@ class ActivationStore:
         """
         ranges = self.chunk_ranges(0, self.n_train_rows)
         if self.n_usable_train_rows < batch_size:
-            raise StoreError(f"batch_size: {batch_size} is larger than the {self.n_usable_train_rows} training rows "
-                             f"in {self.dir}; lower batch_size or extract more tokens")
+            raise StoreError(
+                f"batch_size: {batch_size} is larger than the {self.n_usable_train_rows} training rows "
+                f"in {self.dir}; lower batch_size or extract more tokens"
+            )
         gen = torch.Generator().manual_seed(seed)
         carry: tuple[list[torch.Tensor], torch.Tensor] | None = None
         while True:
             order = torch.randperm(len(ranges), generator=gen).tolist()
             for w in range(0, len(order), shuffle_chunks):
-                parts = [self.read(keys, *ranges[i]) for i in order[w:w + shuffle_chunks]]
+                parts = [self.read(keys, *ranges[i]) for i in order[w : w + shuffle_chunks]]
                 if carry is not None:
                     parts.append(carry)
                 xs = [torch.cat([p[0][j] for p in parts]) for j in range(len(keys))]
@@ -589,7 +662,7 @@ class ActivationStore:
                 xs, rows = [x[perm] for x in xs], rows[perm]
                 n_full = rows.shape[0] // batch_size * batch_size
                 for b in range(0, n_full, batch_size):
-                    yield [x[b:b + batch_size] for x in xs], rows[b:b + batch_size]
+                    yield [x[b : b + batch_size] for x in xs], rows[b : b + batch_size]
                 carry = ([x[n_full:] for x in xs], rows[n_full:])
 
 
@@ -646,7 +719,10 @@ class Prefetcher:
 
 def check_provenance(store: ActivationStore, expected: dict[str, Any]) -> None:
     """Raise naming every field where the store differs from what params ask."""
-    diffs = [f"{k}: store has {store.provenance.get(k)!r}, params ask {v!r}"
-             for k, v in expected.items() if store.provenance.get(k) != v]
+    diffs = [
+        f"{k}: store has {store.provenance.get(k)!r}, params ask {v!r}"
+        for k, v in expected.items()
+        if store.provenance.get(k) != v
+    ]
     if diffs:
         raise StoreError(f"{store.dir}: store does not match params ({'; '.join(diffs)}); re-run extract")

@@ -61,13 +61,17 @@ class Run:
 
 
 def _config_record(cfg: DictionaryConfig, store: ActivationStore) -> dict[str, Any]:
-    return {**cfg.to_dict(), "store": str(store.dir),
-            "store_provenance": {k: v for k, v in store.provenance.items() if k != "complete"}}
+    return {
+        **cfg.to_dict(),
+        "store": str(store.dir),
+        "store_provenance": {k: v for k, v in store.provenance.items() if k != "complete"},
+    }
 
 
 def _same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
     def strip(d):
         return {k: v for k, v in d.items() if k not in ("completed_at", "store")}
+
     return json.loads(json.dumps(strip(a))) == json.loads(json.dumps(strip(b)))
 
 
@@ -96,23 +100,39 @@ def check_against_store(cfg: DictionaryConfig, store: ActivationStore) -> None:
     src = store.site(cfg.layer, cfg.source_site)
     store.site(cfg.resolved_target_layer, cfg.target_site)
     if cfg.act_size is not None and cfg.act_size != src.d_model:
-        raise ConfigError(f"dictionaries.{cfg.name}.act_size: {cfg.act_size} does not match the store's "
-                          f"{cfg.source_site} width {src.d_model}")
+        raise ConfigError(
+            f"dictionaries.{cfg.name}.act_size: {cfg.act_size} does not match the store's "
+            f"{cfg.source_site} width {src.d_model}"
+        )
     if cfg.batch_size > store.n_usable_train_rows:
-        raise ConfigError(f"dictionaries.{cfg.name}.batch_size: got {cfg.batch_size}; the store has only "
-                          f"{store.n_usable_train_rows} training rows (lower it, or extract more tokens)")
+        raise ConfigError(
+            f"dictionaries.{cfg.name}.batch_size: got {cfg.batch_size}; the store has only "
+            f"{store.n_usable_train_rows} training rows (lower it, or extract more tokens)"
+        )
 
 
-def _start_run(cfg: DictionaryConfig, store: ActivationStore, results_root: Path, device: torch.device) -> tuple[Run, int]:
+def _start_run(
+    cfg: DictionaryConfig, store: ActivationStore, results_root: Path, device: torch.device
+) -> tuple[Run, int]:
     src, tgt = store.site(cfg.layer, cfg.source_site), store.site(cfg.resolved_target_layer, cfg.target_site)
     run_dir = cfg.run_dir(results_root)
     record = _config_record(cfg, store)
     start_step = 0
     model_cls = DataParallel if distributed.from_env().active else MatryoshkaBatchTopK
-    model = model_cls(src.d_model, tgt.d_model, cfg.group_sizes, cfg.k, top_k_aux=cfg.top_k_aux,
-                      aux_penalty=cfg.aux_penalty, n_batches_to_dead=cfg.n_batches_to_dead,
-                      threshold_momentum=cfg.threshold_momentum, kind=cfg.kind, input_norm=cfg.input_norm,
-                      skip_connection=cfg.has_skip, seed=cfg.seed)
+    model = model_cls(
+        src.d_model,
+        tgt.d_model,
+        cfg.group_sizes,
+        cfg.k,
+        top_k_aux=cfg.top_k_aux,
+        aux_penalty=cfg.aux_penalty,
+        n_batches_to_dead=cfg.n_batches_to_dead,
+        threshold_momentum=cfg.threshold_momentum,
+        kind=cfg.kind,
+        input_norm=cfg.input_norm,
+        skip_connection=cfg.has_skip,
+        seed=cfg.seed,
+    )
     model.set_scales(src.mean_norm, tgt.mean_norm)
     model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.adam_beta2)
@@ -138,7 +158,9 @@ def make_optimizer(model: MatryoshkaBatchTopK, lr: float, beta2: float = 0.999) 
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=0.0, fused=True)
 
 
-def _resume(model: MatryoshkaBatchTopK, optimizer: torch.optim.Optimizer, ckpt: Path, device: torch.device) -> int:
+def _resume(
+    model: MatryoshkaBatchTopK, optimizer: torch.optim.Optimizer, ckpt: Path, device: torch.device
+) -> int:
     """Load a checkpoint: tensors only (safetensors, and torch.load with weights_only=True, which
     refuses pickled code). Returns the step it was saved at."""
     try:
@@ -146,22 +168,29 @@ def _resume(model: MatryoshkaBatchTopK, optimizer: torch.optim.Optimizer, ckpt: 
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         return int(read_json(ckpt / "state.json")["step"])
     except Exception as e:  # unpickling refusals, truncated files and shape mismatches alike
-        raise CheckpointError(f"{ckpt}: cannot resume from it ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                              "only tensors are ever loaded; delete the checkpoint to start over") from None
+        raise CheckpointError(
+            f"{ckpt}: cannot resume from it ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "only tensors are ever loaded; delete the checkpoint to start over"
+        ) from None
 
 
 def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     return load_file(str(path), device=str(device))
 
 
 def _start_wandb(cfg: DictionaryConfig, record: dict[str, Any]):
-    if cfg.wandb_project is None or not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"):
+    if cfg.wandb_project is None or not (
+        os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"
+    ):
         return None
     try:
         import wandb
     except ImportError:
-        raise ConfigError(f"dictionaries.{cfg.name}.wandb_project: wandb is not installed (pip install wandb)") from None
+        raise ConfigError(
+            f"dictionaries.{cfg.name}.wandb_project: wandb is not installed (pip install wandb)"
+        ) from None
     return wandb.init(project=cfg.wandb_project, name=cfg.name, config=record, reinit=True)
 
 
@@ -182,15 +211,20 @@ def _checkpoint(run: Run, step: int) -> None:
 
 
 def _log(run: Run, step: int, out, clock: dict[str, float]) -> dict[str, Any]:
-    record = {"step": step, "loss": float(out.loss.detach()), "aux_loss": float(out.aux_loss),
-              "prefix_mse": [round(float(v), 6) for v in out.prefix_mse],
-              "l0": out.codes.l0(),
-              "dead_features": int((run.model.inactive_batches >= run.cfg.n_batches_to_dead).sum()),
-              "threshold": float(run.model.threshold), "seconds": round(time.time() - clock["start"], 2),
-              # median wall time of one optimizer step (forward, backward, update) since the last line
-              "step_seconds": round(statistics.median(run.step_seconds), 4) if run.step_seconds else None,
-              # time spent waiting for the store reader since the start (~0: training never starved)
-              "data_wait_seconds": round(clock["data_wait"], 3)}
+    record = {
+        "step": step,
+        "loss": float(out.loss.detach()),
+        "aux_loss": float(out.aux_loss),
+        "prefix_mse": [round(float(v), 6) for v in out.prefix_mse],
+        "l0": out.codes.l0(),
+        "dead_features": int((run.model.inactive_batches >= run.cfg.n_batches_to_dead).sum()),
+        "threshold": float(run.model.threshold),
+        "seconds": round(time.time() - clock["start"], 2),
+        # median wall time of one optimizer step (forward, backward, update) since the last line
+        "step_seconds": round(statistics.median(run.step_seconds), 4) if run.step_seconds else None,
+        # time spent waiting for the store reader since the start (~0: training never starved)
+        "data_wait_seconds": round(clock["data_wait"], 3),
+    }
     run.step_seconds.clear()
     with open(run.run_dir / LOG_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -199,8 +233,12 @@ def _log(run: Run, step: int, out, clock: dict[str, float]) -> dict[str, Any]:
     return record
 
 
-def train(cfgs: list[DictionaryConfig], store: ActivationStore | str | Path, results_root: str | Path = "results",
-          tokenizer_dir: str | Path | None = None) -> list[Path]:
+def train(
+    cfgs: list[DictionaryConfig],
+    store: ActivationStore | str | Path,
+    results_root: str | Path = "results",
+    tokenizer_dir: str | Path | None = None,
+) -> list[Path]:
     """Train every dictionary in ``cfgs`` from one pass over the store; returns their run dirs."""
     if not cfgs:
         raise ConfigError("dictionaries: nothing to train")
@@ -208,8 +246,10 @@ def train(cfgs: list[DictionaryConfig], store: ActivationStore | str | Path, res
     for c in cfgs[1:]:
         for key in ("batch_size", "steps", "seed", "shuffle_chunks"):
             if getattr(c, key) != getattr(first, key):
-                raise ConfigError(f"dictionaries.{c.name}.{key}: {getattr(c, key)} differs from {first.name}'s "
-                                  f"{getattr(first, key)}; multi mode feeds every dictionary the same batches")
+                raise ConfigError(
+                    f"dictionaries.{c.name}.{key}: {getattr(c, key)} differs from {first.name}'s "
+                    f"{getattr(first, key)}; multi mode feeds every dictionary the same batches"
+                )
     if not isinstance(store, ActivationStore):
         store = ActivationStore(store)
     for c in cfgs:
@@ -236,24 +276,34 @@ def _already_finished(cfg: DictionaryConfig, store: ActivationStore, results_roo
     if not completed_at(run_dir) or not (run_dir / "dictionary.safetensors").is_file():
         return False
     if not _same_config(read_json(run_dir / "config.json"), _config_record(cfg, store)):
-        raise ConfigError(f"{run_dir}: holds a finished run with a different config; "
-                          "rename the dictionary or remove that directory")
+        raise ConfigError(
+            f"{run_dir}: holds a finished run with a different config; "
+            "rename the dictionary or remove that directory"
+        )
     print(f"{run_dir}: already finished with this config; delete it to train again", file=sys.stderr)
     return True
 
 
-def _train(cfgs: list[DictionaryConfig], store: ActivationStore, results_root: Path,
-           tokenizer_dir: str | Path | None) -> list[Path]:
+def _train(
+    cfgs: list[DictionaryConfig], store: ActivationStore, results_root: Path, tokenizer_dir: str | Path | None
+) -> list[Path]:
     first = cfgs[0]
     device = resolve_device(first.device)
     started = [_start_run(c, store, results_root, device) for c in cfgs]
     runs = [r for r, _ in started]
     start_step = min(s for _, s in started)
     if any(s != start_step for _, s in started):
-        raise ConfigError("checkpoints of the dictionaries trained together are at different steps; train them separately")
+        raise ConfigError(
+            "checkpoints of the dictionaries trained together are at different steps; train them separately"
+        )
     keys = sorted({k for r in runs for k in r.keys})
-    batches = Prefetcher(store.iter_training_batches(keys, first.batch_size, first.seed, first.shuffle_chunks))
-    with batches, progress.bar(f"train {', '.join(c.name for c in cfgs)}", total=first.steps, unit="steps") as advance:
+    batches = Prefetcher(
+        store.iter_training_batches(keys, first.batch_size, first.seed, first.shuffle_chunks)
+    )
+    with (
+        batches,
+        progress.bar(f"train {', '.join(c.name for c in cfgs)}", total=first.steps, unit="steps") as advance,
+    ):
         for _ in range(start_step):  # same data order after a resume
             next(batches)
         clock = {"start": time.time(), "data_wait": 0.0}
@@ -274,7 +324,9 @@ def _train(cfgs: list[DictionaryConfig], store: ActivationStore, results_root: P
     return [r.run_dir for r in runs]
 
 
-def _train_step(run: Run, by_key: dict, rows: torch.Tensor, step: int, clock: dict[str, float]) -> dict[str, Any] | None:
+def _train_step(
+    run: Run, by_key: dict, rows: torch.Tensor, step: int, clock: dict[str, float]
+) -> dict[str, Any] | None:
     """One optimizer step of one dictionary; returns the log record on logging steps."""
     src, tgt = run.keys
     started = time.perf_counter()
@@ -282,8 +334,10 @@ def _train_step(run: Run, by_key: dict, rows: torch.Tensor, step: int, clock: di
         run.model.init_means(by_key[src], by_key[tgt])
     out = run.model.training_forward(by_key[src], by_key[tgt], getattr(torch, run.cfg.matmul_dtype))
     if not torch.isfinite(out.loss):  # before the update: the weights stay good
-        raise FloatingPointError(f"{run.cfg.name}: loss is {float(out.loss.detach())} at step {step}; "
-                                 f"the last good checkpoint is kept in {run.run_dir / CHECKPOINTS}")
+        raise FloatingPointError(
+            f"{run.cfg.name}: loss is {float(out.loss.detach())} at step {step}; "
+            f"the last good checkpoint is kept in {run.run_dir / CHECKPOINTS}"
+        )
     out.loss.backward()
     if distributed.from_env().active:
         distributed.average_gradients(run.model)
@@ -319,13 +373,22 @@ def _finish(run: Run, store: ActivationStore, tokenizer_dir: str | Path | None) 
     run.model.save(run.run_dir)
     samples_dir = run.run_dir / "activation_samples" / "training"
     if run.samples is not None:
-        run.samples.save(samples_dir, store.tokens(), run.cfg.sample_context_size,
-                         {"source": "training batches", "store": str(store.dir),
-                          "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None})
+        run.samples.save(
+            samples_dir,
+            store.tokens(),
+            run.cfg.sample_context_size,
+            {
+                "source": "training batches",
+                "store": str(store.dir),
+                "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None,
+            },
+        )
     else:
         samples_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(samples_dir / "meta.json", {"source": "training batches", "collected": False,
-                                                      "why": "save_activation_samples is false"})
+        atomic_write_json(
+            samples_dir / "meta.json",
+            {"source": "training batches", "collected": False, "why": "save_activation_samples is false"},
+        )
     if run.wandb_run is not None:
         run.wandb_run.finish()
     # Everything else is on disk; only now is the run marked finished.

@@ -32,9 +32,15 @@ class Unembedding:
 
     @property
     def description(self) -> str:
-        norm = f"the final norm's weight ({self.norm}{', centred' if self.centre else ''})" if self.norm else "no final norm"
-        return (f"decoder direction (W_dec[f] / target_scale) @ diag(g) @ W_U with {norm}: the direct effect on "
-                "the logits up to the norm's positive 1/scale, ignoring all later layers")
+        norm = (
+            f"the final norm's weight ({self.norm}{', centred' if self.centre else ''})"
+            if self.norm
+            else "no final norm"
+        )
+        return (
+            f"decoder direction (W_dec[f] / target_scale) @ diag(g) @ W_U with {norm}: the direct effect on "
+            "the logits up to the norm's positive 1/scale, ignoring all later layers"
+        )
 
     def scores(self, directions_ND: torch.Tensor) -> torch.Tensor:
         """Direct logit effect [N, vocab] of residual-stream directions [N, d] (up to a positive scale)."""
@@ -73,8 +79,11 @@ def load_unembedding(model_dir: str | Path) -> Unembedding:
     unembed = model.get_output_embeddings().weight
     unembed_names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is unembed]
     # The final norm: the last norm module outside the numbered layers (model.norm, transformer.ln_f, ...).
-    norms = [(n, m) for n, m in model.named_modules()
-             if "norm" in type(m).__name__.lower() and not any(part.isdigit() for part in n.split("."))]
+    norms = [
+        (n, m)
+        for n, m in model.named_modules()
+        if "norm" in type(m).__name__.lower() and not any(part.isdigit() for part in n.split("."))
+    ]
     norm_name, norm = norms[-1] if norms else (None, None)
     norm_weight = f"{norm_name}.weight"
     tensors = _read_tensors(model_dir, unembed_names + [norm_weight])
@@ -89,10 +98,14 @@ def load_unembedding(model_dir: str | Path) -> Unembedding:
         W_VD = model.get_output_embeddings().weight.detach()
         norm = model.get_submodule(norm_name) if norm_name else None
         g = norm.weight.detach() if norm is not None and getattr(norm, "weight", None) is not None else None
-    W_U = W_VD.float().T.contiguous()                            # [d, vocab]
+    W_U = W_VD.float().T.contiguous()  # [d, vocab]
     if g is not None:
         # Gemma's RMSNorm multiplies by (1 + weight); the others by weight.
         g = 1 + g.float() if type(norm).__name__.startswith("Gemma") else g.float()
         W_U = g[:, None] * W_U
-    centre = norm is not None and "layernorm" in type(norm).__name__.lower() and "rms" not in type(norm).__name__.lower()
+    centre = (
+        norm is not None
+        and "layernorm" in type(norm).__name__.lower()
+        and "rms" not in type(norm).__name__.lower()
+    )
     return Unembedding(W_U, centre, norm_name)

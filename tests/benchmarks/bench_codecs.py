@@ -41,7 +41,9 @@ def real_activations(n_tokens: int) -> dict[str, np.ndarray]:
     bridge = models.load_bridge(model_dir, "bfloat16", "cpu")
     out = {"resid_mid": [], "mlp_out": []}
     for s in range(0, tokens.shape[0], 16):
-        acts = models.run_sites(bridge, torch.from_numpy(tokens[s:s + 16]).long(), [(8, "resid_mid"), (8, "mlp_out")])
+        acts = models.run_sites(
+            bridge, torch.from_numpy(tokens[s : s + 16]).long(), [(8, "resid_mid"), (8, "mlp_out")]
+        )
         for (_, site), x in acts.items():
             out[site].append(encode(x.reshape(-1, x.shape[-1]).float(), "bfloat16"))
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -52,40 +54,71 @@ CODECS = {
     "zstd-1": lambda: [ZstdCodec(level=1), Crc32cCodec()],
     "zstd-3": lambda: [ZstdCodec(level=3), Crc32cCodec()],
     "zstd-9": lambda: [ZstdCodec(level=9), Crc32cCodec()],
-    "blosc-zstd1-byteshuffle": lambda: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2), Crc32cCodec()],
-    "blosc-zstd1-bitshuffle": lambda: [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=2), Crc32cCodec()],
-    "blosc-zstd3-bitshuffle": lambda: [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=2), Crc32cCodec()],
-    "blosc-lz4-byteshuffle": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2), Crc32cCodec()],
-    "blosc-lz4-bitshuffle": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2), Crc32cCodec()],
+    "blosc-zstd1-byteshuffle": lambda: [
+        BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2),
+        Crc32cCodec(),
+    ],
+    "blosc-zstd1-bitshuffle": lambda: [
+        BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=2),
+        Crc32cCodec(),
+    ],
+    "blosc-zstd3-bitshuffle": lambda: [
+        BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=2),
+        Crc32cCodec(),
+    ],
+    "blosc-lz4-byteshuffle": lambda: [
+        BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2),
+        Crc32cCodec(),
+    ],
+    "blosc-lz4-bitshuffle": lambda: [
+        BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2),
+        Crc32cCodec(),
+    ],
 }
 
 
-def measure(data: dict[str, np.ndarray], codec: str, chunk_rows: int, shard_rows: int, repeats: int = 3) -> dict:
+def measure(
+    data: dict[str, np.ndarray], codec: str, chunk_rows: int, shard_rows: int, repeats: int = 3
+) -> dict:
     raw = sum(a.nbytes for a in data.values())
     writes, reads, stored, files = [], [], 0, 0
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            arrays = {k: zarr.create_array(store=f"{tmp}/{k}.zarr", shape=a.shape, dtype="uint16",
-                                           chunks=(chunk_rows, a.shape[1]), shards=(shard_rows, a.shape[1]),
-                                           compressors=CODECS[codec]()) for k, a in data.items()}
+            arrays = {
+                k: zarr.create_array(
+                    store=f"{tmp}/{k}.zarr",
+                    shape=a.shape,
+                    dtype="uint16",
+                    chunks=(chunk_rows, a.shape[1]),
+                    shards=(shard_rows, a.shape[1]),
+                    compressors=CODECS[codec](),
+                )
+                for k, a in data.items()
+            }
             t = time.perf_counter()
             for k, a in data.items():
                 for s in range(0, a.shape[0], shard_rows):  # whole shards, as StoreWriter writes
-                    arrays[k][s:s + shard_rows] = a[s:s + shard_rows]
+                    arrays[k][s : s + shard_rows] = a[s : s + shard_rows]
             writes.append(time.perf_counter() - t)
             t = time.perf_counter()
             for k, a in data.items():
                 for s in range(0, a.shape[0], chunk_rows):  # chunk by chunk, as training reads
-                    arrays[k][s:s + chunk_rows]
+                    arrays[k][s : s + chunk_rows]
             reads.append(time.perf_counter() - t)
             chunk_files = [p for p in Path(tmp).rglob("c/*/*")]
             stored = sum(p.stat().st_size for p in chunk_files)
             files = len(chunk_files) // len(data)
             assert all(np.array_equal(arrays[k][:], a) for k, a in data.items())
     mb = raw / 1e6
-    return {"codec": codec, "chunk_rows": chunk_rows, "shard_rows": shard_rows, "ratio": round(raw / stored, 3),
-            "write_MBps": round(mb / statistics.median(writes), 1), "read_MBps": round(mb / statistics.median(reads), 1),
-            "files_per_site": files}
+    return {
+        "codec": codec,
+        "chunk_rows": chunk_rows,
+        "shard_rows": shard_rows,
+        "ratio": round(raw / stored, 3),
+        "write_MBps": round(mb / statistics.median(writes), 1),
+        "read_MBps": round(mb / statistics.median(reads), 1),
+        "files_per_site": files,
+    }
 
 
 def main() -> None:
@@ -98,15 +131,22 @@ def main() -> None:
     forward_s = time.perf_counter() - t
     n = next(iter(data.values())).shape[0]
     need = n * 576 * 2 * 2 / forward_s / 1e6
-    print(f"{n} tokens, forward (bf16, incl. loading) {forward_s:.1f} s: the writer must keep up with "
-          f"{need:.1f} MB/s of raw bf16 for two sites")
+    print(
+        f"{n} tokens, forward (bf16, incl. loading) {forward_s:.1f} s: the writer must keep up with "
+        f"{need:.1f} MB/s of raw bf16 for two sites"
+    )
     results = [measure(data, c, 4096, 16384) for c in CODECS]
     best = "zstd-1"
     results += [measure(data, best, cr, sr) for cr, sr in ((1024, 16384), (4096, 4096), (8192, 32768))]
-    print(f"{'codec':26s} {'chunk':>6s} {'shard':>6s} {'ratio':>6s} {'write MB/s':>10s} {'read MB/s':>9s} {'files':>5s}")
+    print(
+        f"{'codec':26s} {'chunk':>6s} {'shard':>6s} {'ratio':>6s} {'write MB/s':>10s} "
+        f"{'read MB/s':>9s} {'files':>5s}"
+    )
     for r in results:
-        print(f"{r['codec']:26s} {r['chunk_rows']:6d} {r['shard_rows']:6d} {r['ratio']:6.3f} {r['write_MBps']:10.1f} "
-              f"{r['read_MBps']:9.1f} {r['files_per_site']:5d}")
+        print(
+            f"{r['codec']:26s} {r['chunk_rows']:6d} {r['shard_rows']:6d} {r['ratio']:6.3f} "
+            f"{r['write_MBps']:10.1f} {r['read_MBps']:9.1f} {r['files_per_site']:5d}"
+        )
     print(json.dumps({"tokens": n, "forward_MBps_needed": round(need, 1), "results": results}))
 
 

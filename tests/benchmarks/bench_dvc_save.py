@@ -55,7 +55,9 @@ def main() -> None:
     d = src.site(*keys[0]).d_model
 
     t = time.perf_counter()
-    writer = StoreWriter(store, {"prepend_bos": True, "n_holdout_sequences": 1}, tokens, keys, d, "bfloat16", 4096)
+    writer = StoreWriter(
+        store, {"prepend_bos": True, "n_holdout_sequences": 1}, tokens, keys, d, "bfloat16", 4096
+    )
     with writer:
         for w in range(0, n_seq, 16):
             rows = [(i % src.n_sequences) for i in range(w, min(w + 16, n_seq))]
@@ -64,25 +66,45 @@ def main() -> None:
         writer.close()
     write_s = time.perf_counter() - t
 
-    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@x", "GIT_COMMITTER_NAME": "bench",
-           "GIT_COMMITTER_EMAIL": "b@x"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "b@x",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "b@x",
+    }
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=work, check=True, env=env)
     shutil.copy(REPO / ".dvc" / "config", work / ".dvc" / "config")
     files = [p for p in store.rglob("*") if p.is_file()]
     [before] = du_kib(store)
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data/activations/store"], cwd=work, check=True, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "add", "-q", "data/activations/store"], cwd=work, check=True, env=env
+    )
     save_s = time.perf_counter() - t
     store_kib, extra_cache_kib = du_kib(store, work / ".dvc" / "cache")
     links = {p.stat().st_nlink for p in store.rglob("*") if p.is_file()}
-    print(json.dumps({
-        "tokens": n_seq * ctx, "sites": len(keys), "files": len(files), "store_MiB": round(before / 1024, 1),
-        "write_store_s": round(write_s, 1), "dvc_save_s": round(save_s, 1),
-        "store_plus_cache_MiB": round((store_kib + extra_cache_kib) / 1024, 1),
-        "cache_extra_MiB": round(extra_cache_kib / 1024, 1), "link_counts": sorted(links),
-        "cache_type": (REPO / ".dvc" / "config").read_text().split("type = ")[1].split()[0].strip('"'),
-    }))
+    print(
+        json.dumps(
+            {
+                "tokens": n_seq * ctx,
+                "sites": len(keys),
+                "files": len(files),
+                "store_MiB": round(before / 1024, 1),
+                "write_store_s": round(write_s, 1),
+                "dvc_save_s": round(save_s, 1),
+                "store_plus_cache_MiB": round((store_kib + extra_cache_kib) / 1024, 1),
+                "cache_extra_MiB": round(extra_cache_kib / 1024, 1),
+                "link_counts": sorted(links),
+                "cache_type": (REPO / ".dvc" / "config")
+                .read_text()
+                .split("type = ")[1]
+                .split()[0]
+                .strip('"'),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
         fn()
     times = {name: [] for name in runs} | {f"{name}_cpu": [] for name in runs}
     for i in range(repeats):
-        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+        for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:
             t, c = time.perf_counter(), time.process_time()
             runs[name]()
             times[name].append(time.perf_counter() - t)
@@ -81,20 +81,29 @@ def main() -> None:
     bridge = models.load_bridge(MODEL_DIR, args.dtype, "cpu")
     d_model = models.read_architecture(MODEL_DIR).d_model
     last = max(layer for layer, _ in WANTED)
-    batches = [torch.from_numpy(tokens[s:s + args.batch]).long() for s in range(0, tokens.shape[0], args.batch)]
+    batches = [
+        torch.from_numpy(tokens[s : s + args.batch]).long() for s in range(0, tokens.shape[0], args.batch)
+    ]
     work = Path(tempfile.mkdtemp(prefix="mtc-bench-extract-"))
     stats = {}
 
     def extract(store: Path) -> None:
         """What the extract stage does once the model is loaded: writer, forward passes, close."""
-        writer = StoreWriter(store, {"prepend_bos": True, "n_holdout_sequences": 1}, tokens, WANTED, d_model,
-                             "bfloat16", chunk_rows=4096)
+        writer = StoreWriter(
+            store,
+            {"prepend_bos": True, "n_holdout_sequences": 1},
+            tokens,
+            WANTED,
+            d_model,
+            "bfloat16",
+            chunk_rows=4096,
+        )
         with writer:
             fill(writer, bridge, tokens, WANTED, args.batch, "cpu")
             writer.close()
 
     def timed_extract() -> None:
-        shutil.rmtree(work / "s", ignore_errors=True)   # outside the timing would be fairer; it is ~ms
+        shutil.rmtree(work / "s", ignore_errors=True)  # outside the timing would be fairer; it is ~ms
         extract(work / "s")
 
     @torch.no_grad()
@@ -107,29 +116,45 @@ def main() -> None:
     store = ActivationStore(work / "first")
     on_disk = sum(p.stat().st_size for p in (work / "first").glob("L*/*.zarr/c/*/*"))
     raw = sum(store.site(*k).array.nbytes for k in WANTED)
-    stats.update(bytes_per_value=store.site(*WANTED[0]).array.dtype.itemsize, compression_ratio=round(raw / on_disk, 3))
+    stats.update(
+        bytes_per_value=store.site(*WANTED[0]).array.dtype.itemsize, compression_ratio=round(raw / on_disk, 3)
+    )
 
     # extract vs a bare forward to the same last layer: all tokens. Full depth vs early stop: one batch.
     a = interleaved({"extract": timed_extract, "forward": lambda: forward(batches, last + 1)}, repeats)
-    b = interleaved({"full": lambda: forward(batches[:1], None), "forward": lambda: forward(batches[:1], last + 1)},
-                    max(3, repeats // 2))
+    b = interleaved(
+        {"full": lambda: forward(batches[:1], None), "forward": lambda: forward(batches[:1], last + 1)},
+        max(3, repeats // 2),
+    )
     shutil.rmtree(work, ignore_errors=True)
     n = tokens.size
     print(f"{n} tokens, batch {args.batch}, forward dtype {args.dtype}, interleaved repeats (median):")
-    for label, times, count in (("extract", a["extract"], n), ("forward", a["forward"], n),
-                                ("full (1 batch)", b["full"], batches[0].numel()),
-                                ("forward (1 batch)", b["forward"], batches[0].numel())):
+    for label, times, count in (
+        ("extract", a["extract"], n),
+        ("forward", a["forward"], n),
+        ("full (1 batch)", b["full"], batches[0].numel()),
+        ("forward (1 batch)", b["forward"], batches[0].numel()),
+    ):
         med = statistics.median(times)
-        print(f"  {label:18s} {med:7.2f} s  {count / med:8.0f} tokens/s   runs: " + ", ".join(f"{t:.2f}" for t in times))
-    print(json.dumps({
-        "extract_over_forward": ratio(a, "extract", "forward"),
-        "early_stop_speedup": ratio(b, "full", "forward"),
-        "extract_over_forward_cpu_time": ratio(a, "extract_cpu", "forward_cpu"),
-        **stats,
-        "tokens": n, "sites": len(WANTED), "forward_dtype": args.dtype,
-        "extract_tokens_per_s": round(n / statistics.median(a["extract"])),
-        "forward_tokens_per_s": round(n / statistics.median(a["forward"])),
-    }))
+        print(
+            f"  {label:18s} {med:7.2f} s  {count / med:8.0f} tokens/s   runs: "
+            + ", ".join(f"{t:.2f}" for t in times)
+        )
+    print(
+        json.dumps(
+            {
+                "extract_over_forward": ratio(a, "extract", "forward"),
+                "early_stop_speedup": ratio(b, "full", "forward"),
+                "extract_over_forward_cpu_time": ratio(a, "extract_cpu", "forward_cpu"),
+                **stats,
+                "tokens": n,
+                "sites": len(WANTED),
+                "forward_dtype": args.dtype,
+                "extract_tokens_per_s": round(n / statistics.median(a["extract"])),
+                "forward_tokens_per_s": round(n / statistics.median(a["forward"])),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

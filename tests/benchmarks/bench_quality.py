@@ -3,7 +3,8 @@
 Builds (once, then reuses) a store of SmolLM2-135M-Instruct layer-8 ``resid_mid`` and ``mlp_out`` over
 the English corpus in ``../shared/assets/corpora/english-mix/``, its documents shuffled (seed 0; the
 file is sorted by source): 2M training tokens and 200k held-out tokens (the last windows: documents no
-run trains on). Extraction runs in float32 (about 28 min on a 2-core AVX2 CPU). Then trains, through the real training code,
+run trains on). Extraction runs in float32 (about 28 min on a 2-core AVX2 CPU). Then trains, through the
+real training code,
 a Matryoshka SAE on ``resid_mid`` and a transcoder ``resid_mid -> mlp_out`` (dict 9216, groups
 [576, 1152, 2304, 5184], k 46, batch 4096, lr 3e-4, one epoch of 488 steps), and reports on the
 held-out tokens FVU per prefix (raw activation space), L0 at inference, dead features, CE loss
@@ -59,15 +60,26 @@ def store_params(args) -> dict:
     n_holdout_windows = -(-args.heldout_tokens // args.context)
     n_windows = n_train_windows + n_holdout_windows
     return {
-        "model": {"name": "packaged:SmolLM2-135M-Instruct", "type": "SmolLM2-135M-Instruct",
-                  "dtype": args.model_dtype, "device": "auto"},
-        "dataset": {"path": str(args.corpus), "n_tokens": n_windows * args.context, "context_size": args.context,
-                    # the store holds out ceil(n * fraction) windows: exactly n_holdout_windows
-                    "holdout_fraction": (n_holdout_windows - 0.5) / n_windows, "prepend_bos": True,
-                    # the corpus is sorted by source: shuffled, training and held-out rows share its mixture
-                    "shuffle_seed": args.shuffle_seed},
+        "model": {
+            "name": "packaged:SmolLM2-135M-Instruct",
+            "type": "SmolLM2-135M-Instruct",
+            "dtype": args.model_dtype,
+            "device": "auto",
+        },
+        "dataset": {
+            "path": str(args.corpus),
+            "n_tokens": n_windows * args.context,
+            "context_size": args.context,
+            # the store holds out ceil(n * fraction) windows: exactly n_holdout_windows
+            "holdout_fraction": (n_holdout_windows - 0.5) / n_windows,
+            "prepend_bos": True,
+            # the corpus is sorted by source: shuffled, training and held-out rows share its mixture
+            "shuffle_seed": args.shuffle_seed,
+        },
         "extract": {"layers": [8], "sites": ["resid_mid", "mlp_out"], "dtype": "bfloat16"},
-        "dictionaries": {}, "evaluate": {}, "mine": {},
+        "dictionaries": {},
+        "evaluate": {},
+        "mine": {},
     }
 
 
@@ -75,7 +87,9 @@ def build_store(args):
     """The pipeline config and its store, extracted on first use (about 10 min here)."""
     args.workdir.mkdir(parents=True, exist_ok=True)
     (args.workdir / "params.yaml").write_text(yaml.safe_dump(store_params(args)))
-    cfg = parse_params(store_params(args), data_root=args.workdir / "data", results_root=args.workdir / "results")
+    cfg = parse_params(
+        store_params(args), data_root=args.workdir / "data", results_root=args.workdir / "results"
+    )
     if not (cfg.model_dir / "config.json").is_file():
         pipeline.prepare_model(cfg)
     if not (cfg.store_dir / "tokens.zarr").is_dir():
@@ -86,10 +100,22 @@ def build_store(args):
 
 
 def dictionary_config(args, kind: str, overrides: dict) -> DictionaryConfig:
-    base = DictionaryConfig(name=kind, kind=kind, layer=8, source_site="resid_mid",
-                            target_site="resid_mid" if kind == "sae" else "mlp_out", dict_size=sum(args.groups),
-                            group_sizes=list(args.groups), top_k=args.top_k, lr=args.lr, batch_size=args.batch_size,
-                            steps=args.steps, save_every=10**9, seed=args.seed, model_type="SmolLM2-135M-Instruct")
+    base = DictionaryConfig(
+        name=kind,
+        kind=kind,
+        layer=8,
+        source_site="resid_mid",
+        target_site="resid_mid" if kind == "sae" else "mlp_out",
+        dict_size=sum(args.groups),
+        group_sizes=list(args.groups),
+        top_k=args.top_k,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        save_every=10**9,
+        seed=args.seed,
+        model_type="SmolLM2-135M-Instruct",
+    )
     cfg = replace(base, **overrides)
     cfg.validate(f"variant {kind}")
     return cfg
@@ -109,17 +135,31 @@ def parse_variant(text: str) -> tuple[str, dict]:
 class ReferenceRecipe(torch.nn.Module):
     """The reference's Matryoshka BatchTopK, dense, for comparison (see the module docstring)."""
 
-    def __init__(self, d_in: int, d_out: int, groups: list[int], k: int, kind: str, seed: int,
-                 top_k_aux: int = 512, aux_penalty: float = 1 / 32, n_batches_to_dead: int = 5):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        groups: list[int],
+        k: int,
+        kind: str,
+        seed: int,
+        top_k_aux: int = 512,
+        aux_penalty: float = 1 / 32,
+        n_batches_to_dead: int = 5,
+    ):
         super().__init__()
         torch.manual_seed(seed)
         F_ = sum(groups)
         self.kind, self.k, self.group_sizes = kind, k, list(groups)
-        self.boundaries = [sum(groups[:i + 1]) for i in range(len(groups))]
+        self.boundaries = [sum(groups[: i + 1]) for i in range(len(groups))]
         self.dict_size = F_
         self.top_k_aux, self.aux_penalty, self.n_batches_to_dead = top_k_aux, aux_penalty, n_batches_to_dead
         self.W_enc = torch.nn.Parameter(torch.nn.init.kaiming_uniform_(torch.empty(d_in, F_)))
-        W_dec = self.W_enc.detach().t().clone() if d_in == d_out else torch.nn.init.kaiming_uniform_(torch.empty(F_, d_out))
+        W_dec = (
+            self.W_enc.detach().t().clone()
+            if d_in == d_out
+            else torch.nn.init.kaiming_uniform_(torch.empty(F_, d_out))
+        )
         self.W_dec = torch.nn.Parameter(W_dec / W_dec.norm(dim=1, keepdim=True))
         self.b_enc = torch.nn.Parameter(torch.zeros(F_))
         self.b_dec = torch.nn.Parameter(torch.zeros(d_out))
@@ -235,12 +275,18 @@ def heldout_metrics(dictionary, store, kind, args, cfg, with_ce: bool) -> dict:
     ecfg = EvaluateConfig(batch_size=4096, n_ce_sequences=args.ce_windows)
     with torch.no_grad():
         metrics, _, mean_target = reconstruction(dictionary, store, SOURCE, target, ecfg)
-    out = {"fvu_per_prefix": [round(f, 4) for f in metrics["fvu_per_prefix"]], "l0": round(metrics["l0"], 2),
-           "dead_fraction": round(metrics["dead_fraction"], 4)}
+    out = {
+        "fvu_per_prefix": [round(f, 4) for f in metrics["fvu_per_prefix"]],
+        "l0": round(metrics["l0"], 2),
+        "dead_fraction": round(metrics["dead_fraction"], 4),
+    }
     if with_ce and kind == "transcoder" and args.ce_windows:
         ce = spliced_metrics(dictionary, store, mean_target, SOURCE, target, ecfg, cfg.model_dir)
-        out.update(ce_recovered_vs_zero=round(ce["ce_recovered_vs_zero"], 4),
-                   ce_recovered_vs_mean=round(ce["ce_recovered_vs_mean"], 4), ce_clean=round(ce["ce_clean"], 4))
+        out.update(
+            ce_recovered_vs_zero=round(ce["ce_recovered_vs_zero"], 4),
+            ce_recovered_vs_mean=round(ce["ce_recovered_vs_mean"], 4),
+            ce_clean=round(ce["ce_clean"], 4),
+        )
     return out
 
 
@@ -252,10 +298,15 @@ def run_ours(args, cfg, store, kind: str, label: str, overrides: dict) -> dict:
     log = [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]
     steps = [r["step_seconds"] for r in log if r.get("step_seconds")]
     model = MatryoshkaBatchTopK.load(run_dir)
-    result = {"recipe": label, "kind": kind, "train_seconds": round(seconds, 1),
-              "median_step_seconds": round(statistics.median(steps), 4) if steps else None,
-              "dead_in_training": log[-1]["dead_features"], "final_prefix_mse": log[-1]["prefix_mse"],
-              **heldout_metrics(model, store, kind, args, cfg, with_ce=not args.no_ce)}
+    result = {
+        "recipe": label,
+        "kind": kind,
+        "train_seconds": round(seconds, 1),
+        "median_step_seconds": round(statistics.median(steps), 4) if steps else None,
+        "dead_in_training": log[-1]["dead_features"],
+        "final_prefix_mse": log[-1]["prefix_mse"],
+        **heldout_metrics(model, store, kind, args, cfg, with_ce=not args.no_ce),
+    }
     return result
 
 
@@ -264,8 +315,13 @@ def run_reference(args, cfg, store, kind: str) -> dict:
     ref, step = train_reference(args, kind, store)
     seconds = time.time() - t
     dictionary = ref.eval() if kind == "sae" else _OracleTarget(ref, store)
-    return {"recipe": "reference", "kind": kind, "train_seconds": round(seconds, 1), "median_step_seconds": round(step, 4),
-            **heldout_metrics(dictionary, store, kind, args, cfg, with_ce=False)}
+    return {
+        "recipe": "reference",
+        "kind": kind,
+        "train_seconds": round(seconds, 1),
+        "median_step_seconds": round(step, 4),
+        **heldout_metrics(dictionary, store, kind, args, cfg, with_ce=False),
+    }
 
 
 def main() -> None:
@@ -276,8 +332,12 @@ def main() -> None:
     p.add_argument("--heldout-tokens", type=int, default=200_000)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--shuffle-seed", type=int, default=0, help="document order (-1: the file's order)")
-    p.add_argument("--model-dtype", default="float32",
-                   help="forward-pass dtype of extraction (bfloat16 is emulated, 100x slower, on CPUs without AVX512-BF16)")
+    p.add_argument(
+        "--model-dtype",
+        default="float32",
+        help="forward-pass dtype of extraction "
+        "(bfloat16 is emulated, 100x slower, on CPUs without AVX512-BF16)",
+    )
     p.add_argument("--steps", type=int, default=None, help="default: one epoch of the training tokens")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--top-k", type=int, default=46)
@@ -286,9 +346,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kinds", nargs="+", default=["sae", "transcoder"], choices=["sae", "transcoder"])
     p.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (ours with overrides)")
-    p.add_argument("--no-default", action="store_true", help="train only the --variant recipes, not the defaults")
+    p.add_argument(
+        "--no-default", action="store_true", help="train only the --variant recipes, not the defaults"
+    )
     p.add_argument("--reference", action="store_true", help="also train the reference recipe")
-    p.add_argument("--ce-windows", type=int, default=64, help="held-out windows for the spliced loss (0: skip)")
+    p.add_argument(
+        "--ce-windows", type=int, default=64, help="held-out windows for the spliced loss (0: skip)"
+    )
     p.add_argument("--no-ce", action="store_true", help="skip the spliced loss")
     args = p.parse_args()
     args.steps = args.steps or args.train_tokens // args.batch_size
@@ -305,15 +369,31 @@ def main() -> None:
             results.append(run_reference(args, cfg, store, kind))
             print(json.dumps(results[-1]), file=sys.stderr)
 
-    print(f"\n{args.steps} steps x {args.batch_size} rows, k {args.top_k}, lr {args.lr}, groups {args.groups}; "
-          f"held-out: {args.heldout_tokens} tokens")
-    print(f"{'recipe':<16} {'kind':<11} {'FVU per prefix':<32} {'L0':>6} {'dead':>6} {'CE rec 0/mean':>14} {'s/step':>7}")
+    print(
+        f"\n{args.steps} steps x {args.batch_size} rows, k {args.top_k}, lr {args.lr}, groups {args.groups}; "
+        f"held-out: {args.heldout_tokens} tokens"
+    )
+    print(
+        f"{'recipe':<16} {'kind':<11} {'FVU per prefix':<32} {'L0':>6} {'dead':>6} "
+        f"{'CE rec 0/mean':>14} {'s/step':>7}"
+    )
     for r in results:
-        ce = (f"{r['ce_recovered_vs_zero']:.3f}/{r['ce_recovered_vs_mean']:.3f}" if "ce_recovered_vs_zero" in r else "-")
+        ce = (
+            f"{r['ce_recovered_vs_zero']:.3f}/{r['ce_recovered_vs_mean']:.3f}"
+            if "ce_recovered_vs_zero" in r
+            else "-"
+        )
         fvu = " / ".join(f"{f:.3f}" for f in r["fvu_per_prefix"])
-        print(f"{r['recipe']:<16} {r['kind']:<11} {fvu:<32} {r['l0']:>6.1f} {r['dead_fraction']:>6.1%} {ce:>14} "
-              f"{r['median_step_seconds'] or math.nan:>7.3f}")
-    print(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "top_k": args.top_k, "results": results}))
+        print(
+            f"{r['recipe']:<16} {r['kind']:<11} {fvu:<32} {r['l0']:>6.1f} "
+            f"{r['dead_fraction']:>6.1%} {ce:>14} "
+            f"{r['median_step_seconds'] or math.nan:>7.3f}"
+        )
+    print(
+        json.dumps(
+            {"steps": args.steps, "batch_size": args.batch_size, "top_k": args.top_k, "results": results}
+        )
+    )
 
 
 if __name__ == "__main__":

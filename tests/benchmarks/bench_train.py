@@ -90,8 +90,15 @@ def loader_rows_per_s(d: int, batch: int, n_batches: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         ctx, n_seq = 128, max(64, (n_batches + 2) * batch // 128)
         tokens = np.zeros((n_seq, ctx), dtype=np.int32)
-        writer = StoreWriter(tmp, {"prepend_bos": True, "n_holdout_sequences": 1}, tokens,
-                             [(0, "resid_mid"), (0, "mlp_out")], d, "bfloat16", 4096)
+        writer = StoreWriter(
+            tmp,
+            {"prepend_bos": True, "n_holdout_sequences": 1},
+            tokens,
+            [(0, "resid_mid"), (0, "mlp_out")],
+            d,
+            "bfloat16",
+            4096,
+        )
         for s in range(0, n_seq, 32):
             x = torch.randn(min(32, n_seq - s), ctx, d)
             writer.add({(0, "resid_mid"): x, (0, "mlp_out"): x})
@@ -100,7 +107,9 @@ def loader_rows_per_s(d: int, batch: int, n_batches: int) -> float:
         # Timed from the start: batches come from chunks read, decompressed and shuffled on the way
         # (the store holds about n_batches + 2 batches, so each row is read once).
         t = time.perf_counter()
-        batches = store.iter_training_batches([(0, "resid_mid"), (0, "mlp_out")], batch, seed=0, shuffle_chunks=4)
+        batches = store.iter_training_batches(
+            [(0, "resid_mid"), (0, "mlp_out")], batch, seed=0, shuffle_chunks=4
+        )
         for _ in range(n_batches):
             next(batches)
         return n_batches * batch / (time.perf_counter() - t)
@@ -141,29 +150,42 @@ def bench(shape: str, k: int, repeats: int) -> dict:
         mm.init_means(x, y)
     # Two phases, so that the dense step runs beside one dictionary only: every other dictionary's
     # resident buffers make its fresh B x D tensors' page faults dearer on this VM (8 -> 11 matmuls).
-    t = side_by_side({
-        "matmul": lambda: x @ W,
-        "matmul_out": lambda: torch.mm(x, W, out=out),
-        "ours": lambda: our_step(m, opt, x, y),
-        "dense": lambda: dense_step(md, optd, x, y),
-    }, repeats)
+    t = side_by_side(
+        {
+            "matmul": lambda: x @ W,
+            "matmul_out": lambda: torch.mm(x, W, out=out),
+            "ours": lambda: our_step(m, opt, x, y),
+            "dense": lambda: dense_step(md, optd, x, y),
+        },
+        repeats,
+    )
     md = optd = None  # free the dense dictionary before the second phase
     (mb, optb), four = make(d, groups, k), [make(d, groups, k, seed=s) for s in range(4)]
     for mm, _ in [(mb, optb), *four]:
         mm.init_means(x, y)
-    t2 = side_by_side({
-        "matmul": lambda: x @ W,
-        "matmul_bf16": lambda: xb @ Wb,
-        "ours": lambda: our_step(m, opt, x, y),
-        "ours_bf16": lambda: our_step(mb, optb, x, y, torch.bfloat16),
-        "multi4": lambda: [our_step(mm, oo, x, y) for mm, oo in four],
-    }, repeats)
+    t2 = side_by_side(
+        {
+            "matmul": lambda: x @ W,
+            "matmul_bf16": lambda: xb @ Wb,
+            "ours": lambda: our_step(m, opt, x, y),
+            "ours_bf16": lambda: our_step(mb, optb, x, y, torch.bfloat16),
+            "multi4": lambda: [our_step(mm, oo, x, y) for mm, oo in four],
+        },
+        repeats,
+    )
     ours = statistics.median(t["ours"])
     loader = loader_rows_per_s(d, B, n_batches=8)
     return {
-        "shape": shape, "d": d, "dict_size": D, "k": k, "batch": B, "repeats": repeats,
-        "matmul_s": statistics.median(t["matmul"]), "ours_s": ours,
-        "ours_tokens_per_s": B / ours, "dense_tokens_per_s": B / statistics.median(t["dense"]),
+        "shape": shape,
+        "d": d,
+        "dict_size": D,
+        "k": k,
+        "batch": B,
+        "repeats": repeats,
+        "matmul_s": statistics.median(t["matmul"]),
+        "ours_s": ours,
+        "ours_tokens_per_s": B / ours,
+        "dense_tokens_per_s": B / statistics.median(t["dense"]),
         "speedup_vs_dense": median_ratio(t["dense"], t["ours"]),
         "step_over_matmul": median_ratio(t["ours"], t["matmul"]),
         "step_over_matmul_into_buffer": median_ratio(t["ours"], t["matmul_out"]),
@@ -171,13 +193,23 @@ def bench(shape: str, k: int, repeats: int) -> dict:
         "bf16_step_over_fp32_matmul": median_ratio(t2["ours_bf16"], t2["matmul"]),
         "bf16_step_over_bf16_matmul": median_ratio(t2["ours_bf16"], t2["matmul_bf16"]),
         "bf16_tokens_per_s": B / statistics.median(t2["ours_bf16"]),
-        "loader_over_train": loader / (B / ours), "multi4_over_one": median_ratio(t2["multi4"], t2["ours"]),
-        "peak_rss_gib_ours": peak_rss_gib("ours", shape, k), "peak_rss_gib_dense": peak_rss_gib("dense", shape, k),
+        "loader_over_train": loader / (B / ours),
+        "multi4_over_one": median_ratio(t2["multi4"], t2["ours"]),
+        "peak_rss_gib_ours": peak_rss_gib("ours", shape, k),
+        "peak_rss_gib_dense": peak_rss_gib("dense", shape, k),
     }
 
 
-def bench_real(store_dir: str, kind: str, k: int, groups: list[int], batch: int, warmup: int, repeats: int,
-               input_norm: str = "token") -> dict:
+def bench_real(
+    store_dir: str,
+    kind: str,
+    k: int,
+    groups: list[int],
+    batch: int,
+    warmup: int,
+    repeats: int,
+    input_norm: str = "token",
+) -> dict:
     """Our step on real rows after ``warmup`` real training steps (its dead features and auxiliary
     loss as training has them), beside the same step without the auxiliary loss, the dense step and
     one bare encoder matmul (real rows, the trained encoder), interleaved."""
@@ -187,8 +219,15 @@ def bench_real(store_dir: str, kind: str, k: int, groups: list[int], batch: int,
     batches = store.iter_training_batches(keys, batch, seed=0)
     d = store.site(*source).d_model
     # the skip connection as the config's default has it: on for transcoders
-    m = MatryoshkaBatchTopK(d, store.site(*target).d_model, groups, k, kind=kind, input_norm=input_norm,
-                            skip_connection=kind == "transcoder")
+    m = MatryoshkaBatchTopK(
+        d,
+        store.site(*target).d_model,
+        groups,
+        k,
+        kind=kind,
+        input_norm=input_norm,
+        skip_connection=kind == "transcoder",
+    )
     m.set_scales(store.site(*source).mean_norm, store.site(*target).mean_norm)
     opt = make_optimizer(m, 3e-4)
 
@@ -209,29 +248,52 @@ def bench_real(store_dir: str, kind: str, k: int, groups: list[int], batch: int,
     W = m.W_enc.detach().contiguous()
     x0 = m._normalised_source(rows[0][0]).detach()
     n_dead = int(m._dead_features().numel())
-    t = side_by_side({
-        "matmul": lambda: x0 @ W,
-        "ours": lambda: our_step(m, opt, *rows[next(cycle)]),
-        "ours_no_aux": lambda: our_step(no_aux, opts[id(no_aux)], *rows[next(cycle)]),
-        "dense": lambda: dense_step(dense, opts[id(dense)], *rows[next(cycle)]),
-    }, repeats)
-    return {"kind": kind, "input_norm": input_norm, "k": k, "batch": batch, "dict_size": sum(groups), "warmup_steps": warmup,
-            "dead_features": n_dead, "repeats": repeats, "matmul_s": statistics.median(t["matmul"]),
-            "ours_s": statistics.median(t["ours"]), "step_over_matmul": median_ratio(t["ours"], t["matmul"]),
-            "no_aux_step_over_matmul": median_ratio(t["ours_no_aux"], t["matmul"]),
-            "speedup_vs_dense": median_ratio(t["dense"], t["ours"]),
-            "dense_over_matmul": median_ratio(t["dense"], t["matmul"])}
+    t = side_by_side(
+        {
+            "matmul": lambda: x0 @ W,
+            "ours": lambda: our_step(m, opt, *rows[next(cycle)]),
+            "ours_no_aux": lambda: our_step(no_aux, opts[id(no_aux)], *rows[next(cycle)]),
+            "dense": lambda: dense_step(dense, opts[id(dense)], *rows[next(cycle)]),
+        },
+        repeats,
+    )
+    return {
+        "kind": kind,
+        "input_norm": input_norm,
+        "k": k,
+        "batch": batch,
+        "dict_size": sum(groups),
+        "warmup_steps": warmup,
+        "dead_features": n_dead,
+        "repeats": repeats,
+        "matmul_s": statistics.median(t["matmul"]),
+        "ours_s": statistics.median(t["ours"]),
+        "step_over_matmul": median_ratio(t["ours"], t["matmul"]),
+        "no_aux_step_over_matmul": median_ratio(t["ours_no_aux"], t["matmul"]),
+        "speedup_vs_dense": median_ratio(t["dense"], t["ours"]),
+        "dense_over_matmul": median_ratio(t["dense"], t["matmul"]),
+    }
 
 
 def main_real(args) -> None:
-    results = [bench_real(args.store, kind, args.k, args.groups, args.batch, args.warmup, args.repeats or 5, norm)
-               for kind in args.kinds for norm in args.input_norms]
+    results = [
+        bench_real(args.store, kind, args.k, args.groups, args.batch, args.warmup, args.repeats or 5, norm)
+        for kind in args.kinds
+        for norm in args.input_norms
+    ]
     print(f"real rows from {args.store}; fp32; medians of {results[0]['repeats']} interleaved rounds")
-    print(f"{'kind':<11}{'input_norm':>11}{'dead':>6}{'step s':>8}{'/matmul':>9}{'no aux /matmul':>16}{'vs dense':>9}{'dense/mm':>9}")
+    print(
+        f"{'kind':<11}{'input_norm':>11}{'dead':>6}{'step s':>8}{'/matmul':>9}{'no aux /matmul':>16}"
+        f"{'vs dense':>9}{'dense/mm':>9}"
+    )
     for r in results:
-        print(f"{r['kind']:<11}{r['input_norm']:>11}{r['dead_features']:>6}{r['ours_s']:>8.3f}{r['step_over_matmul']:>9.2f}"
-              f"{r['no_aux_step_over_matmul']:>16.2f}{r['speedup_vs_dense']:>9.2f}{r['dense_over_matmul']:>9.2f}")
-    print(json.dumps([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]))
+        print(
+            f"{r['kind']:<11}{r['input_norm']:>11}{r['dead_features']:>6}{r['ours_s']:>8.3f}{r['step_over_matmul']:>9.2f}"
+            f"{r['no_aux_step_over_matmul']:>16.2f}{r['speedup_vs_dense']:>9.2f}{r['dense_over_matmul']:>9.2f}"
+        )
+    print(
+        json.dumps([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results])
+    )
 
 
 def main() -> None:
@@ -240,8 +302,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--store", help="a real store (layer 8 resid_mid, mlp_out): measure real training")
     parser.add_argument("--kinds", nargs="+", default=["transcoder", "sae"], help="with --store")
-    parser.add_argument("--input-norms", nargs="+", default=["token"], help="with --store: token (the default "
-                        "recipe) and/or global (the old one, which leaves features dead: the auxiliary loss runs)")
+    parser.add_argument(
+        "--input-norms",
+        nargs="+",
+        default=["token"],
+        help="with --store: token (the default "
+        "recipe) and/or global (the old one, which leaves features dead: the auxiliary loss runs)",
+    )
     parser.add_argument("--warmup", type=int, default=150, help="with --store: real training steps first")
     parser.add_argument("--k", type=int, default=46, help="with --store")
     parser.add_argument("--batch", type=int, default=4096, help="with --store")
@@ -253,13 +320,18 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 5)
     results = [bench(shape, k, repeats) for shape, k in runs]
     print(f"fp32 unless noted; medians of {repeats} interleaved rounds")
-    print(f"{'shape':<11}{'k':>4}{'ours tok/s':>11}{'dense tok/s':>12}{'vs dense':>9}{'/matmul':>8}{'dense/mm':>9}"
-          f"{'bf16 tok/s':>11}{'bf16/mm32':>10}{'loader/train':>13}{'multi4/one':>11}{'GiB ours':>9}{'GiB dense':>10}")
+    print(
+        f"{'shape':<11}{'k':>4}{'ours tok/s':>11}{'dense tok/s':>12}{'vs dense':>9}{'/matmul':>8}"
+        f"{'dense/mm':>9}{'bf16 tok/s':>11}{'bf16/mm32':>10}{'loader/train':>13}{'multi4/one':>11}"
+        f"{'GiB ours':>9}{'GiB dense':>10}"
+    )
     for r in results:
-        print(f"{r['shape']:<11}{r['k']:>4}{r['ours_tokens_per_s']:>11.0f}{r['dense_tokens_per_s']:>12.0f}"
-              f"{r['speedup_vs_dense']:>9.2f}{r['step_over_matmul']:>8.2f}{r['dense_over_matmul']:>9.2f}"
-              f"{r['bf16_tokens_per_s']:>11.0f}{r['bf16_step_over_fp32_matmul']:>10.2f}{r['loader_over_train']:>13.1f}"
-              f"{r['multi4_over_one']:>11.2f}{r['peak_rss_gib_ours']:>9.2f}{r['peak_rss_gib_dense']:>10.2f}")
+        print(
+            f"{r['shape']:<11}{r['k']:>4}{r['ours_tokens_per_s']:>11.0f}{r['dense_tokens_per_s']:>12.0f}"
+            f"{r['speedup_vs_dense']:>9.2f}{r['step_over_matmul']:>8.2f}{r['dense_over_matmul']:>9.2f}"
+            f"{r['bf16_tokens_per_s']:>11.0f}{r['bf16_step_over_fp32_matmul']:>10.2f}{r['loader_over_train']:>13.1f}"
+            f"{r['multi4_over_one']:>11.2f}{r['peak_rss_gib_ours']:>9.2f}{r['peak_rss_gib_dense']:>10.2f}"
+        )
     headline = results[-1] if args.quick else results[1]
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in headline.items()}))
 
