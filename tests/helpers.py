@@ -74,3 +74,13 @@ def tiny_random_llama_dir(path: Path) -> Path:
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+def copy_data(src: Path, dest: Path) -> Path:
+    """A copy of a data directory without the readers' snapshots in it (``.mtc-readers``: this test
+    process's own pins on the shared store, which belong to the original)."""
+    import shutil
+
+    from mtc.store import READERS_DIR
+
+    return Path(shutil.copytree(src, dest, symlinks=True, ignore=shutil.ignore_patterns(READERS_DIR)))

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, tiny_params
+from tests.helpers import copy_data
 
 
 def dictionary(**changes):
@@ -113,9 +114,7 @@ def test_malformed_yaml(tmp_path):
 @pytest.fixture
 def prepared(tiny_pipeline, tmp_path):
     """A project directory whose model is prepared and whose store is extracted (tiny_pipeline's)."""
-    import shutil
-
-    shutil.copytree(tiny_pipeline.data_root, tmp_path / "data", symlinks=True)
+    copy_data(tiny_pipeline.data_root, tmp_path / "data")
     raw = tiny_params(tiny_pipeline.model.name)
     return tmp_path, raw
 

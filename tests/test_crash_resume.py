@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_params
+from tests.helpers import copy_data
 
 pytestmark = pytest.mark.slow
 KILL_POINTS = 4
@@ -188,7 +189,7 @@ def test_a_store_replaced_while_training_reads_it_changes_nothing(tiny_pipeline,
     (root / "params.yaml").write_text(
         yaml.safe_dump(tiny_params(tiny_pipeline.model.name, steps=300, save_every=25))
     )
-    shutil.copytree(tiny_pipeline.data_root, root / "data")
+    copy_data(tiny_pipeline.data_root, root / "data")
     store = root / "data" / "activations" / "stories260K"
     other = replaced_store(store, tmp_path)
     run_dir = root / "results" / "stories260K" / "2" / "300" / "tc"

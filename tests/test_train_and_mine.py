@@ -15,6 +15,7 @@ from mtc.config import ConfigError, parse_params
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.samples import ActivationSampleAnalyzer, TopActivations
 from tests.conftest import REPO, tiny_params
+from tests.helpers import copy_data
 
 
 def test_trained_transcoder_beats_the_trivial_predictor_on_held_out_rows(trained_transcoder):
@@ -314,7 +315,6 @@ def test_a_second_writer_of_the_same_run_fails_fast(tiny_pipeline, tmp_path):
 
 
 def test_a_nan_in_the_activations_stops_training_naming_the_step(tiny_pipeline, tmp_path):
-    import shutil
 
     import numpy as np
     import zarr
@@ -322,7 +322,7 @@ def test_a_nan_in_the_activations_stops_training_naming_the_step(tiny_pipeline, 
     from mtc.store import site_path
 
     data = tmp_path / "data"
-    shutil.copytree(tiny_pipeline.data_root, data)
+    copy_data(tiny_pipeline.data_root, data)
     cfg = dataclasses.replace(tiny_pipeline, data_root=data, results_root=tmp_path / "results")
     arr = zarr.open_array(str(site_path(cfg.store_dir, 2, "mlp_out")), mode="r+")
     rows = arr[:]

