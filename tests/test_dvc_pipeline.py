@@ -24,6 +24,13 @@ def dvc(cwd, *args) -> str:
 def project(tmp_path_factory, stories_model_dir):
     root = copy_project(tmp_path_factory.mktemp("project"))
     params = tiny_params(str(stories_model_dir), steps=100, save_every=50)
+    params["extract"]["layers"] = [2, 3]
+    params["dictionaries"]["tc-to-L3"] = {  # cross-layer: its results sit under its source layer
+        **params["dictionaries"]["tc"],
+        "target_layer": 3,
+        "steps": 40,
+        "save_every": 40,
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc(root, "repro")
     return root
@@ -56,6 +63,19 @@ def test_dvc_plots_show_renders_every_declared_plot(project):
     assert sum(int(v["features"]) for v in hist["content"]["data"]["values"]) == 256
     dvc(project, "plots", "show", "-o", "plots_html")
     assert (project / "plots_html" / "index.html").stat().st_size > 1000
+
+
+def test_a_cross_layer_transcoder_trains_evaluates_and_is_mined_where_dvc_expects_it(project):
+    run_dir = project / "results" / "stories260K" / "2" / "40" / "tc-to-L3"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["source_layer"], config["target_layer"], config["completed_at"] is not None) == (
+        2,
+        3,
+        True,
+    )
+    assert json.loads((run_dir / "metrics.json").read_text())["fvu_max"] < 1.5
+    assert (run_dir / "browser" / "index.html").is_file()
+    assert "train@tc-to-L3" in (project / "dvc.lock").read_text()
 
 
 def test_a_second_repro_does_nothing(project):
