@@ -8,6 +8,7 @@ import sys
 import yaml
 
 from mtc.cli import adhoc_params, model_type_of
+from mtc.results import run_dir_of
 from tests.conftest import tiny_params
 
 
@@ -61,7 +62,7 @@ def test_a_command_line_transcoder_uses_the_model_preset_and_overrides():
     d = cfg.dictionaries[name]
     assert cfg.model.type == "gemma-2-2b" and cfg.extract.layers == [8, 9]
     assert d.group_sizes == [2304, 4608, 9216, 20736] and d.k == 64 and d.resolved_target_layer == 9
-    assert cfg.dataset.n_tokens == 1000 and str(d.run_dir()) == "results/gemma-2-2b/8/1000/transcoder-to-L9"
+    assert cfg.dataset.n_tokens == 1000 and str(run_dir_of(d)) == "results/gemma-2-2b/8/1000/transcoder-to-L9"
 
 
 def test_smoke_run_extracts_trains_evaluates_and_mines(tmp_path, stories_model_dir):

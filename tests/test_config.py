@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from mtc.config import PRESETS, ConfigError, get_default_cfg, load_params, parse_params, post_init_cfg
+from mtc.results import run_dir_of
 from tests.conftest import REPO, tiny_params
 
 
@@ -129,7 +130,7 @@ def test_run_dirs_follow_the_seed_layout_and_keep_dictionaries_apart():
     raw = tiny_params()
     raw["dictionaries"]["tc2"] = copy.deepcopy(raw["dictionaries"]["tc"])
     cfg = parse_params(raw)
-    a, b = cfg.dictionaries["tc"].run_dir(), cfg.dictionaries["tc2"].run_dir()
+    a, b = run_dir_of(cfg.dictionaries["tc"]), run_dir_of(cfg.dictionaries["tc2"])
     assert str(a) == "results/stories260K/2/150/tc" and a.parent == b.parent and a != b
 
 
@@ -149,7 +150,7 @@ def test_dvc_yaml_paths_agree_with_the_library():
                 .replace("${item.steps}", str(d.steps))
                 .replace("${key}", name)
             )
-            assert path.startswith(str(d.run_dir()) + "/"), path
+            assert path.startswith(str(run_dir_of(d)) + "/"), path
     assert stages["extract"]["outs"] == ["data/activations/${model.type}"]
     assert str(cfg.store_dir) == f"data/activations/{cfg.model.type}"
     assert str(cfg.model_dir) == f"data/models/{cfg.model.type}"

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from mtc.metrics import FVUAccumulator, compute_fvu, fvu_summary, l0
+from mtc.metrics import FVUAccumulator, compute_fvu, fvu_summary, mean_l0
 
 
 def test_fvu_is_zero_for_perfect_and_one_for_the_mean_predictor():
@@ -25,5 +25,5 @@ def test_streamed_fvu_equals_the_direct_computation():
 
 def test_l0_and_summary():
     acts = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0]])
-    assert l0(acts) == 1.5
+    assert mean_l0((acts > 0).sum(dim=0), n_tokens=2) == 1.5
     assert fvu_summary([0.5, 0.2, 0.3]) == {"fvu_min": 0.2, "fvu_mean": (0.5 + 0.2 + 0.3) / 3, "fvu_max": 0.5}

@@ -14,6 +14,7 @@ import torch
 
 from mtc import pipeline
 from mtc.dictionary import MatryoshkaBatchTopK
+from mtc.results import run_dir_of
 from mtc.saelens import CFG_FILE, SPARSITY_FILE, export_saelens
 
 try:
@@ -59,7 +60,7 @@ def _load(directory, fold=False):
 @pytest.mark.parametrize("n_groups", [None, 2])
 def test_saelens_loads_the_export_and_computes_what_mtc_does(trained, tmp_path, variant, n_groups):
     cfg, x = trained
-    run_dir = cfg.dictionary(variant.replace(" ", "-").replace(",", "")).run_dir(cfg.results_root)
+    run_dir = run_dir_of(cfg.dictionary(variant.replace(" ", "-").replace(",", "")), cfg.results_root)
     ours = MatryoshkaBatchTopK.load(run_dir)
     out = export_saelens(run_dir, tmp_path / "export", n_groups)
     exported = json.loads((out / CFG_FILE).read_text())
@@ -96,7 +97,7 @@ def sae_lens_sparsity(directory):
 
 def test_the_metadata_names_the_model_hooks_data_and_groups(trained, tmp_path):
     cfg, _ = trained
-    run_dir = cfg.dictionary("transcoder").run_dir(cfg.results_root)
+    run_dir = run_dir_of(cfg.dictionary("transcoder"), cfg.results_root)
     meta = _load(export_saelens(run_dir, tmp_path / "e", 2)).cfg.metadata
     assert meta.hook_name_out == "blocks.2.hook_mlp_out"
     assert meta.context_size == 64 and meta.prepend_bos is True

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from mtc import pipeline
 from mtc.config import ConfigError, parse_params
 from mtc.dictionary import MatryoshkaBatchTopK
+from mtc.results import run_dir_of
 from mtc.samples import ActivationSampleAnalyzer, TopActivations
 from tests.conftest import REPO, tiny_params
 from tests.helpers import copy_data
@@ -143,8 +144,8 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tiny_pipeline, tm
     resumed_cfg = dataclasses.replace(tiny_pipeline, results_root=tmp_path / "b")
     import shutil
 
-    shutil.copytree(full, resumed_cfg.dictionaries["tc"].run_dir(tmp_path / "b"))
-    run_dir = resumed_cfg.dictionaries["tc"].run_dir(tmp_path / "b")
+    shutil.copytree(full, run_dir_of(resumed_cfg.dictionaries["tc"], tmp_path / "b"))
+    run_dir = run_dir_of(resumed_cfg.dictionaries["tc"], tmp_path / "b")
     shutil.rmtree(run_dir / "checkpoints" / "step_50")
     config = json.loads((run_dir / "config.json").read_text())
     config.pop("completed_at")
@@ -307,7 +308,7 @@ def test_a_second_writer_of_the_same_run_fails_fast(tiny_pipeline, tmp_path):
     from mtc.locks import LockedError, exclusive
 
     cfg = dataclasses.replace(tiny_pipeline, results_root=tmp_path)
-    with exclusive(cfg.dictionaries["tc"].run_dir(tmp_path)):
+    with exclusive(run_dir_of(cfg.dictionaries["tc"], tmp_path)):
         with pytest.raises(LockedError, match=r"tc: another process \(pid \d+\) is writing it"):
             pipeline.train(cfg, ["tc"])
     [run_dir] = pipeline.train(cfg, ["tc"])  # released: the next run goes ahead
@@ -330,7 +331,7 @@ def test_a_nan_in_the_activations_stops_training_naming_the_step(tiny_pipeline, 
     arr[:] = rows
     with pytest.raises(FloatingPointError, match=r"tc: loss is nan at step 1; the last good checkpoint"):
         pipeline.train(cfg, ["tc"])
-    run_dir = cfg.dictionaries["tc"].run_dir(cfg.results_root)
+    run_dir = run_dir_of(cfg.dictionaries["tc"], cfg.results_root)
     assert "completed_at" not in json.loads((run_dir / "config.json").read_text())
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from mtc import progress
 from mtc.config import BrowseConfig
 from mtc.errors import BrowseError
-from mtc.results import METRICS_FILE, atomic_write_text, read_json
+from mtc.results import BROWSER_DIR, METRICS_FILE, MINED_SAMPLES_DIR, atomic_write_text, read_json
 from mtc.samples import FEATURES_FILE, META_FILE, QUANTILE_FILE, ActivationSampleAnalyzer
 
 INDEX = "index.html"
@@ -130,7 +130,7 @@ class Site:
     """The data of one mined run, ready to render."""
 
     def __init__(self, run_dir: Path, tokenizer: Any = None):
-        mined = run_dir / "activation_samples" / "mined"
+        mined = run_dir / MINED_SAMPLES_DIR
         if not (mined / META_FILE).is_file():
             raise BrowseError(
                 f"{run_dir}: no mined samples (activation_samples/mined/meta.json); run the mine stage "
@@ -283,7 +283,7 @@ def build_site(
     """Write the browser for ``run_dir`` to ``out_dir`` (default ``run_dir/browser``); returns its index."""
     cfg = cfg or BrowseConfig()
     run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "browser"
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / BROWSER_DIR
     site = Site(run_dir, tokenizer)
     fired = [f for f, c in enumerate(site.fire_count) if c > 0]
     pages = fired if cfg.max_feature_pages is None else fired[: cfg.max_feature_pages]

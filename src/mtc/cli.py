@@ -213,7 +213,9 @@ def samples(
     from mtc.samples import META_FILE, ActivationSampleAnalyzer
 
     if not (directory / META_FILE).is_file():
-        directory = directory / "activation_samples" / "mined"
+        from mtc.results import MINED_SAMPLES_DIR
+
+        directory = directory / MINED_SAMPLES_DIR
     if not (directory / META_FILE).is_file():
         _fail(f"{directory}: no activation samples here (run mtc mine)")
     analyzer = ActivationSampleAnalyzer(directory)
@@ -233,11 +235,11 @@ def browse(
 ) -> None:
     """Write a static HTML feature browser (index + one page per feature that fired) from mined samples."""
     from mtc.browse import build_site
-    from mtc.config import BrowseConfig, ConfigError
+    from mtc.config import BrowseConfig, ConfigError, check_config
 
     try:
         cfg = BrowseConfig(max_feature_pages=max_feature_pages, contexts_per_feature=contexts)
-        cfg.validate("browse")
+        check_config(cfg, "browse")
     except ConfigError as e:
         _fail(
             str(e)

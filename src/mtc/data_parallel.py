@@ -8,10 +8,17 @@ running average, the input means of the first batch) are reduced over all ranks 
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
 
+from mtc import distributed
 from mtc.dictionary import MatryoshkaBatchTopK, SparseCodes, batch_topk_pairs, nonzero_by_group
 from mtc.distributed import all_reduce
+from mtc.results import run_dir_of
 
 
 def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
@@ -82,3 +89,20 @@ class DataParallel(MatryoshkaBatchTopK):
 
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         return all_reduce(t.clone(), "sum")
+
+
+def follower_results_root(results_root, cfgs: list) -> tuple:
+    """Ranks other than 0 train into a scratch copy of rank 0's run directories (so they resume
+    from the same checkpoint and make the same decisions) and never touch the real results.
+    Returns (results_root, cfgs) to use; rank 0's are unchanged."""
+    ctx = distributed.from_env()
+    if ctx.rank == 0:
+        ctx.barrier()
+        return results_root, cfgs
+    scratch = Path(tempfile.mkdtemp(prefix=f"mtc-rank{ctx.rank}-"))
+    for c in cfgs:
+        src = run_dir_of(c, results_root)
+        if src.is_dir():
+            shutil.copytree(src, run_dir_of(c, scratch), ignore=shutil.ignore_patterns("*.tmp"))
+    ctx.barrier()  # rank 0 starts changing its run directories only after every copy
+    return scratch, [dataclasses.replace(c, wandb_project=None) for c in cfgs]

@@ -9,9 +9,11 @@ and give raw activations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -22,9 +24,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from mtc.config import INPUT_NORMS
-
-WEIGHTS_FILE = "dictionary.safetensors"
-CONFIG_FILE = "dictionary.json"
+from mtc.results import DICTIONARY_FILE, WEIGHTS_FILE
 
 
 class SparseCodes(NamedTuple):
@@ -52,7 +52,7 @@ class TrainOutput(NamedTuple):
 
     @property
     def acts_BF(self) -> torch.Tensor:
-        """Dense [B, D] codes (a B x D tensor: only for logging and tests)."""
+        """Dense [B, F] codes (a B x F tensor: only for logging and tests)."""
         return self.codes.dense()
 
 
@@ -79,7 +79,7 @@ def _workspace(
     device: torch.device,
     store: dict[tuple, torch.Tensor] = _SHARED_WORKSPACE,
 ) -> torch.Tensor:
-    """A scratch buffer reused from step to step (uninitialised). A fresh B x D tensor every step
+    """A scratch buffer reused from step to step (uninitialised). A fresh B x F tensor every step
     costs page faults on CPU: about 60 ms per 200 MB here, an eighth of the encoder matmul. Buffers
     that outlive a call (saved for backward) live in their dictionary's own ``store``."""
     numel = math.prod(shape)
@@ -155,7 +155,7 @@ def _row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 
 class _FeatureOrder(NamedTuple):
-    """The triples' order by feature (``perm``) and the row pointers ``crow`` of the [D, n] sparse
+    """The triples' order by feature (``perm``) and the row pointers ``crow`` of the [F, n] sparse
     matrix whose row f holds feature f's triples (where each feature's run starts in that order,
     then the count). The encoder's and the decoder's weight gradients are that matrix times a
     dense one."""
@@ -173,7 +173,7 @@ class _FeatureOrder(NamedTuple):
     ) -> torch.Tensor:
         """``out[f] = sum of weights[i] * dense[cols[i]]`` over feature f's triples i, as one sparse
         (CSR) times dense product written into ``out`` (MKL's on CPU: faster than an
-        ``embedding_bag``, and no fresh [D, d] tensor)."""
+        ``embedding_bag``, and no fresh [F, d] tensor)."""
         A = _csr(self.crow, cols[self.perm], weights[self.perm], (len(self.crow) - 1, dense.shape[0]))
         return torch.addmm(out, A, dense, beta=0, out=out)
 
@@ -206,7 +206,7 @@ class _SparsePreActs(torch.autograd.Function):
     """``pre[rows, feats]`` of ``pre = x @ W_encT.T + b_enc``, given those values (``pre_vals``),
     computed outside autograd.
 
-    The backward touches only the gathered entries: the gradient of ``W_encT`` [D, d_in] is, for
+    The backward touches only the gathered entries: the gradient of ``W_encT`` [F, d_in] is, for
     each feature, a weighted sum of the rows of ``x`` that selected it (a sparse product,
     O(nnz * d)), instead of the dense ``x.T @ grad_pre`` (O(B * d * D)).
     """
@@ -294,6 +294,39 @@ def _load_W_enc_input_major(module, state_dict, prefix, *args) -> None:
         state_dict[prefix + "W_encT"] = state_dict.pop(prefix + "W_enc").t()
 
 
+@dataclass(frozen=True)
+class DictionaryShape:
+    """What a dictionary is, beyond its weights (saved beside them as ``dictionary.json``): widths,
+    Matryoshka groups, sparsity, the source scaling, and the training settings its own code reads."""
+
+    d_in: int
+    d_out: int
+    group_sizes: tuple[int, ...]
+    top_k: int
+    top_k_aux: int = 512
+    aux_penalty: float = 1 / 32
+    n_batches_to_dead: int = 5
+    threshold_momentum: float = 0.01
+    kind: str = "transcoder"
+    input_norm: str = "token"
+    skip_connection: bool = False
+
+    def __post_init__(self):
+        if not self.group_sizes or any(g <= 0 for g in self.group_sizes):
+            raise ValueError(f"group_sizes must be positive, got {list(self.group_sizes)}")
+        dict_size = sum(self.group_sizes)
+        if not 0 < self.top_k < dict_size:
+            raise ValueError(f"top_k must be in [1, {dict_size}), got {self.top_k}")
+        if self.kind == "sae" and self.d_in != self.d_out:
+            raise ValueError("an SAE reconstructs its input: d_in must equal d_out")
+        if self.kind == "sae" and self.skip_connection:
+            raise ValueError(
+                "an SAE with a skip connection would learn the identity: skip_connection is for transcoders"
+            )
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
+
+
 class MatryoshkaBatchTopK(nn.Module):
     def __init__(
         self,
@@ -312,32 +345,20 @@ class MatryoshkaBatchTopK(nn.Module):
         seed: int = 0,
     ):
         super().__init__()
-        if not group_sizes or any(g <= 0 for g in group_sizes):
-            raise ValueError(f"group_sizes must be positive, got {group_sizes}")
-        dict_size = sum(group_sizes)
-        if not 0 < top_k < dict_size:
-            raise ValueError(f"top_k must be in [1, {dict_size}), got {top_k}")
-        if kind == "sae" and d_in != d_out:
-            raise ValueError("an SAE reconstructs its input: d_in must equal d_out")
-        if kind == "sae" and skip_connection:
-            raise ValueError(
-                "an SAE with a skip connection would learn the identity: skip_connection is for transcoders"
-            )
-        if input_norm not in INPUT_NORMS:
-            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
-        self.cfg = dict(
-            d_in=d_in,
-            d_out=d_out,
-            group_sizes=list(group_sizes),
-            top_k=top_k,
-            top_k_aux=top_k_aux,
-            aux_penalty=aux_penalty,
-            n_batches_to_dead=n_batches_to_dead,
-            threshold_momentum=threshold_momentum,
-            kind=kind,
-            input_norm=input_norm,
-            skip_connection=skip_connection,
+        self.shape = DictionaryShape(
+            d_in,
+            d_out,
+            tuple(group_sizes),
+            top_k,
+            top_k_aux,
+            aux_penalty,
+            n_batches_to_dead,
+            threshold_momentum,
+            kind,
+            input_norm,
+            skip_connection,
         )
+        dict_size = sum(group_sizes)
         self.group_sizes = list(group_sizes)
         self.boundaries = [sum(group_sizes[: i + 1]) for i in range(len(group_sizes))]
         self.dict_size = dict_size
@@ -345,13 +366,13 @@ class MatryoshkaBatchTopK(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         W_dec = torch.randn(dict_size, d_out, generator=gen)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec)  # [D, d_out], unit rows
+        self.W_dec = nn.Parameter(W_dec)  # [F, d_out], unit rows
         # Encoder starts as the decoder's transpose (for an SAE) or a random direction set (transcoder).
         W_enc = W_dec.T.clone() if kind == "sae" else torch.randn(d_in, dict_size, generator=gen)
         W_enc = W_enc / W_enc.norm(dim=0, keepdim=True)
-        # Stored feature-major, [D, d_in]: the sparse encoder gradient comes out in that layout, and
+        # Stored feature-major, [F, d_in]: the sparse encoder gradient comes out in that layout, and
         # a transposed gradient would cost the optimizer a copy of the whole matrix every step (7 %
-        # of a step at the GPT-2 shape). ``W_enc`` [d_in, D] is a view, and the name in state dicts.
+        # of a step at the GPT-2 shape). ``W_enc`` [d_in, F] is a view, and the name in state dicts.
         self.W_encT = nn.Parameter(W_enc.T.contiguous())
         self.register_state_dict_post_hook(_save_W_enc_input_major)
         self.register_load_state_dict_pre_hook(_load_W_enc_input_major)
@@ -371,19 +392,19 @@ class MatryoshkaBatchTopK(nn.Module):
 
     @property
     def W_enc(self) -> torch.Tensor:
-        """The encoder [d_in, D] (a view of the feature-major parameter ``W_encT``)."""
+        """The encoder [d_in, F] (a view of the feature-major parameter ``W_encT``)."""
         return self.W_encT.t()
 
     # ------------------------------------------------------------------ inference on raw activations
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """ReLU pre-activations [B, D] of raw source activations."""
+        """ReLU pre-activations [B, F] of raw source activations."""
         return torch.relu(self._normalised_source(x_BD) @ self.W_enc + self.b_enc)
 
     @property
     def _per_token_output(self) -> bool:
         """An SAE with per-token input scaling reconstructs the scaled row: its output is scaled
         back by that row's own norm."""
-        return self.cfg["input_norm"] == "token" and self.cfg["kind"] == "sae"
+        return self.shape.input_norm == "token" and self.shape.kind == "sae"
 
     def _row_scale(self, x_BD: torch.Tensor) -> torch.Tensor:
         """[B, 1]: 1 / RMS of each row (each row scaled to norm sqrt(d))."""
@@ -391,7 +412,7 @@ class MatryoshkaBatchTopK(nn.Module):
 
     def _source_scale(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Each row's own 1 / RMS ([B, 1]), or the one global scale."""
-        return self._row_scale(x_BD) if self.cfg["input_norm"] == "token" else self.source_scale
+        return self._row_scale(x_BD) if self.shape.input_norm == "token" else self.source_scale
 
     def _scaled_source(self, x_BD: torch.Tensor) -> torch.Tensor:
         return x_BD * self._source_scale(x_BD)
@@ -404,7 +425,7 @@ class MatryoshkaBatchTopK(nn.Module):
         return torch.addcmul(-self.source_mean, x_BD, self._source_scale(x_BD))  # one pass over x
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """Codes [B, D] with the learned threshold: each token encodes on its own."""
+        """Codes [B, F] with the learned threshold: each token encodes on its own."""
         pre = self.pre_acts(x_BD)
         return pre * (pre > self.threshold)
 
@@ -499,21 +520,21 @@ class MatryoshkaBatchTopK(nn.Module):
         acts = pre * (pre >= batch_topk_threshold(pre.detach(), self.top_k))
         prefix_mse = torch.stack([(r - y).pow(2).mean() for r in self.prefix_reconstructions_dense(acts)])
         loss = prefix_mse.mean()
-        dead = self._dead_features()
-        if dead.numel() and self.cfg["aux_penalty"]:
-            values, idx = pre[:, dead].topk(min(self.cfg["top_k_aux"], dead.numel()), dim=1)
+        dead = self.dead_features()
+        if dead.numel() and self.shape.aux_penalty:
+            values, idx = pre[:, dead].topk(min(self.shape.top_k_aux, dead.numel()), dim=1)
             aux_acts = torch.zeros_like(pre).scatter(1, dead[idx], values)
             residual = (y - acts @ self.W_dec - self.b_dec).detach()
-            loss = loss + self.cfg["aux_penalty"] * (aux_acts @ self.W_dec - residual).pow(2).mean()
+            loss = loss + self.shape.aux_penalty * (aux_acts @ self.W_dec - residual).pow(2).mean()
         return loss, prefix_mse.detach()
 
     def _skip(self, x_normalised: torch.Tensor) -> torch.Tensor | float:
         """The skip connection's part of the normalised target (0 without one)."""
         return 0.0 if self.W_skip is None else x_normalised @ self.W_skip
 
-    def _dead_features(self) -> torch.Tensor:
+    def dead_features(self) -> torch.Tensor:
         """Indices of the features that have not fired for ``n_batches_to_dead`` batches."""
-        return torch.nonzero(self.inactive_batches >= self.cfg["n_batches_to_dead"]).flatten()
+        return torch.nonzero(self.inactive_batches >= self.shape.n_batches_to_dead).flatten()
 
     def _select(self, mm_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's top ``k * B`` codes (rows, features, values); see ``batch_topk_pairs``."""
@@ -537,26 +558,26 @@ class MatryoshkaBatchTopK(nn.Module):
         recomputed for those columns (B x n_dead x d, with autograd), so each of its five products
         costs n_dead / D of the encoder matmul; cheaper than a sparse path once a row keeps a fair
         share of the dead features, and training keeps few of them dead."""
-        dead = self._dead_features()
-        if dead.numel() == 0 or self.cfg["aux_penalty"] == 0:
+        dead = self.dead_features()
+        if dead.numel() == 0 or self.shape.aux_penalty == 0:
             return residual_BD.new_zeros(())
         pre = torch.addmm(self.b_enc[dead], x_BD, self.W_encT.index_select(0, dead).t())  # [B, n_dead]
         codes = torch.relu(pre)
-        k_aux = self.cfg["top_k_aux"]
+        k_aux = self.shape.top_k_aux
         if k_aux < dead.numel():
             keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(
                 1, pre.detach().topk(k_aux, dim=1, sorted=False).indices, True
             )
             codes = codes * keep
         error = torch.addmm(residual_BD, codes, self.W_dec.index_select(0, dead))
-        return self.cfg["aux_penalty"] * error.pow(2).mean()
+        return self.shape.aux_penalty * error.pow(2).mean()
 
     @torch.no_grad()
     def _update_stats(self, codes: SparseCodes) -> None:
         fired, smallest = self._batch_stats(codes)
         self.inactive_batches.add_(1).masked_fill_(fired, 0)
         if torch.isfinite(smallest):
-            m = self.cfg["threshold_momentum"]
+            m = self.shape.threshold_momentum
             if self.threshold == 0:  # first batch: start the average at its value, not at 0
                 self.threshold.copy_(smallest)
             else:
@@ -584,7 +605,7 @@ class MatryoshkaBatchTopK(nn.Module):
         return float(self.threshold)
 
     def _batch_stats(self, codes: SparseCodes) -> tuple[torch.Tensor, torch.Tensor]:
-        """(which features fired [D] bool, the smallest code or inf) of this batch; data-parallel
+        """(which features fired [F] bool, the smallest code or inf) of this batch; data-parallel
         training reduces them over every rank's share."""
         fired = torch.bincount(codes.feats, minlength=self.dict_size) > 0
         smallest = codes.vals.min() if codes.vals.numel() else codes.vals.new_tensor(float("inf"))
@@ -604,8 +625,8 @@ class MatryoshkaBatchTopK(nn.Module):
     @torch.no_grad()
     def set_scales(self, source_mean_norm: float, target_mean_norm: float) -> None:
         """Scale so that normalised activations have mean norm sqrt(width)."""
-        self.source_scale.fill_(math.sqrt(self.cfg["d_in"]) / source_mean_norm)
-        self.target_scale.fill_(math.sqrt(self.cfg["d_out"]) / target_mean_norm)
+        self.source_scale.fill_(math.sqrt(self.shape.d_in) / source_mean_norm)
+        self.target_scale.fill_(math.sqrt(self.shape.d_out) / target_mean_norm)
 
     @torch.no_grad()
     def init_means(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> None:
@@ -633,15 +654,15 @@ class MatryoshkaBatchTopK(nn.Module):
         directory = Path(directory)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_write_bytes(directory / weights_file, save_tensors(tensors))
-        atomic_write_text(directory / CONFIG_FILE, json.dumps(self.cfg, indent=2))
+        atomic_write_text(directory / DICTIONARY_FILE, json.dumps(dataclasses.asdict(self.shape), indent=2))
 
     @classmethod
     def load(
         cls, directory: str | Path, weights_file: str = WEIGHTS_FILE, device: str | torch.device = "cpu"
     ):
         directory = Path(directory)
-        cfg: dict[str, Any] = json.loads((directory / CONFIG_FILE).read_text())
-        cfg.setdefault("input_norm", "global")  # saved before per-token scaling existed
-        model = cls(cfg.pop("d_in"), cfg.pop("d_out"), cfg.pop("group_sizes"), cfg.pop("top_k"), **cfg)
+        shape: dict[str, Any] = json.loads((directory / DICTIONARY_FILE).read_text())
+        shape.setdefault("input_norm", "global")  # saved before per-token scaling existed
+        model = cls(**shape)
         model.load_state_dict(load_file(str(directory / weights_file), device=str(device)))
         return model.to(device)

@@ -115,25 +115,3 @@ def shard_batch(xs: list[torch.Tensor], rows: torch.Tensor) -> tuple[list[torch.
     n = rows.shape[0] // ctx.world_size
     part = slice(ctx.rank * n, (ctx.rank + 1) * n)
     return [x[part] for x in xs], rows[part]
-
-
-def follower_results_root(results_root, cfgs: list) -> tuple:
-    """Ranks other than 0 train into a scratch copy of rank 0's run directories (so they resume
-    from the same checkpoint and make the same decisions) and never touch the real results.
-    Returns (results_root, cfgs) to use; rank 0's are unchanged."""
-    import dataclasses
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    ctx = from_env()
-    if ctx.rank == 0:
-        ctx.barrier()
-        return results_root, cfgs
-    scratch = Path(tempfile.mkdtemp(prefix=f"mtc-rank{ctx.rank}-"))
-    for c in cfgs:
-        src = c.run_dir(results_root)
-        if src.is_dir():
-            shutil.copytree(src, c.run_dir(scratch), ignore=shutil.ignore_patterns("*.tmp"))
-    ctx.barrier()  # rank 0 starts changing its run directories only after every copy
-    return scratch, [dataclasses.replace(c, wandb_project=None) for c in cfgs]

@@ -5,7 +5,7 @@ Writes into the run directory:
 - ``metrics.json`` (a DVC metric): per-prefix FVU / explained variance, L0, dead and dense features
   per group, and the model's loss with the dictionary spliced in at every prefix (see ``spliced``);
   the scalars without ``_per_prefix`` are the full dictionary's, the headline numbers.
-- ``feature_frequency.safetensors``: ``log10_frequency [D]`` (-inf: never fired) and ``fire_count [D]``
+- ``feature_frequency.safetensors``: ``log10_frequency [F]`` (-inf: never fired) and ``fire_count [F]``
   on the held-out tokens (BOS excluded).
 - ``plots/*.json`` (DVC plots): FVU, CE loss recovered and KL against the number of features, and the
   histogram of log10 firing frequencies.
@@ -24,14 +24,26 @@ from safetensors.torch import save as save_tensors
 from mtc import progress
 from mtc.config import EvaluateConfig, PipelineConfig
 from mtc.dictionary import MatryoshkaBatchTopK
-from mtc.metrics import DENSE_FREQUENCY, FVUAccumulator, fvu_summary, log10_frequency, per_group_counts
+from mtc.metrics import (
+    DENSE_FREQUENCY,
+    FVUAccumulator,
+    fvu_summary,
+    log10_frequency,
+    mean_l0,
+    per_group_counts,
+)
 from mtc.models import read_architecture, resolve_device
-from mtc.results import METRICS_FILE, atomic_write_bytes, atomic_write_json
+from mtc.results import (
+    FREQUENCY_FILE,
+    METRICS_FILE,
+    PLOTS_DIR,
+    atomic_write_bytes,
+    atomic_write_json,
+    run_dir_of,
+)
 from mtc.spliced import check_splice_order
 from mtc.store import ActivationStore
 
-FREQUENCY_FILE = "feature_frequency.safetensors"
-PLOTS_DIR = "plots"
 HISTOGRAM_BIN = 0.25
 """Width of the frequency histogram's bins, in log10 units."""
 
@@ -46,22 +58,20 @@ def reconstruction(
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """FVU per prefix, L0 and feature statistics on the store's held-out rows (never trained on).
 
-    Returns the metrics, each feature's fire count [D] and the mean target activation [d]."""
+    Returns the metrics, each feature's fire count [F] and the mean target activation [d]."""
     device = resolve_device(cfg.device)
     dictionary = dictionary.to(device).eval()
     n_groups = len(dictionary.group_sizes)
     fvu = FVUAccumulator(n_groups)
     fired = torch.zeros(dictionary.dict_size, dtype=torch.long, device=device)
-    active_total, n_tokens = 0, 0
+    n_tokens = 0
     keys = [source] if source == target else [source, target]
     with progress.bar("evaluate", total=store.n_rows - store.n_train_rows, unit="tok") as advance:
         for xs, rows in store.iter_holdout(keys, cfg.batch_size):
             x, y = xs[0].to(device), xs[-1].to(device)
             acts = dictionary.encode(x)
             fvu.update(y, [dictionary.decode(acts, g, source=x) for g in range(1, n_groups + 1)])
-            active = acts > 0
-            fired += active.sum(dim=0)
-            active_total += int(active.sum())
+            fired += (acts > 0).sum(dim=0)
             n_tokens += x.shape[0]
             advance(int(rows.numel()))
     fvus = fvu.fvus()
@@ -75,7 +85,7 @@ def reconstruction(
         "fvu_per_prefix": fvus,
         **fvu_summary(fvus),
         "explained_variance_per_prefix": [1 - f for f in fvus],
-        "l0": active_total / max(1, n_tokens),
+        "l0": mean_l0(fired, n_tokens),
         **feature_counts(fired, n_tokens, dictionary.group_sizes),
         "prefix_sizes": list(dictionary.boundaries),
         "n_tokens": n_tokens,
@@ -186,7 +196,7 @@ def evaluate_run(cfg: PipelineConfig, name: str, store: ActivationStore) -> Path
     check_splice_order(source, target, f"dictionaries.{name}.target_site")
     if cfg.evaluate.n_ce_sequences:
         read_architecture(cfg.model_dir)  # the spliced loss needs the model: say so before any work
-    run_dir = d.run_dir(cfg.results_root)
+    run_dir = run_dir_of(d, cfg.results_root)
     dictionary = MatryoshkaBatchTopK.load(run_dir)
     metrics, fire_counts, mean_target = reconstruction(dictionary, store, source, target, cfg.evaluate)
     metrics.update(

@@ -11,9 +11,10 @@ def compute_fvu(target_BD: torch.Tensor, recon_BD: torch.Tensor) -> float:
     return float((t - r).pow(2).sum() / (t - t.mean(dim=0)).pow(2).sum())
 
 
-def l0(acts_BF: torch.Tensor) -> float:
-    """Mean number of active features per token."""
-    return float((acts_BF != 0).sum(dim=1).float().mean())
+def mean_l0(fire_counts_F: torch.Tensor, n_tokens: int) -> float:
+    """Mean number of active features per token, from how often each feature fired (training logs
+    the same number for its batches: ``SparseCodes.l0``)."""
+    return int(fire_counts_F.sum()) / max(1, n_tokens)
 
 
 def fvu_summary(fvus: list[float]) -> dict[str, float]:

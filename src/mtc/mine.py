@@ -19,7 +19,7 @@ from mtc.config import MineConfig, PipelineConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.metrics import log10_frequency
 from mtc.models import resolve_device
-from mtc.results import atomic_write_bytes, atomic_write_json
+from mtc.results import MINED_SAMPLES_DIR, atomic_write_bytes, atomic_write_json, run_dir_of
 from mtc.samples import FEATURES_FILE, META_FILE, QUANTILE_FILE, SAMPLES_FILE, TopActivations, context_rows
 from mtc.store import ActivationStore
 
@@ -27,13 +27,13 @@ from mtc.store import ActivationStore
 class ContextActivations:
     """Gathers a feature's activation on every token of its sample contexts, batch by batch."""
 
-    def __init__(self, crow_DMC: np.ndarray):
-        self.crow = torch.from_numpy(crow_DMC).reshape(-1)
-        self.feature = torch.arange(crow_DMC.shape[0]).repeat_interleave(
-            crow_DMC.shape[1] * crow_DMC.shape[2]
+    def __init__(self, crow_FMC: np.ndarray):
+        self.crow = torch.from_numpy(crow_FMC).reshape(-1)
+        self.feature = torch.arange(crow_FMC.shape[0]).repeat_interleave(
+            crow_FMC.shape[1] * crow_FMC.shape[2]
         )
         self.acts = torch.zeros(self.crow.shape[0])
-        self.shape = crow_DMC.shape
+        self.shape = crow_FMC.shape
 
     def update(self, acts_BF: torch.Tensor, rows_B: torch.Tensor) -> None:
         """``rows_B``: the sorted store rows of this batch (BOS rows are absent and stay 0)."""
@@ -177,7 +177,7 @@ def mine_run(cfg: PipelineConfig, name: str, store: ActivationStore) -> Path:
     from mtc.unembedding import load_unembedding
 
     d = cfg.dictionary(name)
-    run_dir = d.run_dir(cfg.results_root)
+    run_dir = run_dir_of(d, cfg.results_root)
     dictionary = MatryoshkaBatchTopK.load(run_dir)
     return mine(
         dictionary,
@@ -185,7 +185,7 @@ def mine_run(cfg: PipelineConfig, name: str, store: ActivationStore) -> Path:
         d.layer,
         d.source_site,
         cfg.mine,
-        run_dir / "activation_samples" / "mined",
+        run_dir / MINED_SAMPLES_DIR,
         cfg.model_dir,
         load_unembedding(cfg.model_dir),
     )

@@ -92,9 +92,9 @@ def mine(cfg: PipelineConfig, name: str) -> Path:
 
 def browse(cfg: PipelineConfig, name: str) -> Path:
     from mtc.browse import build_site
+    from mtc.results import run_dir_of
 
-    d = cfg.dictionary(name)
-    return build_site(d.run_dir(cfg.results_root), cfg=cfg.browse)
+    return build_site(run_dir_of(cfg.dictionary(name), cfg.results_root), cfg=cfg.browse)
 
 
 def run_stage(stage: Callable[..., object], *args: str, params: str = "params.yaml") -> None:

@@ -14,17 +14,43 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
+# Every name in a run directory, here only.
+CONFIG_FILE = "config.json"  # the full config; ``completed_at`` once the run has finished
+WEIGHTS_FILE = "dictionary.safetensors"
+DICTIONARY_FILE = "dictionary.json"  # the dictionary's shape and settings (MatryoshkaBatchTopK.cfg)
+LOG_FILE = "training_log.jsonl"
+CHECKPOINTS_DIR = "checkpoints"  # step_{n}/ with the weights, the optimizer and CHECKPOINT_STATE
+CHECKPOINT_STATE = "state.json"
+METRICS_FILE = "metrics.json"  # evaluate
+FREQUENCY_FILE = "feature_frequency.safetensors"  # evaluate
+PLOTS_DIR = "plots"  # evaluate: DVC plot data
+SAMPLES_DIR = "activation_samples"
+TRAINING_SAMPLES_DIR = f"{SAMPLES_DIR}/training"  # collected while training
+MINED_SAMPLES_DIR = f"{SAMPLES_DIR}/mined"  # the mine stage
+BROWSER_DIR = "browser"
+
+
+def run_dir_path(
+    model_type: str, layer: int | str, steps: int, name: str | None = None, root: str | Path = "results"
+) -> Path:
+    """``root/model_type/layer/steps[/name]``: the seed's layout plus the dictionary's name."""
+    path = Path(root) / model_type / str(layer) / str(steps)
+    return path / name if name else path
+
+
+def run_dir_of(d: Any, results_root: str | Path = "results") -> Path:
+    """Where dictionary config ``d`` (a ``DictionaryConfig``) keeps its run. ``{layer}`` is the
+    source layer, for a cross-layer transcoder too: dvc.yaml templates the same path from the
+    entry's ``layer`` (it cannot compute anything else); the name keeps dictionaries that share
+    model, layer and steps apart."""
+    return run_dir_path(d.model_type or "model", d.layer, d.steps, d.name, results_root)
 
 
 def create_run_dir(
     model_type: str, layer: int | str, steps: int, name: str | None = None, root: str | Path = "results"
 ) -> Path:
-    """``root/model_type/layer/steps[/name]``, created."""
-    path = Path(root) / model_type / str(layer) / str(steps)
-    if name:
-        path = path / name
+    """The seed's results writer: ``run_dir_path(...)``, created (training calls it)."""
+    path = run_dir_path(model_type, layer, steps, name, root)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

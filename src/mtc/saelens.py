@@ -35,9 +35,8 @@ from safetensors.torch import save as save_tensors
 
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import ConfigError
-from mtc.evaluate import FREQUENCY_FILE
 from mtc.models import PACKAGED, hook_name
-from mtc.results import CONFIG_FILE, atomic_write_bytes, atomic_write_text, read_json
+from mtc.results import CONFIG_FILE, FREQUENCY_FILE, atomic_write_bytes, atomic_write_text, read_json
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -67,7 +66,7 @@ def export_saelens(run_dir: str | Path, out: str | Path, n_groups: int | None = 
 def saelens_tensors(d: MatryoshkaBatchTopK, n_groups: int) -> tuple[dict[str, torch.Tensor], float]:
     """SAELens's weights for the first ``n_groups`` groups of ``d``, and the factor from mtc codes
     to SAELens codes."""
-    token, sae = d.cfg["input_norm"] == "token", d.cfg["kind"] == "sae"
+    token, sae = d.shape.input_norm == "token", d.shape.kind == "sae"
     if token and d.W_skip is not None:
         raise ConfigError(
             "skip_connection: this transcoder's skip reads the source divided by its own RMS "
@@ -95,7 +94,7 @@ def saelens_tensors(d: MatryoshkaBatchTopK, n_groups: int) -> tuple[dict[str, to
 
 def saelens_cfg(d: MatryoshkaBatchTopK, record: dict, n_groups: int, code_scale: float) -> dict[str, Any]:
     provenance = record.get("store_provenance", {})
-    kind = d.cfg["kind"]
+    kind = d.shape.kind
     architecture = "jumprelu" if kind == "sae" else "jumprelu_transcoder"
     if d.W_skip is not None:
         architecture = "jumprelu_skip_transcoder"
@@ -119,17 +118,17 @@ def saelens_cfg(d: MatryoshkaBatchTopK, record: dict, n_groups: int, code_scale:
         metadata["hook_name_out"] = hook_name(record["target_site"], record["target_layer"])
     cfg = {
         "architecture": architecture,
-        "d_in": d.cfg["d_in"],
+        "d_in": d.shape.d_in,
         "d_sae": d.boundaries[n_groups - 1],
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": False,
-        "normalize_activations": "constant_norm_rescale" if d.cfg["input_norm"] == "token" else "none",
+        "normalize_activations": "constant_norm_rescale" if d.shape.input_norm == "token" else "none",
         "reshape_activations": "none",
         "metadata": metadata,
     }
     if kind == "transcoder":
-        cfg["d_out"] = d.cfg["d_out"]
+        cfg["d_out"] = d.shape.d_out
     return cfg
 
 

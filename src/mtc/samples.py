@@ -5,10 +5,10 @@ Format of ``activation_samples/<source>/`` (``source`` is ``mined`` for the mine
 
 - ``samples.safetensors`` with, for ``D`` features and up to ``M = max_samples_per_feature``
   samples each, best first:
-  ``values [D, M] float32`` (activation; 0 where no sample), ``rows [D, M] int64`` (store row of
-  the activating token; -1 where no sample), ``contexts [D, M, C] int32`` (token ids around it;
-  -1 padding), ``token_index [D, M] int32`` (where the activating token sits in its context);
-  mined samples also carry ``context_acts [D, M, C] float16``, the feature's activation on every
+  ``values [F, M] float32`` (activation; 0 where no sample), ``rows [F, M] int64`` (store row of
+  the activating token; -1 where no sample), ``contexts [F, M, C] int32`` (token ids around it;
+  -1 padding), ``token_index [F, M] int32`` (where the activating token sits in its context);
+  mined samples also carry ``context_acts [F, M, C] float16``, the feature's activation on every
   token of the context.
 - ``meta.json``: sizes, threshold, tokens seen, the store and the tokenizer directory.
 
@@ -16,12 +16,12 @@ The mine stage adds:
 
 - ``quantile_samples.safetensors``: the same tensors for ``quantile_bands x samples_per_band``
   contexts per feature drawn at random from all its firings, lowest activation first, and
-  ``band [D, R] int64`` (0 = the lowest quantile band of the feature's activations; -1 = none). They
+  ``band [F, R] int64`` (0 = the lowest quantile band of the feature's activations; -1 = none). They
   show the feature's weaker, often less specific, firings below its top contexts.
-- ``features.safetensors``: ``fire_count [D]``, ``log10_frequency [D]`` (-inf: never fired),
-  ``max_activation [D]``, ``histogram [D, histogram_bins]`` (firings per activation bin, bins evenly
+- ``features.safetensors``: ``fire_count [F]``, ``log10_frequency [F]`` (-inf: never fired),
+  ``max_activation [F]``, ``histogram [F, histogram_bins]`` (firings per activation bin, bins evenly
   from 0 to the feature's max), and the decoder direction's direct effect on the logits:
-  ``promoted_ids/promoted_scores [D, K]`` and ``suppressed_ids/suppressed_scores [D, K]``
+  ``promoted_ids/promoted_scores [F, K]`` and ``suppressed_ids/suppressed_scores [F, K]``
   (see ``mtc.unembedding``: ``W_dec[f] / target_scale`` through the final norm's weight and W_U).
 
 ``ActivationSampleAnalyzer`` reads it and shows contexts as text with the activating token marked.
@@ -65,8 +65,8 @@ class TopActivations:
         fired = acts > self.threshold
         rank = (acts if keys_BF is None else keys_BF.float().cpu()).masked_fill(~fired, -1.0)
         m = min(self.values.shape[1], acts.shape[0])
-        keys, idx = rank.topk(m, dim=0)  # [m, D]
-        keys, idx = keys.T, idx.T  # [D, m]
+        keys, idx = rank.topk(m, dim=0)  # [m, F]
+        keys, idx = keys.T, idx.T  # [F, m]
         valid = keys >= 0
         vals = acts.T.gather(1, idx).masked_fill(~valid, -1.0)
         rows = rows_B.cpu()[idx].masked_fill(~valid, -1)
@@ -118,14 +118,14 @@ class TopActivations:
 
 
 def context_rows(rows_DM: torch.Tensor, ctx: int, context_size: int) -> tuple[np.ndarray, torch.Tensor]:
-    """Store rows [D, M, C] of the context around each sample's row (-1: none), within its window:
+    """Store rows [F, M, C] of the context around each sample's row (-1: none), within its window:
     the activating token sits ``context_size // 4`` tokens from the end when the window allows;
-    and its index in the context [D, M]."""
+    and its index in the context [F, M]."""
     after = context_size // 4
     rows = rows_DM.numpy()
     seq, pos = np.maximum(rows, 0) // ctx, np.maximum(rows, 0) % ctx
     start = np.clip(pos - (context_size - 1 - after), 0, None)
-    offsets = start[..., None] + np.arange(context_size)  # [D, M, C]
+    offsets = start[..., None] + np.arange(context_size)  # [F, M, C]
     valid = (offsets < ctx) & (offsets <= pos[..., None] + after) & (rows[..., None] >= 0)
     crow = np.where(valid, seq[..., None] * ctx + offsets, -1)
     return crow, torch.from_numpy((pos - start).astype(np.int32) * (rows >= 0))

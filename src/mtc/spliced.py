@@ -120,7 +120,7 @@ def spliced_loss(
     """Clean, ablated and spliced next-token CE and KL(clean || spliced) on ``windows_ST`` (token ids)."""
     check_splice_order(source, target)
     device = next(bridge.parameters()).device
-    d_out = replacements.dictionary.cfg["d_out"]
+    d_out = replacements.dictionary.shape.d_out
     names = replacements.names()
     ce = dict.fromkeys(["clean"] + names, 0.0)
     kl = dict.fromkeys(names, 0.0)

@@ -23,23 +23,29 @@ import torch
 
 from mtc import distributed, locks, progress
 from mtc.config import ConfigError, DictionaryConfig
-from mtc.data_parallel import DataParallel
+from mtc.data_parallel import DataParallel, follower_results_root
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import CheckpointError
 from mtc.models import resolve_device
 from mtc.results import (
+    CHECKPOINT_STATE,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LOG_FILE,
+    TRAINING_SAMPLES_DIR,
+    WEIGHTS_FILE,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     completed_at,
+    create_run_dir,
     read_json,
+    run_dir_of,
     write_config,
 )
 from mtc.samples import TopActivations
 from mtc.store import ActivationStore, Prefetcher
 
-LOG_FILE = "training_log.jsonl"
-CHECKPOINTS = "checkpoints"
 LOG_EVERY = 10
 
 
@@ -77,8 +83,8 @@ def _same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def _checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a ``step_N.tmp`` left by a crash is not one)."""
-    found = [p for p in (run_dir / CHECKPOINTS).glob("step_*") if re.fullmatch(r"step_\d+", p.name)]
-    return sorted((p for p in found if (p / "state.json").is_file()), key=lambda p: int(p.name[5:]))
+    found = [p for p in (run_dir / CHECKPOINTS_DIR).glob("step_*") if re.fullmatch(r"step_\d+", p.name)]
+    return sorted((p for p in found if (p / CHECKPOINT_STATE).is_file()), key=lambda p: int(p.name[5:]))
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
@@ -115,7 +121,7 @@ def _start_run(
     cfg: DictionaryConfig, store: ActivationStore, results_root: Path, device: torch.device
 ) -> tuple[Run, int]:
     src, tgt = store.site(cfg.layer, cfg.source_site), store.site(cfg.resolved_target_layer, cfg.target_site)
-    run_dir = cfg.run_dir(results_root)
+    run_dir = run_dir_of(cfg, results_root)
     record = _config_record(cfg, store)
     start_step = 0
     model_cls = DataParallel if distributed.from_env().active else MatryoshkaBatchTopK
@@ -136,8 +142,8 @@ def _start_run(
     model.set_scales(src.mean_norm, tgt.mean_norm)
     model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.adam_beta2)
-    if (run_dir / "config.json").is_file():
-        old = read_json(run_dir / "config.json")
+    if (run_dir / CONFIG_FILE).is_file():
+        old = read_json(run_dir / CONFIG_FILE)
         ckpt = _latest_checkpoint(run_dir)
         if _same_config(old, record) and ckpt is not None:
             # An interrupted run of this very config: resume from its last checkpoint.
@@ -145,7 +151,8 @@ def _start_run(
             _truncate_log(run_dir, start_step)
         else:  # an unfinished run of another config, or one with nothing saved yet: start over
             shutil.rmtree(run_dir)
-    (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)  # a DVC output even when no step saves
+    create_run_dir(cfg.model_type or "model", cfg.layer, cfg.steps, cfg.name, results_root)
+    (run_dir / CHECKPOINTS_DIR).mkdir(exist_ok=True)  # a DVC output even when no step saves
     write_config(run_dir, record, completed=False)
     samples = None
     if cfg.save_activation_samples:
@@ -164,9 +171,9 @@ def _resume(
     """Load a checkpoint: tensors only (safetensors, and torch.load with weights_only=True, which
     refuses pickled code). Returns the step it was saved at."""
     try:
-        model.load_state_dict(_load_tensors(ckpt / "dictionary.safetensors", device))
+        model.load_state_dict(_load_tensors(ckpt / WEIGHTS_FILE, device))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-        return int(read_json(ckpt / "state.json")["step"])
+        return int(read_json(ckpt / CHECKPOINT_STATE)["step"])
     except Exception as e:  # unpickling refusals, truncated files and shape mismatches alike
         raise CheckpointError(
             f"{ckpt}: cannot resume from it ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
@@ -195,14 +202,14 @@ def _start_wandb(cfg: DictionaryConfig, record: dict[str, Any]):
 
 
 def _checkpoint(run: Run, step: int) -> None:
-    ckpt = run.run_dir / CHECKPOINTS / f"step_{step}"
+    ckpt = run.run_dir / CHECKPOINTS_DIR / f"step_{step}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     run.model.save(tmp)
     buffer = io.BytesIO()  # serialised in memory: a full disk then fails as an OSError on write
     torch.save(run.optimizer.state_dict(), buffer)
     atomic_write_bytes(tmp / "optimizer.pt", buffer.getvalue())
-    atomic_write_json(tmp / "state.json", {"step": step})
+    atomic_write_json(tmp / CHECKPOINT_STATE, {"step": step})
     shutil.rmtree(ckpt, ignore_errors=True)
     tmp.rename(ckpt)
     # Keep only the newest checkpoint besides this one: they are for resuming, not for history.
@@ -217,7 +224,7 @@ def _log(run: Run, step: int, out, clock: dict[str, float]) -> dict[str, Any]:
         "aux_loss": float(out.aux_loss),
         "prefix_mse": [round(float(v), 6) for v in out.prefix_mse],
         "l0": out.codes.l0(),
-        "dead_features": int((run.model.inactive_batches >= run.cfg.n_batches_to_dead).sum()),
+        "dead_features": int(run.model.dead_features().numel()),
         "threshold": float(run.model.threshold),
         "seconds": round(time.time() - clock["start"], 2),
         # median wall time of one optimizer step (forward, backward, update) since the last line
@@ -257,25 +264,25 @@ def train(
     dist = distributed.from_env()
     if dist.active:  # torchrun: data-parallel, rank 0 writes the results (see mtc.distributed)
         distributed.check_batch_size(first.batch_size, first.name)
-        results_root, cfgs = distributed.follower_results_root(results_root, cfgs)
+        results_root, cfgs = follower_results_root(results_root, cfgs)
     with contextlib.ExitStack() as held:
         for c in cfgs:  # a second writer of the same run directory fails fast
-            held.enter_context(locks.exclusive(c.run_dir(results_root)))
+            held.enter_context(locks.exclusive(run_dir_of(c, results_root)))
         todo = [c for c in cfgs if not _already_finished(c, store, Path(results_root))]
         if todo:
             _train(todo, store, Path(results_root), tokenizer_dir)
     if dist.rank != 0:
         shutil.rmtree(results_root, ignore_errors=True)
         return []
-    return [c.run_dir(results_root) for c in cfgs]
+    return [run_dir_of(c, results_root) for c in cfgs]
 
 
 def _already_finished(cfg: DictionaryConfig, store: ActivationStore, results_root: Path) -> bool:
     """A finished run of this very config is kept as it is (DVC removes outputs it wants redone)."""
-    run_dir = cfg.run_dir(results_root)
-    if not completed_at(run_dir) or not (run_dir / "dictionary.safetensors").is_file():
+    run_dir = run_dir_of(cfg, results_root)
+    if not completed_at(run_dir) or not (run_dir / WEIGHTS_FILE).is_file():
         return False
-    if not _same_config(read_json(run_dir / "config.json"), _config_record(cfg, store)):
+    if not _same_config(read_json(run_dir / CONFIG_FILE), _config_record(cfg, store)):
         raise ConfigError(
             f"{run_dir}: holds a finished run with a different config; "
             "rename the dictionary or remove that directory"
@@ -336,7 +343,7 @@ def _train_step(
     if not torch.isfinite(out.loss):  # before the update: the weights stay good
         raise FloatingPointError(
             f"{run.cfg.name}: loss is {float(out.loss.detach())} at step {step}; "
-            f"the last good checkpoint is kept in {run.run_dir / CHECKPOINTS}"
+            f"the last good checkpoint is kept in {run.run_dir / CHECKPOINTS_DIR}"
         )
     out.loss.backward()
     if distributed.from_env().active:
@@ -371,7 +378,7 @@ def _calibrate(run: Run, store: ActivationStore) -> None:
 def _finish(run: Run, store: ActivationStore, tokenizer_dir: str | Path | None) -> None:
     _calibrate(run, store)
     run.model.save(run.run_dir)
-    samples_dir = run.run_dir / "activation_samples" / "training"
+    samples_dir = run.run_dir / TRAINING_SAMPLES_DIR
     if run.samples is not None:
         run.samples.save(
             samples_dir,
@@ -392,5 +399,5 @@ def _finish(run: Run, store: ActivationStore, tokenizer_dir: str | Path | None) 
     if run.wandb_run is not None:
         run.wandb_run.finish()
     # Everything else is on disk; only now is the run marked finished.
-    record = read_json(run.run_dir / "config.json")
+    record = read_json(run.run_dir / CONFIG_FILE)
     write_config(run.run_dir, record, completed=True)

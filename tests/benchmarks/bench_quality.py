@@ -44,11 +44,12 @@ import torch.nn.functional as F
 import yaml
 
 from mtc import pipeline
-from mtc.config import DictionaryConfig, EvaluateConfig, parse_params
+from mtc.config import DictionaryConfig, EvaluateConfig, check_config, parse_params
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.evaluate import reconstruction, spliced_metrics
+from mtc.results import LOG_FILE
 from mtc.store import ActivationStore, Prefetcher
-from mtc.train import LOG_FILE, train
+from mtc.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO.parent / "shared" / "assets" / "corpora" / "english-mix" / "train.jsonl"
@@ -117,7 +118,7 @@ def dictionary_config(args, kind: str, overrides: dict) -> DictionaryConfig:
         model_type="SmolLM2-135M-Instruct",
     )
     cfg = replace(base, **overrides)
-    cfg.validate(f"variant {kind}")
+    check_config(cfg, f"variant {kind}")
     return cfg
 
 

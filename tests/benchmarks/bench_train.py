@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import json
 import multiprocessing
@@ -243,11 +244,11 @@ def bench_real(
     rows = [pair() for _ in range(4)]
     cycle = itertools.cycle(range(len(rows)))
     no_aux, dense = copy.deepcopy(m), copy.deepcopy(m)
-    no_aux.cfg["aux_penalty"] = 0.0
+    no_aux.shape = dataclasses.replace(no_aux.shape, aux_penalty=0.0)
     opts = {id(mm): make_optimizer(mm, 3e-4) for mm in (no_aux, dense)}
     W = m.W_enc.detach().contiguous()
     x0 = m._normalised_source(rows[0][0]).detach()
-    n_dead = int(m._dead_features().numel())
+    n_dead = int(m.dead_features().numel())
     t = side_by_side(
         {
             "matmul": lambda: x0 @ W,
