@@ -117,3 +117,107 @@ def test_a_per_token_scaled_skip_transcoder_is_refused_in_one_line(tiny_pipeline
     assert result.returncode == 2
     assert "skip_connection:" in result.stderr and "input_norm: global" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- import
+IMPORTED = {  # name: (SAELens class, its config's extra fields)
+    "standard": ("StandardSAE", {}),
+    "standard, rescaled per token, b_dec on the input": (
+        "StandardSAE",
+        {"normalize_activations": "constant_norm_rescale", "apply_b_dec_to_input": True},
+    ),
+    "topk": ("TopKSAE", {"k": 6}),
+    "topk, acts rescaled by decoder norm": ("TopKSAE", {"k": 6, "rescale_acts_by_decoder_norm": True}),
+    "jumprelu": ("JumpReLUSAE", {"apply_b_dec_to_input": True}),
+    "transcoder": ("Transcoder", {}),
+    "jumprelu_transcoder": ("JumpReLUTranscoder", {"normalize_activations": "constant_norm_rescale"}),
+    "skip_transcoder": ("SkipTranscoder", {}),
+    "jumprelu_skip_transcoder": ("JumpReLUSkipTranscoder", {}),
+}
+
+
+def saelens_dictionary_on_disk(directory, class_name, fields, d, scale):
+    """A SAELens dictionary with random weights, written by SAELens's own save_model."""
+    from sae_lens.saes.sae import SAEMetadata
+
+    transcoder = "Transcoder" in class_name
+    meta = {"hook_name": "blocks.2.hook_resid_mid"}
+    if transcoder:
+        meta["hook_name_out"] = "blocks.2.hook_mlp_out"
+        fields = {"d_out": d, "apply_b_dec_to_input": False, **fields}
+    config_class = getattr(sae_lens, class_name + "Config")
+    sae = getattr(sae_lens, class_name)(
+        config_class(d_in=d, d_sae=96, metadata=SAEMetadata(**meta), **fields)
+    )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for pname, param in sae.named_parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * (scale if pname == "W_enc" else 0.1))
+        if hasattr(sae, "threshold"):
+            sae.threshold.copy_(torch.rand(96, generator=gen) * 0.3)
+    sae.save_model(str(directory))
+    return sae
+
+
+@pytest.mark.parametrize("variant", list(IMPORTED))
+def test_a_saelens_dictionary_imports_and_encodes_as_saelens_does(tiny_pipeline, tmp_path, variant):
+    from mtc.saelens import import_saelens
+
+    store = pipeline.open_store(tiny_pipeline)
+    xs, _ = next(store.iter_holdout([(2, "resid_mid")], 1024))
+    x = xs[0].float()
+    class_name, fields = IMPORTED[variant]
+    saved = saelens_dictionary_on_disk(
+        tmp_path / "saelens", class_name, fields, x.shape[1], 1 / float(x.norm(dim=1).mean())
+    )
+    sae = sae_lens.SAE.load_from_disk(str(tmp_path / "saelens"))
+    run_dir = import_saelens(tmp_path / "saelens", "imported", "stories260K", tmp_path / "run")
+    ours = MatryoshkaBatchTopK.load(run_dir)
+    with torch.no_grad():
+        theirs_codes, theirs_out = sae.encode(x), sae(x)
+        codes, out = ours.encode(x), ours(x)
+    assert torch.equal(codes > 0, theirs_codes > 0), "the same features fire on every row"
+    assert 1 < float((codes > 0).sum(1).float().mean()) < 90
+    torch.testing.assert_close(codes, theirs_codes, rtol=1e-5, atol=1e-5)
+    assert float((out - theirs_out).norm() / theirs_out.norm()) < 1e-5
+    assert saved.cfg.architecture() in str(json.loads((run_dir / "config.json").read_text()))
+
+
+def test_evaluate_mine_and_browse_accept_an_imported_run_and_match_saelens_fvu(tiny_pipeline, tmp_path):
+    from mtc.browse import build_site
+    from mtc.metrics import FVUAccumulator
+    from mtc.saelens import import_saelens
+
+    cfg = dataclasses.replace(tiny_pipeline, results_root=tmp_path / "results")
+    store = pipeline.open_store(cfg)
+    xs, _ = next(store.iter_holdout([(2, "resid_mid")], 1024))
+    scale = 1 / float(xs[0].float().norm(dim=1).mean())
+    saelens_dictionary_on_disk(tmp_path / "saelens", "JumpReLUTranscoder", {}, xs[0].shape[1], scale)
+    run_dir = import_saelens(tmp_path / "saelens", "jt", "stories260K", results_root=cfg.results_root)
+    assert run_dir == tmp_path / "results" / "stories260K" / "2" / "imported" / "jt"
+
+    metrics = json.loads(pipeline.evaluate(cfg, str(run_dir)).read_text())
+    sae, fvu = sae_lens.SAE.load_from_disk(str(tmp_path / "saelens")), FVUAccumulator(1)
+    with torch.no_grad():
+        for (x, y), _ in store.iter_holdout([(2, "resid_mid"), (2, "mlp_out")], 1024):
+            fvu.update(y.float(), [sae(x.float())])
+    assert abs(metrics["fvu"] - fvu.fvus()[0]) < 1e-6 * max(1.0, fvu.fvus()[0])
+    pipeline.mine(cfg, str(run_dir))
+    assert (build_site(run_dir, cfg=cfg.browse)).is_file()
+
+
+def test_mtc_import_of_a_directory_without_a_saelens_config_is_one_line(tmp_path, stories_model_dir):
+    import yaml
+
+    from tests.conftest import tiny_params
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(str(stories_model_dir))))
+    (tmp_path / "not-saelens").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "mtc.cli", "import", "not-saelens", "--name", "x"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "not-saelens/cfg.json: not found" in result.stderr

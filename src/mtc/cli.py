@@ -7,6 +7,7 @@ mtc train --mode multi                                                     (all,
 mtc samples RUN_DIR [--feature F]                                          (show contexts)
 mtc browse RUN_DIR [--out DIR]                                             (static HTML browser)
 mtc export RUN_DIR OUT --format saelens [--groups N]                       (SAELens v6 directory)
+mtc import DIR --format saelens --name NAME                                (a SAELens dictionary)
 """
 
 from __future__ import annotations
@@ -58,14 +59,15 @@ def extract(params: Path = ParamsOption) -> None:
 
 @app.command()
 def evaluate(name: str, params: Path = ParamsOption) -> None:
-    """Held-out FVU, feature statistics and spliced loss per prefix of dictionary NAME
-    -> metrics.json, plots/."""
+    """Held-out FVU, feature statistics and spliced loss per prefix of dictionary NAME (a params
+    entry, or a run directory such as one `mtc import` wrote) -> metrics.json, plots/."""
     typer.echo(f"wrote {pipeline.evaluate(_load(params), name)}")
 
 
 @app.command()
 def mine(name: str, params: Path = ParamsOption) -> None:
-    """Top and quantile contexts, histograms and logit effects of every feature of dictionary NAME."""
+    """Top and quantile contexts, histograms and logit effects of every feature of dictionary NAME
+    (a params entry or a run directory)."""
     typer.echo(f"wrote {pipeline.mine(_load(params), name)}")
 
 
@@ -277,6 +279,31 @@ def export(
 
     written = export_saelens(run_dir, out, groups)
     typer.echo(f"wrote {written} (sae_lens: SAE.load_from_disk({str(written)!r}))")
+
+
+@app.command("import")
+def import_(
+    directory: Path = typer.Argument(
+        ..., help="A SAELens SAE or transcoder directory (cfg.json, sae_weights.safetensors)."
+    ),
+    name: str = typer.Option(..., "--name", help="The dictionary's name in results/."),
+    format: str = typer.Option("saelens", "--format", help="saelens: a SAELens directory."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Default: results/{model.type}/{layer}/imported/NAME."
+    ),
+    params: Path = ParamsOption,
+) -> None:
+    """Turn a dictionary trained elsewhere into a run directory: `mtc evaluate RUN_DIR`, `mtc mine
+    RUN_DIR` and `mtc browse RUN_DIR` then work on it, on this project's store."""
+    if format != "saelens":
+        _fail(f"--format: got {format!r}; expected saelens")
+    from mtc.config import Name, check_value
+    from mtc.saelens import import_saelens
+
+    cfg = _load(params)
+    check_value("--name", name, Name)
+    written = import_saelens(directory, name, cfg.model.type, out, cfg.results_root)
+    typer.echo(f"wrote {written} (next: mtc evaluate {written})")
 
 
 def main() -> None:

@@ -130,7 +130,7 @@ def _base_ok(value: Any, base: Any) -> bool:
     return isinstance(value, base)
 
 
-def _check_value(key: str, value: Any, hint: Any, expect: str | None = None) -> None:
+def check_value(key: str, value: Any, hint: Any, expect: str | None = None) -> None:
     """Check one value against its declared type, failing with one line that names ``key``."""
     marks: list = []
     if get_origin(hint) is Annotated:
@@ -140,7 +140,7 @@ def _check_value(key: str, value: Any, hint: Any, expect: str | None = None) -> 
         if value is None:
             return
         [hint] = [a for a in get_args(hint) if a is not type(None)]
-        return _check_value(key, value, hint, expect)
+        return check_value(key, value, hint, expect)
     if get_origin(hint) is Literal:
         if value not in get_args(hint):
             _fail(key, value, expect or "one of " + ", ".join(get_args(hint)))
@@ -149,7 +149,7 @@ def _check_value(key: str, value: Any, hint: Any, expect: str | None = None) -> 
         if not isinstance(value, list) or not value:
             _fail(key, value, expect or "a non-empty list")
         for i, item in enumerate(value):
-            _check_value(f"{key}[{i}]", item, get_args(hint)[0])
+            check_value(f"{key}[{i}]", item, get_args(hint)[0])
         return
     limits = [m for m in marks if hasattr(m, "ok")]
     expected = expect or next((m.expects() for m in limits), _BASE_EXPECTS.get(hint, str(hint)))
@@ -166,7 +166,7 @@ def check_config(obj: Any, prefix: str) -> None:
     """Every field of dataclass ``obj`` against its type, then the class's own cross-field rules."""
     hints = get_type_hints(type(obj), include_extras=True)
     for f in fields(obj):
-        _check_value(f"{prefix}.{f.name}", getattr(obj, f.name), hints[f.name])
+        check_value(f"{prefix}.{f.name}", getattr(obj, f.name), hints[f.name])
     if hasattr(obj, "validate"):
         obj.validate(prefix)
 
@@ -578,7 +578,7 @@ def parse_params(
     dictionaries = {}
     for name, entry in entries.items():
         prefix = f"dictionaries.{_show(name)}"
-        _check_value(prefix, name, Name)
+        check_value(prefix, name, Name)
         if entry is None:
             entry = {}
         if not isinstance(entry, dict):

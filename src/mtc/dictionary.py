@@ -294,6 +294,9 @@ def _load_W_enc_input_major(module, state_dict, prefix, *args) -> None:
         state_dict[prefix + "W_encT"] = state_dict.pop(prefix + "W_enc").t()
 
 
+ACTIVATIONS = ("batchtopk", "topk", "jumprelu", "relu")
+
+
 @dataclass(frozen=True)
 class DictionaryShape:
     """What a dictionary is, beyond its weights (saved beside them as ``dictionary.json``): widths,
@@ -310,12 +313,19 @@ class DictionaryShape:
     kind: str = "transcoder"
     input_norm: str = "token"
     skip_connection: bool = False
+    activation: str = "batchtopk"
+    """How codes are chosen at inference. ``batchtopk`` (what mtc trains): one threshold for every
+    feature; ``topk``: the ``top_k`` largest per token; ``jumprelu``: a threshold per feature;
+    ``relu``: every positive pre-activation. The last three are for dictionaries trained elsewhere
+    (``mtc import``); only ``batchtopk`` trains."""
 
     def __post_init__(self):
         if not self.group_sizes or any(g <= 0 for g in self.group_sizes):
             raise ValueError(f"group_sizes must be positive, got {list(self.group_sizes)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         dict_size = sum(self.group_sizes)
-        if not 0 < self.top_k < dict_size:
+        if self.activation in ("batchtopk", "topk") and not 0 < self.top_k < dict_size:
             raise ValueError(f"top_k must be in [1, {dict_size}), got {self.top_k}")
         if self.kind == "sae" and self.d_in != self.d_out:
             raise ValueError("an SAE reconstructs its input: d_in must equal d_out")
@@ -342,6 +352,7 @@ class MatryoshkaBatchTopK(nn.Module):
         kind: str = "transcoder",
         input_norm: str = "token",
         skip_connection: bool = False,
+        activation: str = "batchtopk",
         seed: int = 0,
     ):
         super().__init__()
@@ -357,6 +368,7 @@ class MatryoshkaBatchTopK(nn.Module):
             kind,
             input_norm,
             skip_connection,
+            activation,
         )
         dict_size = sum(group_sizes)
         self.group_sizes = list(group_sizes)
@@ -381,7 +393,10 @@ class MatryoshkaBatchTopK(nn.Module):
         # A transcoder's optional linear path from the normalised source to the target, beside the
         # features ("skip transcoders"): the MLP's linear part no longer costs features.
         self.W_skip = nn.Parameter(torch.zeros(d_in, d_out)) if skip_connection else None
-        self.register_buffer("threshold", torch.tensor(0.0))
+        # One inference threshold (per feature for a JumpReLU dictionary trained elsewhere).
+        self.register_buffer(
+            "threshold", torch.zeros(dict_size) if activation == "jumprelu" else torch.tensor(0.0)
+        )
         self.register_buffer("source_scale", torch.tensor(1.0))
         self.register_buffer("target_scale", torch.tensor(1.0))
         self.register_buffer("inactive_batches", torch.zeros(dict_size, dtype=torch.long))
@@ -427,6 +442,9 @@ class MatryoshkaBatchTopK(nn.Module):
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Codes [B, F] with the learned threshold: each token encodes on its own."""
         pre = self.pre_acts(x_BD)
+        if self.shape.activation == "topk":
+            values, features = pre.topk(self.top_k, dim=1)
+            return torch.zeros_like(pre).scatter_(1, features, values)
         return pre * (pre > self.threshold)
 
     def decode(
@@ -492,6 +510,8 @@ class MatryoshkaBatchTopK(nn.Module):
         ``matmul_dtype=torch.bfloat16`` runs that matmul (and the selection) in bf16; weights,
         gradients and everything else stay float32.
         """
+        if self.shape.activation != "batchtopk":
+            raise ValueError(f"only batchtopk dictionaries train; this one is {self.shape.activation}")
         B = x_BD.shape[0]
         x = self._normalised_source(x_BD)
         with torch.no_grad():  # the one dense product; b_enc is added only where it is needed

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from mtc import progress
-from mtc.config import EvaluateConfig, PipelineConfig
+from mtc.config import DictionaryConfig, EvaluateConfig, PipelineConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.metrics import (
     DENSE_FREQUENCY,
@@ -39,7 +39,6 @@ from mtc.results import (
     PLOTS_DIR,
     atomic_write_bytes,
     atomic_write_json,
-    run_dir_of,
 )
 from mtc.spliced import check_splice_order
 from mtc.store import ActivationStore
@@ -189,14 +188,13 @@ def plot_rows(metrics: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def evaluate_run(cfg: PipelineConfig, name: str, store: ActivationStore) -> Path:
-    """The evaluate stage for dictionary ``name``, on ``store`` (opened and checked by the caller)."""
-    d = cfg.dictionary(name)
+def evaluate_run(cfg: PipelineConfig, d: DictionaryConfig, run_dir: Path, store: ActivationStore) -> Path:
+    """The evaluate stage for dictionary ``d`` in ``run_dir``, on ``store`` (opened and checked by
+    the caller)."""
     source, target = (d.layer, d.source_site), (d.resolved_target_layer, d.target_site)
-    check_splice_order(source, target, f"dictionaries.{name}.target_site")
+    check_splice_order(source, target, f"dictionaries.{d.name}.target_site")
     if cfg.evaluate.n_ce_sequences:
         read_architecture(cfg.model_dir)  # the spliced loss needs the model: say so before any work
-    run_dir = run_dir_of(d, cfg.results_root)
     dictionary = MatryoshkaBatchTopK.load(run_dir)
     metrics, fire_counts, mean_target = reconstruction(dictionary, store, source, target, cfg.evaluate)
     metrics.update(

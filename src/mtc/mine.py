@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from mtc import progress
-from mtc.config import MineConfig, PipelineConfig
+from mtc.config import DictionaryConfig, MineConfig, PipelineConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.metrics import log10_frequency
 from mtc.models import resolve_device
-from mtc.results import MINED_SAMPLES_DIR, atomic_write_bytes, atomic_write_json, run_dir_of
+from mtc.results import MINED_SAMPLES_DIR, atomic_write_bytes, atomic_write_json
 from mtc.samples import FEATURES_FILE, META_FILE, QUANTILE_FILE, SAMPLES_FILE, TopActivations, context_rows
 from mtc.store import ActivationStore
 
@@ -172,12 +172,11 @@ def mine(
     return out_dir
 
 
-def mine_run(cfg: PipelineConfig, name: str, store: ActivationStore) -> Path:
-    """The mine stage for dictionary ``name``, on ``store`` (opened and checked by the caller)."""
+def mine_run(cfg: PipelineConfig, d: DictionaryConfig, run_dir: Path, store: ActivationStore) -> Path:
+    """The mine stage for dictionary ``d`` in ``run_dir``, on ``store`` (opened and checked by the
+    caller)."""
     from mtc.unembedding import load_unembedding
 
-    d = cfg.dictionary(name)
-    run_dir = run_dir_of(d, cfg.results_root)
     dictionary = MatryoshkaBatchTopK.load(run_dir)
     return mine(
         dictionary,

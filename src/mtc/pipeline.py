@@ -6,10 +6,11 @@ whole ``params.yaml`` first) and does one stage's work.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from mtc.config import ConfigError, PipelineConfig, load_params
+from mtc.config import ConfigError, DictionaryConfig, PipelineConfig, dictionary_from_dict, load_params
 from mtc.errors import one_line_exit
 
 
@@ -42,6 +43,19 @@ def check_model_facts(cfg: PipelineConfig) -> None:
             raise ConfigError(
                 f"dictionaries.{name}.act_size: got {d.act_size}; {cfg.model.name} has width {arch.d_model}"
             )
+
+
+def resolve_run(cfg: PipelineConfig, name: str) -> tuple[DictionaryConfig, Path]:
+    """A params.yaml dictionary entry and its run directory; or, when ``name`` is not an entry but
+    a run directory (one ``mtc import`` wrote, say), the dictionary config recorded in it."""
+    from mtc.results import CONFIG_FILE, read_json, run_dir_of
+
+    if name in cfg.dictionaries or not (Path(name) / CONFIG_FILE).is_file():
+        d = cfg.dictionary(name)
+        return d, run_dir_of(d, cfg.results_root)
+    record = read_json(Path(name) / CONFIG_FILE)
+    known = {f.name for f in dataclasses.fields(DictionaryConfig)}
+    return dictionary_from_dict({k: v for k, v in record.items() if k in known}, name), Path(name)
 
 
 def open_store(cfg: PipelineConfig):
@@ -81,13 +95,13 @@ def train(cfg: PipelineConfig, names: list[str]) -> list[Path]:
 def evaluate(cfg: PipelineConfig, name: str) -> Path:
     from mtc.evaluate import evaluate_run
 
-    return evaluate_run(cfg, name, open_store(cfg))
+    return evaluate_run(cfg, *resolve_run(cfg, name), open_store(cfg))
 
 
 def mine(cfg: PipelineConfig, name: str) -> Path:
     from mtc.mine import mine_run
 
-    return mine_run(cfg, name, open_store(cfg))
+    return mine_run(cfg, *resolve_run(cfg, name), open_store(cfg))
 
 
 def browse(cfg: PipelineConfig, name: str) -> Path:

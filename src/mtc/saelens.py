@@ -1,4 +1,5 @@
-"""Export a trained dictionary as a SAELens v6 directory (``SAE.load_from_disk`` reads it as it is).
+"""SAELens v6 directories: export a trained dictionary (``SAE.load_from_disk`` reads it as it is), and
+import a SAELens SAE or transcoder as a run directory that evaluate, mine and browse accept.
 
 mtc's inference is a JumpReLU with one threshold for every feature, on a normalised, mean-shifted
 source; each of those steps folds into a SAELens architecture's weights:
@@ -21,11 +22,17 @@ The target's scale folds into the codes instead: a SAELens code is the mtc code 
 per row as ours does; ``1 / target_scale`` otherwise, i.e. codes in the target's raw units).
 ``--groups N`` exports the Matryoshka prefix of the first N groups: encoding is per feature at
 inference, so a prefix is a slice.
+
+Import keeps the architecture's own encode (``DictionaryShape.activation``): ``standard`` and
+``transcoder`` are ReLU, ``topk`` keeps the k largest per token, the ``jumprelu`` kinds a threshold
+per feature; ``constant_norm_rescale`` becomes ``input_norm: token``, ``apply_b_dec_to_input`` the
+source mean. A dictionary mtc exported comes back with its groups (``metadata.group_sizes``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +40,19 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
+from mtc.config import DictionaryConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import ConfigError
 from mtc.models import PACKAGED, hook_name
-from mtc.results import CONFIG_FILE, FREQUENCY_FILE, atomic_write_bytes, atomic_write_text, read_json
+from mtc.results import (
+    CONFIG_FILE,
+    FREQUENCY_FILE,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_json,
+    run_dir_path,
+    write_config,
+)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -155,3 +171,154 @@ def _check_groups(n_groups: int | None, available: int) -> int:
     if not 1 <= n_groups <= available:
         raise ConfigError(f"--groups: got {n_groups}; this dictionary has {available} groups")
     return n_groups
+
+
+# ----------------------------------------------------------------------------- import
+ACTIVATION_OF = {
+    "standard": "relu",
+    "transcoder": "relu",
+    "skip_transcoder": "relu",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "jumprelu_transcoder": "jumprelu",
+    "jumprelu_skip_transcoder": "jumprelu",
+}
+"""The SAELens architectures mtc imports, and the activation each one encodes with."""
+_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|mlp_out|resid_post)$")
+_NORMS = {"none": "global", "expected_average_only_in": "global", "constant_norm_rescale": "token"}
+"""SAELens's ``normalize_activations`` at inference from disk (``expected_average_only_in`` only
+scales while training) and mtc's ``input_norm`` that computes the same."""
+
+
+def import_saelens(
+    directory: str | Path, name: str, model_type: str, out: str | Path | None = None, results_root="results"
+) -> Path:
+    """Write SAELens directory ``directory`` as an mtc run directory named ``name``: ``out``, or
+    ``results/{model_type}/{layer}/imported/{name}``."""
+    directory = Path(directory)
+    cfg = _read_cfg(directory)
+    where = directory / CFG_FILE
+    architecture = cfg.get("architecture", "standard")
+    if architecture not in ACTIVATION_OF:
+        raise ConfigError(
+            f"{where}: architecture {architecture!r} cannot be imported; "
+            f"mtc imports {', '.join(ACTIVATION_OF)}"
+        )
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in _NORMS:
+        raise ConfigError(
+            f"{where}: normalize_activations {norm!r} cannot be imported; mtc imports {', '.join(_NORMS)}"
+        )
+    meta = cfg.get("metadata") or cfg  # configs before SAELens 6 keep these at the top level
+    layer, source_site = _hook_site(where, "hook_name", meta.get("hook_name") or meta.get("hook_point"))
+    transcoder = "transcoder" in architecture
+    target = (
+        _hook_site(where, "hook_name_out", meta.get("hook_name_out")) if transcoder else (layer, source_site)
+    )
+    dictionary = saelens_dictionary(architecture, cfg, _read_weights(directory), where)
+    record = DictionaryConfig(
+        name=name,
+        kind=dictionary.shape.kind,
+        layer=layer,
+        target_layer=target[0],
+        source_site=source_site,
+        target_site=target[1],
+        act_size=dictionary.shape.d_in,
+        dict_size=dictionary.dict_size,
+        group_sizes=list(dictionary.group_sizes),
+        top_k=dictionary.top_k or None,
+        steps=1,  # trained elsewhere: no mtc training steps
+        input_norm=dictionary.shape.input_norm,
+        skip_connection=dictionary.W_skip is not None,
+        model_type=model_type,
+    ).to_dict()
+    record.update(
+        imported_from=str(directory.resolve()), saelens_architecture=architecture, saelens_metadata=meta
+    )
+    record["top_k"] = dictionary.top_k or None  # none for ReLU and JumpReLU dictionaries
+    out = Path(out) if out is not None else run_dir_path(model_type, layer, "imported", name, results_root)
+    dictionary.save(out)
+    write_config(out, record, completed=True)
+    return out
+
+
+def saelens_dictionary(architecture: str, cfg: dict, weights: dict, where: Path) -> MatryoshkaBatchTopK:
+    """An mtc dictionary computing what SAELens's ``architecture`` computes with ``weights``."""
+    weights = {k: v.float() for k, v in weights.items()}
+    W_enc, b_enc, W_dec, b_dec = (weights[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        norms = W_dec.norm(dim=1)  # SAELens scales pre-activations by them and divides them out again
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+    token = _NORMS[cfg.get("normalize_activations", "none")] == "token"
+    if token and "W_skip" in weights:
+        raise ConfigError(
+            f"{where}: a skip transcoder with constant_norm_rescale (its skip reads the raw source, "
+            "its encoder the rescaled one) has no mtc counterpart"
+        )
+    (d_in, F), d_out = W_enc.shape, W_dec.shape[1]
+    group_sizes = (cfg.get("metadata") or {}).get("group_sizes")
+    if not (isinstance(group_sizes, list) and sum(group_sizes) == F):
+        group_sizes = [F]  # not an mtc export: one group
+    activation = ACTIVATION_OF[architecture]
+    dictionary = MatryoshkaBatchTopK(
+        d_in,
+        d_out,
+        group_sizes,
+        int(cfg.get("k", 0)) if activation == "topk" else 0,
+        kind="transcoder" if "transcoder" in architecture else "sae",
+        input_norm="token" if token else "global",
+        skip_connection="W_skip" in weights,
+        activation=activation,
+    )
+    state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if activation == "jumprelu":
+        state["threshold"] = weights["threshold"]
+    if "W_skip" in weights:
+        state["W_skip"] = weights["W_skip"].T
+    if "transcoder" not in architecture and cfg.get("apply_b_dec_to_input", True):
+        state["source_mean"] = b_dec  # SAELens subtracts b_dec from the (normalised) input
+    with torch.no_grad():
+        for key, value in state.items():
+            target = dictionary.W_encT if key == "W_enc" else getattr(dictionary, key)
+            value = value.T if key == "W_enc" else value
+            if target.shape != value.shape:
+                raise ConfigError(
+                    f"{where}: {key} has shape {list(value.shape)}; expected {list(target.shape)}"
+                )
+            target.copy_(value)
+    return dictionary
+
+
+def _hook_site(where: Path, key: str, hook: str | None) -> tuple[int, str]:
+    match = _HOOK.match(hook or "")
+    if match is None:
+        raise ConfigError(
+            f"{where}: {key} {hook!r} is not a hook mtc stores (blocks.L.hook_resid_pre, _resid_mid, "
+            "_mlp_out or _resid_post)"
+        )
+    return int(match.group(1)), match.group(2)
+
+
+def _read_cfg(directory: Path) -> dict:
+    path = directory / CFG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (a SAELens directory holds {CFG_FILE} and {WEIGHTS_FILE})")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_FILE
+    try:
+        weights = load_file(str(path))
+    except Exception as e:  # missing, truncated, not safetensors: the message is what matters
+        raise ConfigError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {e})") from None
+    missing = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k not in weights]
+    if missing:
+        raise ConfigError(f"{path}: no {', '.join(missing)}")
+    return weights
