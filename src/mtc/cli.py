@@ -7,6 +7,7 @@ mtc train --mode multi                                                     (all,
 mtc samples RUN_DIR [--feature F]                                          (show contexts)
 mtc browse RUN_DIR [--out DIR]                                             (static HTML browser)
 mtc export RUN_DIR OUT --format saelens [--groups N]                       (SAELens v6 directory)
+mtc export RUN_DIR... OUT --format circuit-tracer                          (a per-layer transcoder set)
 mtc import DIR --format saelens --name NAME                                (a SAELens dictionary)
 """
 
@@ -265,20 +266,33 @@ def browse(
 
 @app.command()
 def export(
-    run_dir: Path = typer.Argument(
-        ..., help="A finished run directory (results/{model}/{layer}/{steps}/{name})."
+    paths: list[Path] = typer.Argument(
+        ..., help="RUN_DIR OUT (saelens), or RUN_DIR... OUT (circuit-tracer: one transcoder per layer)."
     ),
-    out: Path = typer.Argument(..., help="The directory to write."),
-    format: str = typer.Option("saelens", "--format", help="saelens: a SAELens v6 directory."),
+    format: str = typer.Option("saelens", "--format", help="saelens | circuit-tracer"),
     groups: Optional[int] = typer.Option(None, "--groups", help="Export the prefix of the first N groups."),
 ) -> None:
-    """Write a trained dictionary in another tool's format (SAE.load_from_disk reads --format saelens)."""
-    if format != "saelens":
-        _fail(f"--format: got {format!r}; expected saelens")
-    from mtc.saelens import export_saelens
+    """Write trained dictionaries in another tool's format: a SAELens v6 directory
+    (SAE.load_from_disk), or a circuit-tracer transcoder set (ReplacementModel.from_pretrained)."""
+    if len(paths) < 2:
+        _fail("export: give RUN_DIR... and OUT")
+    *run_dirs, out = paths
+    if format == "saelens":
+        from mtc.saelens import export_saelens
 
-    written = export_saelens(run_dir, out, groups)
-    typer.echo(f"wrote {written} (sae_lens: SAE.load_from_disk({str(written)!r}))")
+        if len(run_dirs) != 1:
+            _fail(f"--format saelens: exports one run directory; got {len(run_dirs)}")
+        written = export_saelens(run_dirs[0], out, groups)
+        typer.echo(f"wrote {written} (sae_lens: SAE.load_from_disk({str(written)!r}))")
+    elif format == "circuit-tracer":
+        from mtc.circuit_tracer import export_circuit_tracer
+
+        written = export_circuit_tracer(run_dirs, out, groups)
+        typer.echo(
+            f"wrote {written} (circuit_tracer: ReplacementModel.from_pretrained(MODEL_DIR, {str(written)!r}))"
+        )
+    else:
+        _fail(f"--format: got {format!r}; expected saelens or circuit-tracer")
 
 
 @app.command("import")

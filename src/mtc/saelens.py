@@ -65,7 +65,7 @@ drop the ``metadata`` block of one that does not name its version."""
 def export_saelens(run_dir: str | Path, out: str | Path, n_groups: int | None = None) -> Path:
     """Write the finished run in ``run_dir`` (or its first ``n_groups`` groups) to ``out``."""
     run_dir, out = Path(run_dir), Path(out)
-    record = _finished_run_record(run_dir)
+    record = finished_run_record(run_dir)
     dictionary = MatryoshkaBatchTopK.load(run_dir)
     n_groups = _check_groups(n_groups, len(dictionary.group_sizes))
     tensors, code_scale = saelens_tensors(dictionary, n_groups)
@@ -117,7 +117,7 @@ def saelens_cfg(d: MatryoshkaBatchTopK, record: dict, n_groups: int, code_scale:
     metadata = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,
-        "model_name": _hub_name(provenance.get("model_name") or record.get("model_type", "")),
+        "model_name": hub_name(provenance.get("model_name") or record.get("model_type", "")),
         "model_source": provenance.get("model_source"),
         "model_revision": provenance.get("model_revision"),
         "hook_name": hook_name(record["source_site"], record["source_layer"]),
@@ -148,14 +148,14 @@ def saelens_cfg(d: MatryoshkaBatchTopK, record: dict, n_groups: int, code_scale:
     return cfg
 
 
-def _hub_name(model_name: str) -> str:
+def hub_name(model_name: str) -> str:
     """The hub id the model came from (a packaged model's too); a local path as it was given."""
     if model_name.startswith("packaged:") and model_name[9:] in PACKAGED:
         return PACKAGED[model_name[9:]].hub_id
     return model_name
 
 
-def _finished_run_record(run_dir: Path) -> dict:
+def finished_run_record(run_dir: Path) -> dict:
     config = run_dir / CONFIG_FILE
     if not config.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
