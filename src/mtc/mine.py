@@ -93,73 +93,55 @@ def mine(
     feature's activation on every token of the kept contexts. Then the decoder's logit effects."""
     device = resolve_device(cfg.device)
     dictionary = dictionary.to(device).eval()
-    D = dictionary.dict_size
-    top = TopActivations(D, cfg.max_samples_per_feature, cfg.sample_activation_threshold)
-    random = TopActivations(D, cfg.quantile_bands * cfg.samples_per_band, 0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    fire_count = torch.zeros(D, dtype=torch.long)
-    max_act = torch.zeros(D)
-    n_rows = store.n_rows - store.n_train_rows
-    keys = [(layer, site)]
-    with progress.bar("mine", total=n_rows, unit="tok") as advance:
-        for (x,), rows in store.iter_holdout(keys, cfg.batch_size):
-            acts = dictionary.encode(x.to(device)).cpu()
-            top.update(acts, rows)
-            random.update(acts, rows, torch.rand(acts.shape, generator=gen))
-            fire_count += (acts > 0).sum(dim=0)
-            max_act = torch.maximum(max_act, acts.max(dim=0).values)
-            advance(int(rows.numel()))
+
+    def held_out_codes(label: str):
+        with progress.bar(label, total=store.n_rows - store.n_train_rows, unit="tok") as advance:
+            for (x,), rows in store.iter_holdout([(layer, site)], cfg.batch_size):
+                yield dictionary.encode(x.to(device)).cpu(), rows
+                advance(int(rows.numel()))
+
+    top, random, fire_count, max_act = _first_pass(held_out_codes("mine"), dictionary.dict_size, cfg)
     order, band = quantile_bands(random.values, cfg.quantile_bands)
     for name in ("values", "rows", "keys"):
         setattr(random, name, getattr(random, name).gather(1, order))
-    tokens = store.tokens()
-    top_t, random_t = (
-        top.tensors(tokens, cfg.sample_context_size),
-        random.tensors(tokens, cfg.sample_context_size),
+    top_ctx, random_ctx = (
+        ContextActivations(context_rows(kept.rows, store.context_size, cfg.sample_context_size)[0])
+        for kept in (top, random)
     )
-    top_ctx = ContextActivations(context_rows(top.rows, store.context_size, cfg.sample_context_size)[0])
-    random_ctx = ContextActivations(context_rows(random.rows, store.context_size, cfg.sample_context_size)[0])
-    bins = cfg.histogram_bins
-    histogram = torch.zeros(D * bins, dtype=torch.long)
-    with progress.bar("mine: contexts and histograms", total=n_rows, unit="tok") as advance:
-        for (x,), rows in store.iter_holdout(keys, cfg.batch_size):
-            acts = dictionary.encode(x.to(device)).cpu()
-            top_ctx.update(acts, rows)
-            random_ctx.update(acts, rows)
-            tok, feat = torch.nonzero(acts > 0, as_tuple=True)
-            b = (acts[tok, feat] / max_act[feat] * bins).long().clamp(0, bins - 1)
-            histogram += torch.bincount(feat * bins + b, minlength=D * bins)
-            advance(int(rows.numel()))
-    n_tokens = top.n_tokens_seen
+    histogram = _second_pass(
+        held_out_codes("mine: contexts and histograms"), (top_ctx, random_ctx), max_act, cfg.histogram_bins
+    )
     features = {
         "fire_count": fire_count,
-        "log10_frequency": log10_frequency(fire_count, n_tokens),
+        "log10_frequency": log10_frequency(fire_count, top.n_tokens_seen),
         "max_activation": max_act,
-        "histogram": histogram.reshape(D, bins),
+        "histogram": histogram,
     }
     if unembedding is not None:
         features.update(logit_effects(dictionary, unembedding, cfg.n_logit_tokens))
+    tokens = store.tokens()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / SAMPLES_FILE, save_tensors({**top_t, "context_acts": top_ctx.tensor()}))
     atomic_write_bytes(
-        out_dir / QUANTILE_FILE,
-        save_tensors({**random_t, "context_acts": random_ctx.tensor(), "band": band.contiguous()}),
+        out_dir / SAMPLES_FILE,
+        save_tensors({**top.tensors(tokens, cfg.sample_context_size), "context_acts": top_ctx.tensor()}),
     )
+    quantile = {**random.tensors(tokens, cfg.sample_context_size), "context_acts": random_ctx.tensor()}
+    atomic_write_bytes(out_dir / QUANTILE_FILE, save_tensors({**quantile, "band": band.contiguous()}))
     atomic_write_bytes(
         out_dir / FEATURES_FILE, save_tensors({k: v.contiguous() for k, v in features.items()})
     )
     atomic_write_json(
         out_dir / META_FILE,
         {
-            "dict_size": D,
+            "dict_size": dictionary.dict_size,
             "max_samples_per_feature": cfg.max_samples_per_feature,
             "sample_context_size": cfg.sample_context_size,
             "sample_activation_threshold": cfg.sample_activation_threshold,
-            "n_tokens_seen": n_tokens,
+            "n_tokens_seen": top.n_tokens_seen,
             "quantile_bands": cfg.quantile_bands,
             "samples_per_band": cfg.samples_per_band,
-            "histogram_bins": bins,
+            "histogram_bins": cfg.histogram_bins,
             "n_logit_tokens": cfg.n_logit_tokens if unembedding is not None else 0,
             "group_sizes": list(dictionary.group_sizes),
             "fired_features": int((fire_count > 0).sum()),
@@ -170,6 +152,34 @@ def mine(
         },
     )
     return out_dir
+
+
+def _first_pass(codes, F: int, cfg: MineConfig):
+    """Top and random firings of each feature, its fire count and largest activation."""
+    top = TopActivations(F, cfg.max_samples_per_feature, cfg.sample_activation_threshold)
+    random = TopActivations(F, cfg.quantile_bands * cfg.samples_per_band, 0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    fire_count, max_act = torch.zeros(F, dtype=torch.long), torch.zeros(F)
+    for acts_BF, rows in codes:
+        top.update(acts_BF, rows)
+        random.update(acts_BF, rows, torch.rand(acts_BF.shape, generator=gen))
+        fire_count += (acts_BF > 0).sum(dim=0)
+        max_act = torch.maximum(max_act, acts_BF.max(dim=0).values)
+    return top, random, fire_count, max_act
+
+
+def _second_pass(codes, contexts, max_act: torch.Tensor, bins: int) -> torch.Tensor:
+    """Fill the kept contexts' activations; returns each feature's histogram [F, bins] of its
+    activations (bins evenly from 0 to its largest)."""
+    F = max_act.numel()
+    histogram = torch.zeros(F * bins, dtype=torch.long)
+    for acts_BF, rows in codes:
+        for ctx in contexts:
+            ctx.update(acts_BF, rows)
+        tok, feat = torch.nonzero(acts_BF > 0, as_tuple=True)
+        b = (acts_BF[tok, feat] / max_act[feat] * bins).long().clamp(0, bins - 1)
+        histogram += torch.bincount(feat * bins + b, minlength=F * bins)
+    return histogram.reshape(F, bins)
 
 
 def mine_run(cfg: PipelineConfig, d: DictionaryConfig, run_dir: Path, store: ActivationStore) -> Path:
