@@ -155,3 +155,55 @@ def test_dvc_yaml_paths_agree_with_the_library():
     assert str(cfg.store_dir) == f"data/activations/{cfg.model.type}"
     assert str(cfg.model_dir) == f"data/models/{cfg.model.type}"
     assert re.search(r"\$\{key\}", stages["train"]["do"]["cmd"])
+
+
+def test_a_transcoder_set_is_one_transcoder_per_layer_where_dvc_yaml_puts_it():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["extract"]["layers"] = [3, 8]
+    raw["transcoder_set"] = {
+        "name": "ts",
+        "layers": [3, 8],
+        "steps": 50,
+        "dictionary": {"input_norm": "global"},
+    }
+    cfg = parse_params(raw)
+    members = [cfg.dictionaries["ts-L3"], cfg.dictionaries["ts-L8"]]
+    assert [(d.layer, d.kind, d.source_site, d.target_site, d.steps, d.input_norm) for d in members] == [
+        (3, "transcoder", "resid_mid", "mlp_out", 50, "global"),
+        (8, "transcoder", "resid_mid", "mlp_out", 50, "global"),
+    ]
+    for d in members:
+        for out in stages["train_set"]["outs"]:
+            path = (
+                out.replace("${model.type}", cfg.model.type)
+                .replace("${item.layer}", str(d.layer))
+                .replace("${transcoder_set.steps}", "50")
+                .replace("${transcoder_set.name}", "ts")
+            )
+            assert path.startswith(str(run_dir_of(d)) + "/"), path
+    assert "transcoder_set.layers" not in stages["train_set"]["params"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"layers": [5]}, r"transcoder_set.layers\[0\]: got 5; expected one of the extracted layers"),
+        ({"dictionary": {"layer": 1}}, "transcoder_set.dictionary.layer: got 1; expected left out"),
+        (
+            {"dictionary": {"lr": -1}},
+            r"transcoder_set.dictionary.lr: got -1; expected a number in \(0.0, 1.0\]",
+        ),
+        ({"layers": "all"}, "transcoder_set.layers: got 'all'; expected a list of layer indices"),
+        ({"lr": 0.1}, "transcoder_set.lr: unknown key"),
+        ({"steps": None}, "transcoder_set.steps: got None; expected an integer >= 1"),
+        ({"dictionary": {"steps": 5}}, "transcoder_set.dictionary.steps: got 5; expected left out"),
+    ],
+)
+def test_transcoder_set_mistakes_are_named(change, message):
+    raw = tiny_params()
+    sizes = {"dict_size": 256, "group_sizes": [32, 64, 160], "top_k": 8}
+    raw["transcoder_set"] = {"name": "ts", "layers": [2], "steps": 20, **change}
+    raw["transcoder_set"]["dictionary"] = {**sizes, **change.get("dictionary", {})}
+    with pytest.raises(ConfigError, match=message):
+        parse_params(raw)

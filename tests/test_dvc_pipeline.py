@@ -31,6 +31,15 @@ def project(tmp_path_factory, stories_model_dir):
         "steps": 40,
         "save_every": 40,
     }
+    tiny = {
+        k: params["dictionaries"]["tc"][k] for k in ("dict_size", "group_sizes", "top_k", "lr", "batch_size")
+    }
+    params["transcoder_set"] = {
+        "name": "tcs",
+        "layers": [2],
+        "steps": 30,
+        "dictionary": {**tiny, "save_every": 30},
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc(root, "repro")
     return root
@@ -102,6 +111,17 @@ def test_adding_a_dictionary_reruns_only_its_own_stages(project):
     assert sorted(ran) == sorted(
         f"Running stage '{s}@sae':" for s in ("train", "evaluate", "mine", "browse")
     ), out
+
+
+def test_a_layer_added_to_the_transcoder_set_runs_only_its_own_stages(project):
+    assert (project / "results" / "stories260K" / "2" / "30" / "tcs-L2" / "metrics.json").is_file()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["transcoder_set"]["layers"] = [2, 3]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc(project, "repro")
+    ran = sorted(line for line in out.splitlines() if line.startswith("Running stage"))
+    assert ran == sorted(f"Running stage '{s}_set@3':" for s in ("train", "evaluate", "mine", "browse")), out
+    assert (project / "results" / "stories260K" / "3" / "30" / "tcs-L3" / "browser" / "index.html").is_file()
 
 
 def test_a_teammate_pulls_the_store_and_trains_without_the_model(project, tmp_path):

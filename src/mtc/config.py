@@ -563,7 +563,7 @@ def parse_params(
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"params: got {type(raw).__name__}; expected a mapping of sections")
-    sections = {"model", "dataset", "extract", "dictionaries", "evaluate", "mine", "browse"}
+    sections = {"model", "dataset", "extract", "dictionaries", "transcoder_set", "evaluate", "mine", "browse"}
     unknown = sorted(set(raw) - sections, key=str)
     if unknown:
         raise ConfigError(
@@ -583,12 +583,14 @@ def parse_params(
             entry = {}
         if not isinstance(entry, dict):
             _fail(prefix, entry, "a mapping of settings")
-        cfg = get_default_cfg(model.type)
-        cfg.update(entry)
-        cfg["name"] = name
-        cfg["model_type"] = model.type
-        dictionaries[name] = dictionary_from_dict(_with_derived(cfg, prefix), prefix)
-        _check_against_extract(dictionaries[name], extract, prefix)
+        dictionaries[name] = _dictionary_entry({**entry, "name": name}, model.type, extract, prefix)
+    for member in _transcoder_set(raw.get("transcoder_set"), model.type, extract):
+        if member.name in dictionaries:
+            raise ConfigError(
+                f"transcoder_set: its layer-{member.layer} transcoder is named {member.name}, "
+                f"like the dictionaries entry; rename one"
+            )
+        dictionaries[member.name] = member
     return PipelineConfig(
         model=model,
         dataset=dataset,
@@ -600,6 +602,60 @@ def parse_params(
         data_root=Path(data_root),
         results_root=Path(results_root),
     )
+
+
+def _dictionary_entry(entry: dict, model_type: str, extract: ExtractConfig, prefix: str) -> DictionaryConfig:
+    """One dictionary from its params settings over the model type's preset."""
+    cfg = {**get_default_cfg(model_type), **entry, "model_type": model_type}
+    d = dictionary_from_dict(_with_derived(cfg, prefix), prefix)
+    _check_against_extract(d, extract, prefix)
+    return d
+
+
+def _transcoder_set(section: Any, model_type: str, extract: ExtractConfig) -> list[DictionaryConfig]:
+    """``transcoder_set``: one transcoder per layer of ``layers`` (``resid_mid`` -> ``mlp_out`` unless
+    ``dictionary`` says otherwise), named ``{name}-L{layer}``, trained for ``steps`` with the
+    ``dictionary`` settings. dvc.yaml gives each layer its own stages and tracks ``name``, ``steps``
+    and ``dictionary`` but not ``layers``: adding a layer runs only that layer's stages."""
+    p = "transcoder_set"
+    if section is None:
+        return []
+    if not isinstance(section, dict):
+        _fail(p, section, "a mapping of name, layers, steps and dictionary")
+    unknown = sorted(set(section) - {"name", "layers", "steps", "dictionary"}, key=str)
+    if unknown:
+        raise ConfigError(
+            f"{p}.{_show(unknown[0])}: unknown key; valid keys are dictionary, layers, name, steps "
+            "(dictionary settings go under dictionary)"
+        )
+    for key in ("name", "layers", "steps"):  # dvc.yaml's set stages read all three
+        if key not in section:
+            raise ConfigError(f"{p}.{key}: missing; dvc.yaml's set stages need name, layers and steps")
+    name, layers, shared = section["name"], section["layers"], section.get("dictionary") or {}
+    check_value(f"{p}.name", name, Name)
+    check_value(f"{p}.steps", section["steps"], Count)
+    if not isinstance(layers, list):
+        _fail(f"{p}.layers", layers, "a list of layer indices (empty: no set)")
+    for i, layer in enumerate(layers):
+        check_value(f"{p}.layers[{i}]", layer, Index)
+        if layer not in extract.layers:
+            _fail(f"{p}.layers[{i}]", layer, f"one of the extracted layers {extract.layers} (extract.layers)")
+    if not isinstance(shared, dict):
+        _fail(f"{p}.dictionary", shared, "a mapping of dictionary settings")
+    for key in ("name", "layer", "source_layer", "target_layer", "steps"):
+        if key in shared:
+            _fail(f"{p}.dictionary.{key}", shared[key], f"left out: the set gives each transcoder its {key}")
+    entries = [
+        {
+            "kind": "transcoder",
+            **shared,
+            "name": f"{name}-L{layer}",
+            "layer": layer,
+            "steps": section["steps"],
+        }
+        for layer in layers
+    ]
+    return [_dictionary_entry(entry, model_type, extract, f"{p}.dictionary") for entry in entries]
 
 
 def _check_against_extract(d: DictionaryConfig, extract: ExtractConfig, prefix: str) -> None:
