@@ -1,8 +1,8 @@
-"""``mtc export --format circuit-tracer``: a transcoder for every layer of stories260K, trained from
-one store, loads in circuit-tracer (its own virtualenv, ``.venv-circuit-tracer``: scripts/setup.sh
-makes it with MTC_WITH_CIRCUIT_TRACER=1, as .ci/run does); its replacement model with the error term
-reproduces the model's logits, circuit-tracer computes the reconstruction mtc does, and an
-attribution graph of a prompt has feature nodes."""
+"""``mtc export --format circuit-tracer``: a transcoder for every layer of stories260K (a
+``transcoder_set``), trained from one store, loads in circuit-tracer (its own virtualenv,
+``.venv-circuit-tracer``: scripts/setup.sh makes it with MTC_WITH_CIRCUIT_TRACER=1, as .ci/run
+does); its replacement model with the error term reproduces the model's logits, circuit-tracer
+computes the reconstruction mtc does, and an attribution graph of a prompt has feature nodes."""
 
 from __future__ import annotations
 
@@ -31,17 +31,22 @@ PROMPT = "Once upon a time, there was a little girl named Lily. She loved to pla
 def transcoder_set(tmp_path_factory, stories_model_dir):
     """One transcoder per layer (global input scale, skip connection), trained from one store."""
     root = tmp_path_factory.mktemp("set")
-    raw = tiny_params(
-        str(stories_model_dir), input_norm="global", skip_connection=True, steps=60, save_every=60
-    )
+    raw = tiny_params(str(stories_model_dir))
     raw["extract"]["layers"] = list(range(N_LAYERS))
-    entry = raw["dictionaries"].pop("tc")
-    raw["dictionaries"] = {f"tc-L{i}": {**entry, "layer": i} for i in range(N_LAYERS)}
+    entry = raw.pop("dictionaries")["tc"]
+    shared = {k: entry[k] for k in ("dict_size", "group_sizes", "top_k", "lr", "batch_size")}
+    raw["dictionaries"] = {}
+    raw["transcoder_set"] = {
+        "name": "tcs",
+        "layers": list(range(N_LAYERS)),
+        "steps": 60,
+        "dictionary": {**shared, "save_every": 60, "input_norm": "global", "skip_connection": True},
+    }
     cfg = parse_params(raw, data_root=root / "data", results_root=root / "results")
     pipeline.prepare_model(cfg)
     pipeline.extract(cfg)
-    pipeline.train(cfg, list(cfg.dictionaries))
-    run_dirs = [run_dir_of(d, cfg.results_root) for d in cfg.dictionaries.values()]
+    pipeline.train(cfg, list(cfg.dictionaries))  # one pass over the store for the whole set
+    run_dirs = [run_dir_of(cfg.dictionaries[f"tcs-L{i}"], cfg.results_root) for i in range(N_LAYERS)]
     return cfg, run_dirs, export_circuit_tracer(run_dirs, root / "ct-set")
 
 
