@@ -325,5 +325,6 @@ def test_store_damage_is_one_line_in_train_and_evaluate(prepared, damage):
             shard.write_bytes(bytes(data))
         stages, message = ["evaluate"], "tokens.zarr: chunk"
     for stage in stages:
-        one_line(run_stage(root, stage, "tc"), message)
-        assert "dvc repro -f extract" in run_stage(root, stage, "tc").stderr
+        result = run_stage(root, stage, "tc")
+        one_line(result, message)
+        assert "dvc repro -f extract" in result.stderr

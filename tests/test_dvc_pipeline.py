@@ -25,12 +25,6 @@ def project(tmp_path_factory, stories_model_dir):
     root = copy_project(tmp_path_factory.mktemp("project"))
     params = tiny_params(str(stories_model_dir), steps=100, save_every=50)
     params["extract"]["layers"] = [2, 3]
-    params["dictionaries"]["tc-to-L3"] = {  # cross-layer: its results sit under its source layer
-        **params["dictionaries"]["tc"],
-        "target_layer": 3,
-        "steps": 40,
-        "save_every": 40,
-    }
     tiny = {
         k: params["dictionaries"]["tc"][k] for k in ("dict_size", "group_sizes", "top_k", "lr", "batch_size")
     }
@@ -74,43 +68,34 @@ def test_dvc_plots_show_renders_every_declared_plot(project):
     assert (project / "plots_html" / "index.html").stat().st_size > 1000
 
 
-def test_a_cross_layer_transcoder_trains_evaluates_and_is_mined_where_dvc_expects_it(project):
-    run_dir = project / "results" / "stories260K" / "2" / "40" / "tc-to-L3"
-    config = json.loads((run_dir / "config.json").read_text())
-    assert (config["source_layer"], config["target_layer"], config["completed_at"] is not None) == (
-        2,
-        3,
-        True,
-    )
-    assert json.loads((run_dir / "metrics.json").read_text())["fvu_max"] < 1.5
-    assert (run_dir / "browser" / "index.html").is_file()
-    assert "train@tc-to-L3" in (project / "dvc.lock").read_text()
-
-
 def test_a_second_repro_does_nothing(project):
     out = dvc(project, "repro")
     assert "Running stage" not in out
     assert "Data and pipelines are up to date" in dvc(project, "status")
 
 
-def test_adding_a_dictionary_reruns_only_its_own_stages(project):
+def test_adding_a_cross_layer_transcoder_runs_only_its_own_stages_where_dvc_expects_them(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["dictionaries"]["sae"] = {
+    params["dictionaries"]["tc-to-L3"] = {  # resid_mid at 2 -> mlp_out at 3: results under layer 2
         **params["dictionaries"]["tc"],
-        "kind": "sae",
-        "source_site": "mlp_out",
-        "steps": 60,
+        "target_layer": 3,
+        "steps": 40,
+        "save_every": 40,
     }
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = dvc(project, "status")
-    assert "train@sae" in status and "evaluate@sae" in status and "mine@sae" in status
     for stage in ("extract", "prepare_model", "train@tc", "evaluate@tc", "mine@tc", "browse@tc"):
         assert f"{stage}:" not in status, status
     out = dvc(project, "repro")
     ran = [line for line in out.splitlines() if line.startswith("Running stage")]
     assert sorted(ran) == sorted(
-        f"Running stage '{s}@sae':" for s in ("train", "evaluate", "mine", "browse")
+        f"Running stage '{s}@tc-to-L3':" for s in ("train", "evaluate", "mine", "browse")
     ), out
+    run_dir = project / "results" / "stories260K" / "2" / "40" / "tc-to-L3"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["source_layer"], config["target_layer"]) == (2, 3)
+    assert json.loads((run_dir / "metrics.json").read_text())["fvu_max"] < 1.5
+    assert "Running stage" not in dvc(project, "repro"), "a second repro runs nothing"
 
 
 def test_a_layer_added_to_the_transcoder_set_runs_only_its_own_stages(project):
