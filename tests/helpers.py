@@ -6,6 +6,17 @@ from pathlib import Path
 
 import torch
 
+SMALL_DECODER = dict(
+    num_hidden_layers=3,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    vocab_size=512,
+    max_position_embeddings=64,
+)
+"""A tiny grouped-query decoder (Llama, Gemma-2, Qwen2, Mistral ... configs take these keys)."""
+
 
 def tiny_hf_models() -> dict:
     """One tiny random causal LM per architecture family we name hooks for."""
@@ -23,29 +34,8 @@ def tiny_hf_models() -> dict:
     torch.manual_seed(0)
     return {
         "gpt2": GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=512, n_positions=64)),
-        "llama": LlamaForCausalLM(
-            LlamaConfig(
-                num_hidden_layers=3,
-                hidden_size=32,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                intermediate_size=64,
-                vocab_size=512,
-                max_position_embeddings=64,
-            )
-        ),
-        "gemma2": Gemma2ForCausalLM(
-            Gemma2Config(
-                num_hidden_layers=3,
-                hidden_size=32,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=8,
-                intermediate_size=64,
-                vocab_size=512,
-                max_position_embeddings=64,
-            )
-        ),
+        "llama": LlamaForCausalLM(LlamaConfig(**SMALL_DECODER)),
+        "gemma2": Gemma2ForCausalLM(Gemma2Config(**SMALL_DECODER, head_dim=8)),
         "neox": GPTNeoXForCausalLM(
             GPTNeoXConfig(
                 num_hidden_layers=3,

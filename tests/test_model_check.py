@@ -8,16 +8,7 @@ import torch
 from mtc import model_check, models
 from mtc.config import ConfigError
 from mtc.models import Architecture, ModelError
-
-SMALL = dict(
-    num_hidden_layers=3,
-    hidden_size=32,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    vocab_size=512,
-    max_position_embeddings=64,
-)
+from tests.helpers import SMALL_DECODER as SMALL
 
 
 def tiny(name: str):
