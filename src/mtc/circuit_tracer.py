@@ -19,8 +19,9 @@ from safetensors.torch import save as save_tensors
 
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import ConfigError
-from mtc.results import atomic_write_bytes, atomic_write_text
-from mtc.saelens import finished_run_record, hub_name, saelens_tensors
+from mtc.models import hub_id
+from mtc.results import atomic_write_bytes, atomic_write_text, finished_run_record
+from mtc.saelens import check_groups, saelens_tensors
 
 SET_CONFIG = "config.yaml"
 
@@ -51,10 +52,7 @@ def export_circuit_tracer(run_dirs: list[str | Path], out: str | Path, n_groups:
                 f"{run_dir}: input_norm is {dictionary.shape.input_norm}; circuit-tracer encodes the raw "
                 "resid_mid, which only input_norm: global can be folded into: train the set with it"
             )
-        groups = len(dictionary.group_sizes) if n_groups is None else n_groups
-        if not 1 <= groups <= len(dictionary.group_sizes):
-            raise ConfigError(f"--groups: got {n_groups}; {run_dir} has {len(dictionary.group_sizes)} groups")
-        tensors, _ = saelens_tensors(dictionary, groups)
+        tensors, _ = saelens_tensors(dictionary, check_groups(n_groups, dictionary, str(run_dir)))
         sizes.add(tensors["b_enc"].numel())
         layer_file = out / f"layer_{layer}.safetensors"
         atomic_write_bytes(layer_file, save_tensors(_circuit_tracer_layout(tensors)))
@@ -64,7 +62,7 @@ def export_circuit_tracer(run_dirs: list[str | Path], out: str | Path, n_groups:
     first = by_layer[0][1]
     config = {
         "model_kind": "transcoder_set",
-        "model_name": hub_name(first.get("store_provenance", {}).get("model_name", "")),
+        "model_name": hub_id(first.get("store_provenance", {}).get("model_name", "")),
         "feature_input_hook": "hook_resid_mid",
         "feature_output_hook": "hook_mlp_out",
         "scan": out.name,

@@ -95,6 +95,16 @@ class Architecture:
             )
 
 
+def site_of_hook(hook: str) -> tuple[int, str] | None:
+    """(layer, site) of a TransformerLens hook name ``hook_name`` gives; None for any other hook."""
+    for site, pattern in _SITE_HOOK.items():
+        before, after = pattern.split("{layer}")
+        layer = hook[len(before) : len(hook) - len(after)]
+        if hook.startswith(before) and hook.endswith(after) and layer.isdigit():
+            return int(layer), site
+    return None
+
+
 def hook_name(site: str, layer: int) -> str:
     """The TransformerBridge hook that carries ``site`` at ``layer``."""
     if site not in _SITE_HOOK:
@@ -288,3 +298,10 @@ def run_sites(
     last_layer = max(layer for layer, _ in wanted)
     _, cache = bridge.run_with_cache(tokens_BT, names_filter=list(names), stop_at_layer=last_layer + 1)
     return {key: cache[name] for name, key in names.items()}
+
+
+def hub_id(model_name: str) -> str:
+    """The hub id the model came from (a packaged model's too); a local path as it was given."""
+    if model_name.startswith("packaged:") and model_name[9:] in PACKAGED:
+        return PACKAGED[model_name[9:]].hub_id
+    return model_name

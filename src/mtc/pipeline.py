@@ -48,12 +48,12 @@ def check_model_facts(cfg: PipelineConfig) -> None:
 def resolve_run(cfg: PipelineConfig, name: str) -> tuple[DictionaryConfig, Path]:
     """A params.yaml dictionary entry and its run directory; or, when ``name`` is not an entry but
     a run directory (one ``mtc import`` wrote, say), the dictionary config recorded in it."""
-    from mtc.results import CONFIG_FILE, read_json, run_dir_of
+    from mtc.results import CONFIG_FILE, finished_run_record, run_dir_of
 
     if name in cfg.dictionaries or not (Path(name) / CONFIG_FILE).is_file():
         d = cfg.dictionary(name)
         return d, run_dir_of(d, cfg.results_root)
-    record = read_json(Path(name) / CONFIG_FILE)
+    record = finished_run_record(Path(name))
     known = {f.name for f in dataclasses.fields(DictionaryConfig)}
     return dictionary_from_dict({k: v for k, v in record.items() if k in known}, name), Path(name)
 

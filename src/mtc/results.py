@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mtc.errors import ConfigError
+
 # Every name in a run directory, here only.
 CONFIG_FILE = "config.json"  # the full config; ``completed_at`` once the run has finished
 WEIGHTS_FILE = "dictionary.safetensors"
@@ -38,12 +40,13 @@ def run_dir_path(
     return path / name if name else path
 
 
-def run_dir_of(d: Any, results_root: str | Path = "results") -> Path:
+def run_dir_of(d: Any, results_root: str | Path = "results", create: bool = False) -> Path:
     """Where dictionary config ``d`` (a ``DictionaryConfig``) keeps its run. ``{layer}`` is the
     source layer, for a cross-layer transcoder too: dvc.yaml templates the same path from the
     entry's ``layer`` (it cannot compute anything else); the name keeps dictionaries that share
-    model, layer and steps apart."""
-    return run_dir_path(d.model_type or "model", d.layer, d.steps, d.name, results_root)
+    model, layer and steps apart. ``create``: made with the seed's ``create_run_dir``."""
+    place = (d.model_type or "model", d.layer, d.steps, d.name, results_root)
+    return create_run_dir(*place) if create else run_dir_path(*place)
 
 
 def create_run_dir(
@@ -97,3 +100,14 @@ def completed_at(run_dir: str | Path) -> str | None:
     if not path.is_file():
         return None
     return read_json(path).get("completed_at")
+
+
+def finished_run_record(run_dir: Path) -> dict:
+    """The config record of the finished run in ``run_dir`` (one line naming the problem otherwise)."""
+    config = run_dir / CONFIG_FILE
+    if not config.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    record = read_json(config)
+    if not record.get("completed_at"):
+        raise ConfigError(f"{run_dir}: the run has not finished (no completed_at in {CONFIG_FILE})")
+    return record

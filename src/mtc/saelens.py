@@ -32,7 +32,6 @@ source mean. A dictionary mtc exported comes back with its groups (``metadata.gr
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +42,12 @@ from safetensors.torch import save as save_tensors
 from mtc.config import DictionaryConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import ConfigError
-from mtc.models import PACKAGED, hook_name
+from mtc.models import hook_name, hub_id, site_of_hook
 from mtc.results import (
-    CONFIG_FILE,
     FREQUENCY_FILE,
     atomic_write_bytes,
     atomic_write_text,
-    read_json,
+    finished_run_record,
     run_dir_path,
     write_config,
 )
@@ -67,7 +65,7 @@ def export_saelens(run_dir: str | Path, out: str | Path, n_groups: int | None = 
     run_dir, out = Path(run_dir), Path(out)
     record = finished_run_record(run_dir)
     dictionary = MatryoshkaBatchTopK.load(run_dir)
-    n_groups = _check_groups(n_groups, len(dictionary.group_sizes))
+    n_groups = check_groups(n_groups, dictionary)
     tensors, code_scale = saelens_tensors(dictionary, n_groups)
     cfg = saelens_cfg(dictionary, record, n_groups, code_scale)
     atomic_write_bytes(out / WEIGHTS_FILE, save_tensors(tensors))
@@ -77,6 +75,16 @@ def export_saelens(run_dir: str | Path, out: str | Path, n_groups: int | None = 
         sparsity = torch.log10(torch.pow(10.0, log10_freq.double()) + 1e-10).float()
         atomic_write_bytes(out / SPARSITY_FILE, save_tensors({"sparsity": sparsity}))
     return out
+
+
+def check_groups(n_groups: int | None, d: MatryoshkaBatchTopK, what: str = "this dictionary") -> int:
+    """``--groups``: how many Matryoshka groups to export (all when None)."""
+    available = len(d.group_sizes)
+    if n_groups is None:
+        return available
+    if not 1 <= n_groups <= available:
+        raise ConfigError(f"--groups: got {n_groups}; {what} has {available} groups")
+    return n_groups
 
 
 def saelens_tensors(d: MatryoshkaBatchTopK, n_groups: int) -> tuple[dict[str, torch.Tensor], float]:
@@ -117,7 +125,7 @@ def saelens_cfg(d: MatryoshkaBatchTopK, record: dict, n_groups: int, code_scale:
     metadata = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,
-        "model_name": hub_name(provenance.get("model_name") or record.get("model_type", "")),
+        "model_name": hub_id(provenance.get("model_name") or record.get("model_type", "")),
         "model_source": provenance.get("model_source"),
         "model_revision": provenance.get("model_revision"),
         "hook_name": hook_name(record["source_site"], record["source_layer"]),
@@ -148,31 +156,6 @@ def saelens_cfg(d: MatryoshkaBatchTopK, record: dict, n_groups: int, code_scale:
     return cfg
 
 
-def hub_name(model_name: str) -> str:
-    """The hub id the model came from (a packaged model's too); a local path as it was given."""
-    if model_name.startswith("packaged:") and model_name[9:] in PACKAGED:
-        return PACKAGED[model_name[9:]].hub_id
-    return model_name
-
-
-def finished_run_record(run_dir: Path) -> dict:
-    config = run_dir / CONFIG_FILE
-    if not config.is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    record = read_json(config)
-    if not record.get("completed_at"):
-        raise ConfigError(f"{run_dir}: the run has not finished (no completed_at in {CONFIG_FILE})")
-    return record
-
-
-def _check_groups(n_groups: int | None, available: int) -> int:
-    if n_groups is None:
-        return available
-    if not 1 <= n_groups <= available:
-        raise ConfigError(f"--groups: got {n_groups}; this dictionary has {available} groups")
-    return n_groups
-
-
 # ----------------------------------------------------------------------------- import
 ACTIVATION_OF = {
     "standard": "relu",
@@ -184,7 +167,6 @@ ACTIVATION_OF = {
     "jumprelu_skip_transcoder": "jumprelu",
 }
 """The SAELens architectures mtc imports, and the activation each one encodes with."""
-_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|mlp_out|resid_post)$")
 _NORMS = {"none": "global", "expected_average_only_in": "global", "constant_norm_rescale": "token"}
 """SAELens's ``normalize_activations`` at inference from disk (``expected_average_only_in`` only
 scales while training) and mtc's ``input_norm`` that computes the same."""
@@ -210,10 +192,12 @@ def import_saelens(
             f"{where}: normalize_activations {norm!r} cannot be imported; mtc imports {', '.join(_NORMS)}"
         )
     meta = cfg.get("metadata") or cfg  # configs before SAELens 6 keep these at the top level
-    layer, source_site = _hook_site(where, "hook_name", meta.get("hook_name") or meta.get("hook_point"))
+    layer, source_site = _stored_site(where, "hook_name", meta.get("hook_name") or meta.get("hook_point"))
     transcoder = "transcoder" in architecture
     target = (
-        _hook_site(where, "hook_name_out", meta.get("hook_name_out")) if transcoder else (layer, source_site)
+        _stored_site(where, "hook_name_out", meta.get("hook_name_out"))
+        if transcoder
+        else (layer, source_site)
     )
     dictionary = saelens_dictionary(architecture, cfg, _read_weights(directory), where)
     record = DictionaryConfig(
@@ -289,14 +273,14 @@ def saelens_dictionary(architecture: str, cfg: dict, weights: dict, where: Path)
     return dictionary
 
 
-def _hook_site(where: Path, key: str, hook: str | None) -> tuple[int, str]:
-    match = _HOOK.match(hook or "")
-    if match is None:
+def _stored_site(where: Path, key: str, hook: str | None) -> tuple[int, str]:
+    found = site_of_hook(hook or "")
+    if found is None:
         raise ConfigError(
             f"{where}: {key} {hook!r} is not a hook mtc stores (blocks.L.hook_resid_pre, _resid_mid, "
             "_mlp_out or _resid_post)"
         )
-    return int(match.group(1)), match.group(2)
+    return found
 
 
 def _read_cfg(directory: Path) -> dict:

@@ -38,7 +38,6 @@ from mtc.results import (
     atomic_write_json,
     atomic_write_text,
     completed_at,
-    create_run_dir,
     read_json,
     run_dir_of,
     write_config,
@@ -151,7 +150,7 @@ def _start_run(
             _truncate_log(run_dir, start_step)
         else:  # an unfinished run of another config, or one with nothing saved yet: start over
             shutil.rmtree(run_dir)
-    create_run_dir(cfg.model_type or "model", cfg.layer, cfg.steps, cfg.name, results_root)
+    run_dir_of(cfg, results_root, create=True)
     (run_dir / CHECKPOINTS_DIR).mkdir(exist_ok=True)  # a DVC output even when no step saves
     write_config(run_dir, record, completed=False)
     samples = None
