@@ -19,7 +19,11 @@ from tests.conftest import REPO
 
 SRC = REPO / "src" / "mtc"
 STAGES = ["prepare_model", "extract", "train", "evaluate", "mine", "browse"]
-SCRIPT_OF = {**{s: s for s in STAGES}, **{f"{s}_set": s for s in ("train", "evaluate", "mine", "browse")}}
+SCRIPT_OF = {
+    **{s: s for s in STAGES},
+    **{f"{s}_set": s for s in ("train", "evaluate", "mine", "browse")},
+    "summarize_set": "summarize_set",
+}
 
 
 def imported_modules(nodes) -> set[str]:

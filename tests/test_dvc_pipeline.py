@@ -12,6 +12,7 @@ import yaml
 from tests.conftest import copy_project, tiny_params
 
 pytestmark = pytest.mark.slow
+SUMMARY_STAGE = "Running stage 'summarize_set':"
 
 
 def dvc(cwd, *args) -> str:
@@ -89,7 +90,8 @@ def test_adding_a_cross_layer_transcoder_runs_only_its_own_stages_where_dvc_expe
     out = dvc(project, "repro")
     ran = [line for line in out.splitlines() if line.startswith("Running stage")]
     assert sorted(ran) == sorted(
-        f"Running stage '{s}@tc-to-L3':" for s in ("train", "evaluate", "mine", "browse")
+        [f"Running stage '{s}@tc-to-L3':" for s in ("train", "evaluate", "mine", "browse")]
+        + [SUMMARY_STAGE]  # it reads results/{model}, so it reruns (in a second) when anything there changes
     ), out
     run_dir = project / "results" / "stories260K" / "2" / "40" / "tc-to-L3"
     config = json.loads((run_dir / "config.json").read_text())
@@ -105,8 +107,23 @@ def test_a_layer_added_to_the_transcoder_set_runs_only_its_own_stages(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = dvc(project, "repro")
     ran = sorted(line for line in out.splitlines() if line.startswith("Running stage"))
-    assert ran == sorted(f"Running stage '{s}_set@3':" for s in ("train", "evaluate", "mine", "browse")), out
+    assert ran == sorted(
+        [f"Running stage '{s}_set@3':" for s in ("train", "evaluate", "mine", "browse")] + [SUMMARY_STAGE]
+    ), out
     assert (project / "results" / "stories260K" / "3" / "30" / "tcs-L3" / "browser" / "index.html").is_file()
+    rows = json.loads(
+        (project / "results" / "sets" / "stories260K" / "tcs" / "fvu_by_layer.json").read_text()
+    )
+    for row, layer in zip(rows, [2, 3], strict=True):
+        metrics = json.loads(
+            (
+                project / "results" / "stories260K" / str(layer) / "30" / f"tcs-L{layer}" / "metrics.json"
+            ).read_text()
+        )
+        assert row["layer"] == layer and row["fvu"] == metrics["fvu"] < 1, row
+    plots = json.loads(dvc(project, "plots", "show", "--json"))
+    [spec] = plots["data"]["results/sets/stories260K/tcs/fvu_by_layer.json"]
+    assert [v["layer"] for v in spec["content"]["data"]["values"]] == [2, 3]
 
 
 def test_a_teammate_pulls_the_store_and_trains_without_the_model(project, tmp_path):
@@ -149,7 +166,9 @@ def test_a_teammate_pulls_the_store_and_trains_without_the_model(project, tmp_pa
     dvc(clone, "pull", "--allow-missing")  # tc2's own outputs were never pushed
     out = dvc(clone, "repro")
     ran = sorted(line for line in out.splitlines() if line.startswith("Running stage"))
-    assert ran == sorted(f"Running stage '{s}@tc2':" for s in ("evaluate", "mine", "browse")), out
+    assert ran == sorted(
+        [f"Running stage '{s}@tc2':" for s in ("evaluate", "mine", "browse")] + [SUMMARY_STAGE]
+    )
     metrics = json.loads(
         (clone / "results" / "stories260K" / "2" / "20" / "tc2" / "metrics.json").read_text()
     )

@@ -9,6 +9,7 @@ mtc browse RUN_DIR [--out DIR]                                             (stat
 mtc export RUN_DIR OUT --format saelens [--groups N]                       (SAELens v6 directory)
 mtc export RUN_DIR... OUT --format circuit-tracer                          (a per-layer transcoder set)
 mtc import DIR --format saelens --name NAME                                (a SAELens dictionary)
+mtc summarize-set                                                          (FVU per layer of a set)
 mtc attribute SET "prompt" [--out DIR]                                     (circuit-tracer graph)
 """
 
@@ -64,6 +65,12 @@ def evaluate(name: str, params: Path = ParamsOption) -> None:
     """Held-out FVU, feature statistics and spliced loss per prefix of dictionary NAME (a params
     entry, or a run directory such as one `mtc import` wrote) -> metrics.json, plots/."""
     typer.echo(f"wrote {pipeline.evaluate(_load(params), name)}")
+
+
+@app.command("summarize-set")
+def summarize_set(params: Path = ParamsOption) -> None:
+    """Held-out FVU per layer of params.yaml's transcoder_set (results/sets/{model}/{set}/)."""
+    typer.echo(f"wrote {pipeline.summarize_set(_load(params))}")
 
 
 @app.command()

@@ -427,6 +427,18 @@ class BrowseConfig:
     """Top-activating contexts shown on a feature page (the quantile samples are shown as well)."""
 
 
+@dataclass(frozen=True)
+class TranscoderSet:
+    """``transcoder_set``: one transcoder per layer, named ``{name}-L{layer}``."""
+
+    name: str
+    layers: list[int]
+    steps: int
+
+    def member(self, layer: int) -> str:
+        return f"{self.name}-L{layer}"
+
+
 @dataclass
 class PipelineConfig:
     """The whole ``params.yaml``."""
@@ -438,6 +450,7 @@ class PipelineConfig:
     evaluate: EvaluateConfig
     mine: MineConfig
     browse: BrowseConfig = field(default_factory=BrowseConfig)
+    transcoder_set: TranscoderSet | None = None
     data_root: Path = Path("data")
     results_root: Path = Path("results")
 
@@ -584,7 +597,8 @@ def parse_params(
         if not isinstance(entry, dict):
             _fail(prefix, entry, "a mapping of settings")
         dictionaries[name] = _dictionary_entry({**entry, "name": name}, model.type, extract, prefix)
-    for member in _transcoder_set(raw.get("transcoder_set"), model.type, extract):
+    transcoder_set, members = _transcoder_set(raw.get("transcoder_set"), model.type, extract)
+    for member in members:
         if member.name in dictionaries:
             raise ConfigError(
                 f"transcoder_set: its layer-{member.layer} transcoder is named {member.name}, "
@@ -599,6 +613,7 @@ def parse_params(
         evaluate=_build(EvaluateConfig, raw.get("evaluate"), "evaluate"),
         mine=_build(MineConfig, raw.get("mine"), "mine"),
         browse=_build(BrowseConfig, raw.get("browse"), "browse"),
+        transcoder_set=transcoder_set,
         data_root=Path(data_root),
         results_root=Path(results_root),
     )
@@ -612,14 +627,16 @@ def _dictionary_entry(entry: dict, model_type: str, extract: ExtractConfig, pref
     return d
 
 
-def _transcoder_set(section: Any, model_type: str, extract: ExtractConfig) -> list[DictionaryConfig]:
+def _transcoder_set(
+    section: Any, model_type: str, extract: ExtractConfig
+) -> tuple[TranscoderSet | None, list[DictionaryConfig]]:
     """``transcoder_set``: one transcoder per layer of ``layers`` (``resid_mid`` -> ``mlp_out`` unless
     ``dictionary`` says otherwise), named ``{name}-L{layer}``, trained for ``steps`` with the
     ``dictionary`` settings. dvc.yaml gives each layer its own stages and tracks ``name``, ``steps``
     and ``dictionary`` but not ``layers``: adding a layer runs only that layer's stages."""
     p = "transcoder_set"
     if section is None:
-        return []
+        return None, []
     if not isinstance(section, dict):
         _fail(p, section, "a mapping of name, layers, steps and dictionary")
     unknown = sorted(set(section) - {"name", "layers", "steps", "dictionary"}, key=str)
@@ -645,17 +662,19 @@ def _transcoder_set(section: Any, model_type: str, extract: ExtractConfig) -> li
     for key in ("name", "layer", "source_layer", "target_layer", "steps"):
         if key in shared:
             _fail(f"{p}.dictionary.{key}", shared[key], f"left out: the set gives each transcoder its {key}")
+    the_set = TranscoderSet(name, list(layers), section["steps"])
     entries = [
         {
             "kind": "transcoder",
             **shared,
-            "name": f"{name}-L{layer}",
+            "name": the_set.member(layer),
             "layer": layer,
-            "steps": section["steps"],
+            "steps": the_set.steps,
         }
         for layer in layers
     ]
-    return [_dictionary_entry(entry, model_type, extract, f"{p}.dictionary") for entry in entries]
+    members = [_dictionary_entry(entry, model_type, extract, f"{p}.dictionary") for entry in entries]
+    return the_set, members
 
 
 def _check_against_extract(d: DictionaryConfig, extract: ExtractConfig, prefix: str) -> None:

@@ -37,8 +37,12 @@ from mtc.results import (
     FREQUENCY_FILE,
     METRICS_FILE,
     PLOTS_DIR,
+    SET_PLOT_FILE,
     atomic_write_bytes,
     atomic_write_json,
+    read_json,
+    run_dir_of,
+    set_dir_of,
 )
 from mtc.spliced import check_splice_order
 from mtc.store import ActivationStore
@@ -225,3 +229,40 @@ def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
         return [fix(x) for x in v] if isinstance(v, list) else v
 
     return {k: fix(v) for k, v in metrics.items()}
+
+
+def set_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """One row per evaluated layer of the transcoder set: held-out FVU (full and per prefix), L0,
+    dead fraction and, when measured, CE loss recovered vs zero ablation."""
+    rows = []
+    for layer in cfg.transcoder_set.layers if cfg.transcoder_set else []:
+        metrics_file = (
+            run_dir_of(cfg.dictionary(cfg.transcoder_set.member(layer)), cfg.results_root) / METRICS_FILE
+        )
+        if not metrics_file.is_file():
+            continue  # not evaluated yet (mtc evaluate, or its evaluate_set stage)
+        m = read_json(metrics_file)
+        row = {"layer": layer, "fvu": m["fvu"], "l0": m["l0"], "dead_fraction": m["dead_fraction"]}
+        row.update({f"fvu_{size}": fvu for size, fvu in zip(m["prefix_sizes"], m["fvu_per_prefix"])})
+        if "ce_recovered_vs_zero" in m:
+            row["ce_recovered_vs_zero"] = m["ce_recovered_vs_zero"]
+        rows.append(row)
+    return rows
+
+
+def summarize_set(cfg: PipelineConfig) -> Path:
+    """``results/sets/{model}/{set}/``: ``fvu_by_layer.json`` (DVC plot data) and ``metrics.json``
+    (DVC metrics: mean and worst FVU over the layers) from each layer's evaluation."""
+    name = cfg.transcoder_set.name if cfg.transcoder_set else "none"
+    out = set_dir_of(cfg.model.type, name, cfg.results_root)
+    rows = set_rows(cfg)
+    fvus = [r["fvu"] for r in rows]
+    summary = {
+        "layers": len(rows),
+        "fvu_mean": sum(fvus) / len(fvus) if fvus else None,
+        "fvu_max": max(fvus) if fvus else None,
+        "worst_layer": rows[fvus.index(max(fvus))]["layer"] if fvus else None,
+    }
+    atomic_write_json(out / SET_PLOT_FILE, rows)
+    atomic_write_json(out / METRICS_FILE, summary)
+    return out

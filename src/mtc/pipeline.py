@@ -98,6 +98,12 @@ def evaluate(cfg: PipelineConfig, name: str) -> Path:
     return evaluate_run(cfg, *resolve_run(cfg, name), open_store(cfg))
 
 
+def summarize_set(cfg: PipelineConfig) -> Path:
+    from mtc.evaluate import summarize_set
+
+    return summarize_set(cfg)
+
+
 def mine(cfg: PipelineConfig, name: str) -> Path:
     from mtc.mine import mine_run
 

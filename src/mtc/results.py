@@ -30,6 +30,8 @@ SAMPLES_DIR = "activation_samples"
 TRAINING_SAMPLES_DIR = f"{SAMPLES_DIR}/training"  # collected while training
 MINED_SAMPLES_DIR = f"{SAMPLES_DIR}/mined"  # the mine stage
 BROWSER_DIR = "browser"
+SETS_DIR = "sets"  # results/sets/{model_type}/{set name}/: what a transcoder set gives across layers
+SET_PLOT_FILE = "fvu_by_layer.json"  # DVC plot data: held-out FVU per layer
 
 
 def run_dir_path(
@@ -47,6 +49,12 @@ def run_dir_of(d: Any, results_root: str | Path = "results", create: bool = Fals
     model, layer and steps apart. ``create``: made with the seed's ``create_run_dir``."""
     place = (d.model_type or "model", d.layer, d.steps, d.name, results_root)
     return create_run_dir(*place) if create else run_dir_path(*place)
+
+
+def set_dir_of(model_type: str, set_name: str, results_root: str | Path = "results") -> Path:
+    """``results/sets/{model_type}/{set_name}``: beside the runs, not among them, so that a DVC stage
+    can read every run of ``results/{model_type}`` and write here."""
+    return Path(results_root) / SETS_DIR / model_type / set_name
 
 
 def create_run_dir(
