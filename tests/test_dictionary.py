@@ -306,3 +306,22 @@ def test_a_skip_connection_starts_at_the_least_squares_map_of_the_first_batch(in
     fvu = (with_no_features - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
     assert fvu < 1e-4  # only the small ridge term is left
     torch.testing.assert_close(d.W_skip / d.target_scale, linear, atol=0.02, rtol=0.01)
+
+
+def test_features_started_from_data_each_fire_on_their_own_row_and_reconstruct_its_residual():
+    torch.manual_seed(0)
+    d = MatryoshkaBatchTopK(16, 8, [8, 24], 4, kind="transcoder", input_norm="token", skip_connection=True)
+    x, y = torch.randn(512, 16) * 3 + 1, torch.randn(512, 8)
+    d.set_scales(float(x.norm(dim=1).mean()), float(y.norm(dim=1).mean()))
+    d.init_means(x, y)
+    rows_x, rows_y = torch.randn(32, 16) * 3 + 1, torch.randn(32, 8)
+    d.init_features_from_rows(rows_x, rows_y)
+    own = (d._normalised_source(rows_x) @ d.W_enc + d.b_enc).diagonal()
+    assert (own > 0).all(), "every feature fires on the row it started from"
+    residual = d._scaled_target(rows_x, rows_y) - d.b_dec - d._skip(d._normalised_source(rows_x))
+    torch.testing.assert_close(d.W_dec, torch.nn.functional.normalize(residual, dim=1))
+    # each feature clears zero on its top k/F share of those rows: about k codes per row
+    fires = (d._normalised_source(rows_x) @ d.W_enc + d.b_enc > 0).sum(dim=0)
+    assert fires.min() >= 1 and abs(fires.float().mean() - 4) <= 1
+    with pytest.raises(ValueError, match="one row per feature"):
+        d.init_features_from_rows(rows_x[:10], rows_y[:10])

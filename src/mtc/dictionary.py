@@ -663,6 +663,28 @@ class MatryoshkaBatchTopK(nn.Module):
             xtx, xty = self._sum_over_ranks(x.T @ x), self._sum_over_ranks(x.T @ y)
             self.W_skip.copy_(ridge_solution(xtx, xty))
 
+    @torch.no_grad()
+    def init_features_from_rows(
+        self, x_NB: torch.Tensor, y_NB: torch.Tensor, quantile_rows: int = 4096
+    ) -> None:
+        """Start feature i at training row i (after ``init_means``; ``dict_size`` rows, the same on
+        every rank): its encoder at the row's normalised, centred source direction, its decoder at
+        what b_dec and the skip connection leave of the row's target, and its bias at minus the
+        pre-activation that its top k/F share of (the first ``quantile_rows`` of) these rows
+        exceeds. So every feature starts firing, on rows like its own, with small codes (the
+        excess over that boundary). Random directions pair each input direction with an unrelated
+        output: a transcoder's features then add noise until Adam has turned them, which at lr
+        3e-4 takes most of a short run (docs/quality.md)."""
+        if x_NB.shape[0] != self.dict_size:
+            raise ValueError(f"one row per feature: got {x_NB.shape[0]} rows for {self.dict_size} features")
+        x = self._normalised_source(x_NB)
+        residual = self._scaled_target(x_NB, y_NB) - self.b_dec - self._skip(x)
+        self.W_encT.copy_(F.normalize(x, dim=1))
+        self.W_dec.copy_(F.normalize(residual, dim=1))
+        pre = x[:quantile_rows] @ self.W_enc
+        share = max(1, round(pre.shape[0] * self.top_k / self.dict_size))
+        self.b_enc.copy_(-pre.topk(share, dim=0).values[-1])
+
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over data-parallel ranks (one process: itself)."""
         return t

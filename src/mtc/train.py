@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -59,6 +60,7 @@ class Run:
     samples: TopActivations | None
     wandb_run: Any = None
     step_seconds: list[float] = field(default_factory=list)  # since the last log line
+    init_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # one (source, target) row per feature
 
     @property
     def keys(self) -> tuple[tuple[int, str], tuple[int, str]]:
@@ -312,6 +314,9 @@ def _train(
     ):
         for _ in range(start_step):  # same data order after a resume
             next(batches)
+        if start_step == 0:
+            for run in runs:
+                run.init_rows = _feature_init_rows(run, store, device)
         clock = {"start": time.time(), "data_wait": 0.0}
         advance(start_step)
         for step in range(start_step + 1, first.steps + 1):
@@ -338,6 +343,9 @@ def _train_step(
     started = time.perf_counter()
     if step == 1:
         run.model.init_means(by_key[src], by_key[tgt])
+        if run.init_rows is not None:
+            run.model.init_features_from_rows(*run.init_rows)
+            run.init_rows = None
     out = run.model.training_forward(by_key[src], by_key[tgt], getattr(torch, run.cfg.matmul_dtype))
     if not torch.isfinite(out.loss):  # before the update: the weights stay good
         raise FloatingPointError(
@@ -362,6 +370,22 @@ def _train_step(
     if step % run.cfg.save_every == 0 and step < run.cfg.steps:
         _checkpoint(run, step)
     return record
+
+
+def _feature_init_rows(
+    run: Run, store: ActivationStore, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``dict_size`` training rows (source, target) for ``feature_init: data``, from a seeded stream
+    of their own: every data-parallel rank reads the same rows, so every rank starts alike."""
+    if not run.cfg.init_from_data:
+        return None
+    keys = sorted(set(run.keys))  # an SAE reads one site
+    batch = min(run.cfg.dict_size, store.n_usable_train_rows)
+    batches = store.iter_training_batches(keys, batch, run.cfg.seed + 2, run.cfg.shuffle_chunks)
+    parts = [next(batches)[0] for _ in range(math.ceil(run.cfg.dict_size / batch))]
+    rows = {key: torch.cat([part[i] for part in parts])[: run.cfg.dict_size] for i, key in enumerate(keys)}
+    source, target = run.keys
+    return rows[source].to(device), rows[target].to(device)
 
 
 def _calibrate(run: Run, store: ActivationStore) -> None:
