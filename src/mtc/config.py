@@ -326,7 +326,8 @@ class DictionaryConfig:
     """How features start. ``data``: each at one training row (encoder at its source direction,
     decoder at what the skip connection leaves of its target, bias so that all fire at first);
     ``random``: random unit directions (an SAE's encoder the decoder's transpose). null: data for
-    transcoders (held-out FVU 0.314 against 0.412 at lr 3e-4, docs/quality.md), random for SAEs."""
+    transcoders (held-out FVU 0.314 against 0.412 at lr 3e-4, docs/quality.md), random for SAEs. At
+    lr 2e-3 a random start keeps more features alive (0.3 % dead against 6.8 %)."""
     max_grad_norm: Annotated[float, Between(0.0, 1e9)] | None = None
     """Clip the global gradient norm to this (off when null)."""
     shuffle_chunks: Count = 16
