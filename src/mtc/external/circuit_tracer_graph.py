@@ -27,8 +27,9 @@ SUMMARY = "summary.json"
 
 
 def readable_model_copy(model_dir: Path, dest: Path) -> Path:
-    """transformers 5 writes ``extra_special_tokens`` as a list, which the 4.57 that circuit-tracer
-    needs cannot read (the token ids do not depend on it): a copy without it."""
+    """transformers 5 writes ``extra_special_tokens`` as a list and names the fast tokenizer class
+    ``TokenizersBackend``, neither of which the 4.57 that circuit-tracer needs can read (the token
+    ids depend on neither): a copy without the list, naming the class 4.57 knows."""
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(model_dir, dest, ignore=shutil.ignore_patterns("original"))
     config = dest / "tokenizer_config.json"
@@ -36,6 +37,8 @@ def readable_model_copy(model_dir: Path, dest: Path) -> Path:
         tokenizer_config = json.loads(config.read_text())
         tokenizer_config.pop("extra_special_tokens", None)
         tokenizer_config.pop("backend", None)
+        if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
+            tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config.write_text(json.dumps(tokenizer_config, indent=2))
     return dest
 
