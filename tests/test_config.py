@@ -207,3 +207,9 @@ def test_transcoder_set_mistakes_are_named(change, message):
     raw["transcoder_set"]["dictionary"] = {**sizes, **change.get("dictionary", {})}
     with pytest.raises(ConfigError, match=message):
         parse_params(raw)
+
+
+def test_the_example_transcoder_set_is_every_layer_of_the_default_model():
+    cfg = load_params(REPO / "examples" / "smollm2-transcoder-set.params.yaml")
+    assert cfg.transcoder_set.layers == list(range(30)) == cfg.extract.layers
+    assert all(cfg.dictionary(f"tcs-L{layer}").input_norm == "global" for layer in range(30))
