@@ -36,14 +36,9 @@ def tiny_hf_models() -> dict:
         "gpt2": GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=512, n_positions=64)),
         "llama": LlamaForCausalLM(LlamaConfig(**SMALL_DECODER)),
         "gemma2": Gemma2ForCausalLM(Gemma2Config(**SMALL_DECODER, head_dim=8)),
-        "neox": GPTNeoXForCausalLM(
+        "neox": GPTNeoXForCausalLM(  # no grouped-query attention in GPT-NeoX
             GPTNeoXConfig(
-                num_hidden_layers=3,
-                hidden_size=32,
-                num_attention_heads=4,
-                intermediate_size=64,
-                vocab_size=512,
-                max_position_embeddings=64,
+                **{k: v for k, v in SMALL_DECODER.items() if k != "num_key_value_heads"},
                 use_parallel_residual=True,
             )
         ),
