@@ -61,6 +61,15 @@ class Run:
     wandb_run: Any = None
     step_seconds: list[float] = field(default_factory=list)  # since the last log line
     init_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # one (source, target) row per feature
+    target_norm_limit: float | None = None  # rows with a larger target norm are left out (outlier_norm_ratio)
+    dropped_rows: int = 0  # left out since the start of this process
+
+    def usable(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """The rows to train on (a boolean mask), or None when every row is usable."""
+        if self.target_norm_limit is None:
+            return None
+        keep = torch.linalg.vector_norm(y, dim=1) <= self.target_norm_limit
+        return None if bool(keep.all()) else keep
 
     @property
     def keys(self) -> tuple[tuple[int, str], tuple[int, str]]:
@@ -158,7 +167,10 @@ def _start_run(
     samples = None
     if cfg.save_activation_samples:
         samples = TopActivations(cfg.dict_size, cfg.max_samples_per_feature, cfg.sample_activation_threshold)
-    return Run(cfg, run_dir, model, optimizer, samples, _start_wandb(cfg, record)), start_step
+    run = Run(cfg, run_dir, model, optimizer, samples, _start_wandb(cfg, record))
+    if cfg.outlier_norm_ratio is not None:
+        run.target_norm_limit = cfg.outlier_norm_ratio * tgt.mean_norm
+    return run, start_step
 
 
 def make_optimizer(model: MatryoshkaBatchTopK, lr: float, beta2: float = 0.999) -> torch.optim.Optimizer:
@@ -232,6 +244,8 @@ def _log(run: Run, step: int, out, clock: dict[str, float]) -> dict[str, Any]:
         "step_seconds": round(statistics.median(run.step_seconds), 4) if run.step_seconds else None,
         # time spent waiting for the store reader since the start (~0: training never starved)
         "data_wait_seconds": round(clock["data_wait"], 3),
+        # rows left out by outlier_norm_ratio since this process started
+        "dropped_rows": run.dropped_rows,
     }
     run.step_seconds.clear()
     with open(run.run_dir / LOG_FILE, "a") as f:
@@ -341,12 +355,17 @@ def _train_step(
     """One optimizer step of one dictionary; returns the log record on logging steps."""
     src, tgt = run.keys
     started = time.perf_counter()
+    x, y = by_key[src], by_key[tgt]
+    keep = run.usable(x, y)
+    if keep is not None:
+        run.dropped_rows += int((~keep).sum())
+        x, y, rows = x[keep], y[keep], rows[keep]
     if step == 1:
-        run.model.init_means(by_key[src], by_key[tgt])
+        run.model.init_means(x, y)
         if run.init_rows is not None:
             run.model.init_features_from_rows(*run.init_rows)
             run.init_rows = None
-    out = run.model.training_forward(by_key[src], by_key[tgt], getattr(torch, run.cfg.matmul_dtype))
+    out = run.model.training_forward(x, y, getattr(torch, run.cfg.matmul_dtype))
     if not torch.isfinite(out.loss):  # before the update: the weights stay good
         raise FloatingPointError(
             f"{run.cfg.name}: loss is {float(out.loss.detach())} at step {step}; "
@@ -380,12 +399,20 @@ def _feature_init_rows(
     if not run.cfg.init_from_data:
         return None
     keys = sorted(set(run.keys))  # an SAE reads one site
+    source, target = (keys.index(k) for k in run.keys)
     batch = min(run.cfg.dict_size, store.n_usable_train_rows)
     batches = store.iter_training_batches(keys, batch, run.cfg.seed + 2, run.cfg.shuffle_chunks)
-    parts = [next(batches)[0] for _ in range(math.ceil(run.cfg.dict_size / batch))]
-    rows = {key: torch.cat([part[i] for part in parts])[: run.cfg.dict_size] for i, key in enumerate(keys)}
-    source, target = run.keys
-    return rows[source].to(device), rows[target].to(device)
+    xs, ys, have = [], [], 0
+    while have < run.cfg.dict_size:
+        part = next(batches)[0]
+        x, y = part[source], part[target]
+        keep = run.usable(x, y)  # an outlier row would start a feature that no other row uses
+        if keep is not None:
+            x, y = x[keep], y[keep]
+        xs.append(x), ys.append(y)
+        have += x.shape[0]
+    x, y = torch.cat(xs)[: run.cfg.dict_size], torch.cat(ys)[: run.cfg.dict_size]
+    return x.to(device), y.to(device)
 
 
 def _calibrate(run: Run, store: ActivationStore) -> None:
