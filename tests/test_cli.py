@@ -110,3 +110,11 @@ def test_a_missing_local_dataset_is_named_before_any_work(tmp_path, stories_mode
     result = mtc("prepare-model", cwd=tmp_path)
     assert result.returncode == 2 and "dataset.path: './no/such/corpus.jsonl' does not exist" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_summarize_set_without_a_transcoder_set_says_so_and_writes_nothing(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    result = mtc("summarize-set", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "transcoder_set.layers: params.yaml lists none, so there is no set to summarize" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -70,7 +70,12 @@ def evaluate(name: str, params: Path = ParamsOption) -> None:
 @app.command("summarize-set")
 def summarize_set(params: Path = ParamsOption) -> None:
     """Held-out FVU per layer of params.yaml's transcoder_set (results/sets/{model}/{set}/)."""
-    typer.echo(f"wrote {pipeline.summarize_set(_load(params))}")
+    from mtc.config import ConfigError
+
+    cfg = _load(params)
+    if cfg.transcoder_set is None or not cfg.transcoder_set.layers:  # the DVC stage writes empty outputs
+        raise ConfigError(f"transcoder_set.layers: {params} lists none, so there is no set to summarize")
+    typer.echo(f"wrote {pipeline.summarize_set(cfg)}")
 
 
 @app.command()
