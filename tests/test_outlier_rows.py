@@ -26,9 +26,15 @@ def store_with_enormous_rows(path) -> tuple[ActivationStore, torch.Tensor]:
     enormous = torch.zeros(N_SEQ, CTX, dtype=torch.bool)
     enormous[::16, 1] = True
     y[enormous] *= 2000
-    writer = StoreWriter(path, {"prepend_bos": True, "n_holdout_sequences": HOLDOUT},
-                         np.arange(N_SEQ * CTX, dtype=np.int32).reshape(N_SEQ, CTX), [(0, "resid_mid"), (0, "mlp_out")],
-                         D, "float32", 256)
+    writer = StoreWriter(
+        path,
+        {"prepend_bos": True, "n_holdout_sequences": HOLDOUT},
+        np.arange(N_SEQ * CTX, dtype=np.int32).reshape(N_SEQ, CTX),
+        [(0, "resid_mid"), (0, "mlp_out")],
+        D,
+        "float32",
+        256,
+    )
     writer.add({(0, "resid_mid"): x, (0, "mlp_out"): y})
     writer.close()
     return ActivationStore(path), enormous.reshape(-1)
@@ -48,9 +54,20 @@ def test_rows_hundreds_of_times_larger_than_the_rest_do_not_spoil_the_transcoder
     store, enormous = store_with_enormous_rows(tmp_path / "store")
     fvu, dropped = {}, {}
     for ratio in (100.0, None):
-        cfg = DictionaryConfig(name=f"r{ratio}", layer=0, dict_size=32, group_sizes=[8, 24], top_k=4,
-                               lr=3e-3, batch_size=256, steps=60, save_every=1000, calibration_rows=1024,
-                               outlier_norm_ratio=ratio, skip_connection=False)
+        cfg = DictionaryConfig(
+            name=f"r{ratio}",
+            layer=0,
+            dict_size=32,
+            group_sizes=[8, 24],
+            top_k=4,
+            lr=3e-3,
+            batch_size=256,
+            steps=60,
+            save_every=1000,
+            calibration_rows=1024,
+            outlier_norm_ratio=ratio,
+            skip_connection=False,
+        )
         [run_dir] = train([cfg], store, tmp_path / "results")
         fvu[ratio] = held_out_fvu_on_ordinary_rows(run_dir, store, enormous)
         log = [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -68,7 +67,8 @@ class Run:
         """The rows to train on (a boolean mask), or None when every row is usable."""
         if self.target_norm_limit is None:
             return None
-        keep = torch.linalg.vector_norm(y, dim=1) <= self.target_norm_limit
+        # "not over", so that a NaN row stays in and stops training instead of vanishing
+        keep = ~(torch.linalg.vector_norm(y, dim=1) > self.target_norm_limit)
         return None if bool(keep.all()) else keep
 
     @property
