@@ -30,44 +30,73 @@ PROMPT = "Once upon a time, there was a little girl named Lily. She loved to pla
 
 
 @pytest.fixture(scope="module")
-def transcoder_set(tmp_path_factory, stories_model_dir):
-    """One transcoder per layer (global input scale, skip connection), trained from one store."""
+def transcoder_sets(tmp_path_factory, stories_model_dir):
+    """Two sets of one transcoder per layer (skip connection), trained from one store in one pass:
+    ``token`` scales each row by its own RMS (circuit-tracer reads the MLP's normalised input),
+    ``global`` by one scale (it reads the raw resid_mid). Returns the config and, per input_norm,
+    the run directories and the exported set."""
     root = tmp_path_factory.mktemp("set")
     raw = tiny_params(str(stories_model_dir))
     raw["extract"]["layers"] = list(range(N_LAYERS))
     entry = raw.pop("dictionaries")["tc"]
     shared = {k: entry[k] for k in ("dict_size", "group_sizes", "top_k", "lr", "batch_size")}
-    raw["dictionaries"] = {}
+    shared.update(save_every=60, skip_connection=True)
     raw["transcoder_set"] = {
         "name": "tcs",
         "layers": list(range(N_LAYERS)),
         "steps": 60,
-        "dictionary": {**shared, "save_every": 60, "input_norm": "global", "skip_connection": True},
+        "dictionary": {**shared, "input_norm": "token"},
+    }
+    raw["dictionaries"] = {
+        f"global-L{i}": {**shared, "layer": i, "steps": 60, "input_norm": "global"} for i in range(N_LAYERS)
     }
     cfg = parse_params(raw, data_root=root / "data", results_root=root / "results")
     (root / "params.yaml").write_text(yaml.safe_dump(raw))  # for the CLI, run in root
     pipeline.prepare_model(cfg)
     pipeline.extract(cfg)
-    pipeline.train(cfg, list(cfg.dictionaries))  # one pass over the store for the whole set
-    run_dirs = [run_dir_of(cfg.dictionaries[f"tcs-L{i}"], cfg.results_root) for i in range(N_LAYERS)]
-    return cfg, run_dirs, export_circuit_tracer(run_dirs, root / "ct-set")
+    pipeline.train(cfg, list(cfg.dictionaries))  # one pass over the store for both sets
+    sets = {}
+    for norm, prefix in (("token", "tcs"), ("global", "global")):
+        run_dirs = [run_dir_of(cfg.dictionaries[f"{prefix}-L{i}"], cfg.results_root) for i in range(N_LAYERS)]
+        sets[norm] = run_dirs, export_circuit_tracer(run_dirs, root / f"ct-{norm}", model_dir=cfg.model_dir)
+    return cfg, sets
 
 
-def test_the_set_has_every_layer_in_circuit_tracers_layout(transcoder_set):
-    _, run_dirs, set_dir = transcoder_set
-    config = yaml.safe_load((set_dir / SET_CONFIG).read_text())
-    assert config["model_kind"] == "transcoder_set"
-    assert (config["feature_input_hook"], config["feature_output_hook"]) == ("hook_resid_mid", "hook_mlp_out")
-    for i in range(N_LAYERS):
-        tensors = load_file(str(set_dir / f"layer_{i}.safetensors"))
-        assert tensors["W_enc"].shape == (256, 64) and tensors["W_skip"].shape == (64, 64)
-        assert tensors["activation_function.threshold"].shape == (256,)
+INPUT_HOOKS = {"token": "mlp.hook_in", "global": "hook_resid_mid"}
 
 
-def test_a_set_missing_a_layer_is_refused(transcoder_set, tmp_path):
-    _, run_dirs, _ = transcoder_set
+def test_each_set_has_every_layer_in_circuit_tracers_layout_read_at_its_input(transcoder_sets):
+    _, sets = transcoder_sets
+    for norm, (_, set_dir) in sets.items():
+        config = yaml.safe_load((set_dir / SET_CONFIG).read_text())
+        assert config["model_kind"] == "transcoder_set"
+        assert (config["feature_input_hook"], config["feature_output_hook"]) == (
+            INPUT_HOOKS[norm],
+            "hook_mlp_out",
+        )
+        for i in range(N_LAYERS):
+            tensors = load_file(str(set_dir / f"layer_{i}.safetensors"))
+            assert tensors["W_enc"].shape == (256, 64) and tensors["W_skip"].shape == (64, 64)
+            assert tensors["activation_function.threshold"].shape == (256,)
+
+
+def test_a_set_missing_a_layer_or_mixing_inputs_is_refused(transcoder_sets, tmp_path):
+    _, sets = transcoder_sets
+    token_runs, global_runs = sets["token"][0], sets["global"][0]
     with pytest.raises(ConfigError, match="no transcoder for layer 0"):
-        export_circuit_tracer(run_dirs[1:], tmp_path / "a")
+        export_circuit_tracer(token_runs[1:], tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"the set mixes input_norm \['global', 'token'\]"):
+        export_circuit_tracer(global_runs[:1] + token_runs[1:], tmp_path / "b")
+
+
+def test_only_a_set_that_reads_the_mlps_normalised_input_needs_the_model_directory(transcoder_sets, tmp_path):
+    _, sets = transcoder_sets
+    with pytest.raises(ConfigError, match="--model-dir: None is not a model directory"):
+        export_circuit_tracer(sets["token"][0], tmp_path / "token")
+    config = yaml.safe_load(
+        (export_circuit_tracer(sets["global"][0], tmp_path / "global") / SET_CONFIG).read_text()
+    )
+    assert config["feature_input_hook"] == "hook_resid_mid"
 
 
 needs_circuit_tracer = pytest.mark.skipif(
@@ -77,10 +106,12 @@ needs_circuit_tracer = pytest.mark.skipif(
 
 
 @needs_circuit_tracer
+@pytest.mark.parametrize("norm", ["token", "global"])
 def test_circuit_tracer_loads_the_set_and_reproduces_the_logits_and_our_reconstruction(
-    transcoder_set, tmp_path
+    transcoder_sets, norm, tmp_path
 ):
-    cfg, run_dirs, set_dir = transcoder_set
+    cfg, sets = transcoder_sets
+    run_dirs, set_dir = sets[norm]
     result = subprocess.run(
         [
             str(CT_PYTHON),
@@ -100,6 +131,7 @@ def test_circuit_tracer_loads_the_set_and_reproduces_the_logits_and_our_reconstr
     assert report["max_abs_logit_difference"] < 1e-4 * max(1.0, report["logit_scale"]), report
 
     # circuit-tracer's error term is mlp_out minus its reconstruction: the reconstruction is ours
+    # (with input_norm: token, circuit-tracer reads gamma * x / rms(x) and the export undoes gamma)
     acts = load_file(str(tmp_path / "activations.safetensors"))
     for layer, run_dir in enumerate(run_dirs):
         ours = MatryoshkaBatchTopK.load(run_dir)
@@ -110,8 +142,9 @@ def test_circuit_tracer_loads_the_set_and_reproduces_the_logits_and_our_reconstr
 
 
 @needs_circuit_tracer
-def test_mtc_attribute_writes_the_graph_for_the_viewer_and_its_picture(transcoder_set, tmp_path):
-    _, _, set_dir = transcoder_set
+def test_mtc_attribute_writes_the_graph_for_the_viewer_and_its_picture(transcoder_sets, tmp_path):
+    _, sets = transcoder_sets
+    set_dir = sets["token"][1]
     out = tmp_path / "graph"
     result = mtc(
         "attribute", str(set_dir), PROMPT, "--out", str(out), "--python", str(CT_PYTHON), cwd=set_dir.parent
@@ -127,8 +160,9 @@ def test_mtc_attribute_writes_the_graph_for_the_viewer_and_its_picture(transcode
     assert (out / "graph.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_mtc_attribute_without_a_set_fails_in_one_line(transcoder_set, tmp_path):
-    _, _, set_dir = transcoder_set
+def test_mtc_attribute_without_a_set_fails_in_one_line(transcoder_sets, tmp_path):
+    _, sets = transcoder_sets
+    set_dir = sets["token"][1]
     result = mtc("attribute", str(tmp_path), "a prompt", cwd=set_dir.parent)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

@@ -1,13 +1,22 @@
 """Export a per-layer transcoder set as circuit-tracer 0.5 reads it (``ReplacementModel.from_pretrained(
-model_dir, set_dir)``): ``config.yaml`` (``model_kind: transcoder_set``, ``feature_input_hook:
-hook_resid_mid``, ``feature_output_hook: hook_mlp_out``) and one ``layer_{i}.safetensors`` per layer.
+model_dir, set_dir)``): ``config.yaml`` (``model_kind: transcoder_set``, ``feature_input_hook``,
+``feature_output_hook: hook_mlp_out``) and one ``layer_{i}.safetensors`` per layer.
 
 Each layer holds ``W_enc`` [F, d_model], ``W_dec`` [F, d_model], ``b_enc`` [F], ``b_dec`` [d_model],
 ``activation_function.threshold`` [F] and, with a skip connection, ``W_skip`` [d_model, d_model]
-(applied as ``x @ W_skip.T``). circuit-tracer encodes the raw ``resid_mid`` with ``pre * (pre >
-threshold)``, no normalisation: the same folding as the SAELens export (global scale and source mean
-into the encoder, target scale into the codes), so only ``input_norm: global`` transcoders export.
-circuit-tracer needs every layer from 0 up, with one dictionary size.
+(applied as ``x @ W_skip.T``). circuit-tracer encodes its input hook's activations with ``pre * (pre >
+threshold)`` and no normalisation of its own, so the normalisation goes into the weights, as for
+the SAELens export (the source mean into the encoder bias, the target scale into the codes):
+
+- ``input_norm: global``: the input is the raw ``resid_mid`` (``hook_resid_mid``), the one scale
+  folded into ``W_enc`` and ``W_skip``;
+- ``input_norm: token``: the input is what the MLP reads, ``resid_mid`` through the block's RMSNorm
+  (``mlp.hook_in``: ``gamma * x / rms(x)``, circuit-tracer's Llama mapping), which is our
+  ``x / rms(x)`` times the norm's weight ``gamma``: dividing ``W_enc``'s and ``W_skip``'s input
+  columns by ``gamma`` makes the two the same (up to the norm's epsilon). This needs the model's
+  weights, so the export reads them from the model directory.
+
+circuit-tracer needs every layer from 0 up, with one dictionary size and one input.
 """
 
 from __future__ import annotations
@@ -17,14 +26,16 @@ import os
 import subprocess
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import ConfigError
 from mtc.models import hub_id
 from mtc.results import atomic_write_bytes, atomic_write_text, finished_run_record
-from mtc.saelens import check_groups, saelens_tensors
+from mtc.saelens import check_groups, folded_tensors
 
 SET_CONFIG = "config.yaml"
 GRAPH_SCRIPT = Path(__file__).parent / "external" / "circuit_tracer_graph.py"
@@ -33,8 +44,18 @@ GRAPH_SCRIPT = Path(__file__).parent / "external" / "circuit_tracer_graph.py"
 DEFAULT_PYTHON = Path(".venv-circuit-tracer") / "bin" / "python"
 
 
-def export_circuit_tracer(run_dirs: list[str | Path], out: str | Path, n_groups: int | None = None) -> Path:
-    """Write the finished transcoder runs in ``run_dirs`` (one per layer) as a set in ``out``."""
+# circuit-tracer's hook for what a transcoder reads, per mtc input_norm
+INPUT_HOOKS = {"global": "hook_resid_mid", "token": "mlp.hook_in"}
+
+
+def export_circuit_tracer(
+    run_dirs: list[str | Path],
+    out: str | Path,
+    n_groups: int | None = None,
+    model_dir: str | Path | None = None,
+) -> Path:
+    """Write the finished transcoder runs in ``run_dirs`` (one per layer) as a set in ``out``.
+    ``model_dir`` (what prepare_model wrote) is read for a set trained with ``input_norm: token``."""
     out = Path(out).resolve()
     by_layer: dict[int, tuple[Path, dict]] = {}
     for run_dir in map(Path, run_dirs):
@@ -50,16 +71,23 @@ def export_circuit_tracer(run_dirs: list[str | Path], out: str | Path, n_groups:
         raise ConfigError(
             f"the set has no transcoder for layer {missing[0]}: circuit-tracer needs every layer from 0"
         )
+    dictionaries = {layer: MatryoshkaBatchTopK.load(run_dir) for layer, (run_dir, _) in by_layer.items()}
+    norms = {d.shape.input_norm for d in dictionaries.values()}
+    if len(norms) > 1:
+        raise ConfigError(
+            f"the set mixes input_norm {sorted(norms)}; circuit-tracer reads every layer at one hook"
+        )
+    [input_norm] = norms
+    gammas = _mlp_input_norm_weights(model_dir, sorted(by_layer)) if input_norm == "token" else {}
     layer_files = []
     sizes = set()
-    for layer, (run_dir, record) in sorted(by_layer.items()):
-        dictionary = MatryoshkaBatchTopK.load(run_dir)
-        if dictionary.shape.input_norm != "global":
-            raise ConfigError(
-                f"{run_dir}: input_norm is {dictionary.shape.input_norm}; circuit-tracer encodes the raw "
-                "resid_mid, which only input_norm: global can be folded into: train the set with it"
-            )
-        tensors, _ = saelens_tensors(dictionary, check_groups(n_groups, dictionary, str(run_dir)))
+    for layer, (run_dir, _) in sorted(by_layer.items()):
+        dictionary = dictionaries[layer]
+        tensors, _ = folded_tensors(dictionary, check_groups(n_groups, dictionary, str(run_dir)))
+        if layer in gammas:  # the input is gamma * x / rms(x): undo gamma in the weights that read it
+            tensors["W_enc"] = tensors["W_enc"] / gammas[layer][:, None]
+            if "W_skip" in tensors:
+                tensors["W_skip"] = tensors["W_skip"] / gammas[layer][None, :]
         sizes.add(tensors["b_enc"].numel())
         layer_file = out / f"layer_{layer}.safetensors"
         atomic_write_bytes(layer_file, save_tensors(_circuit_tracer_layout(tensors)))
@@ -70,13 +98,45 @@ def export_circuit_tracer(run_dirs: list[str | Path], out: str | Path, n_groups:
     config = {
         "model_kind": "transcoder_set",
         "model_name": hub_id(first.get("store_provenance", {}).get("model_name", "")),
-        "feature_input_hook": "hook_resid_mid",
+        "feature_input_hook": INPUT_HOOKS[input_norm],
         "feature_output_hook": "hook_mlp_out",
         "scan": out.name,
         "transcoders": layer_files,
     }
     atomic_write_text(out / SET_CONFIG, yaml.safe_dump(config, sort_keys=False))
     return out
+
+
+def _mlp_input_norm_weights(model_dir: str | Path | None, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Each layer's RMSNorm weight in front of the MLP (Llama: ``post_attention_layernorm``)."""
+    if model_dir is None or not (Path(model_dir) / "config.json").is_file():
+        raise ConfigError(
+            f"--model-dir: {model_dir} is not a model directory; a set trained with input_norm: token "
+            "reads the MLP's input norm weights from the model prepare_model wrote"
+        )
+    model_dir = Path(model_dir)
+    architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    if architectures != ["LlamaForCausalLM"]:
+        raise ConfigError(
+            f"{model_dir}: a {architectures} model; exporting an input_norm: token set for circuit-tracer "
+            "is built for Llama-architecture models (train the set with input_norm: global for others)"
+        )
+    names = {layer: f"model.layers.{layer}.post_attention_layernorm.weight" for layer in layers}
+    gammas = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for layer, name in names.items():
+                if name in f.keys():
+                    gammas[layer] = f.get_tensor(name).float()
+    missing = [names[layer] for layer in layers if layer not in gammas]
+    if missing:
+        raise ConfigError(f"{model_dir}: no tensor {missing[0]} in its safetensors files")
+    tiny = [layer for layer, g in gammas.items() if float(g.abs().min()) < 1e-6]
+    if tiny:
+        raise ConfigError(
+            f"{model_dir}: layer {tiny[0]}'s MLP input norm has a zero weight; its input cannot be undone"
+        )
+    return gammas
 
 
 def _circuit_tracer_layout(tensors: dict) -> dict:

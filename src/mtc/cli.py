@@ -284,6 +284,12 @@ def export(
     ),
     format: str = typer.Option("saelens", "--format", help="saelens | circuit-tracer"),
     groups: Optional[int] = typer.Option(None, "--groups", help="Export the prefix of the first N groups."),
+    model_dir: Optional[Path] = typer.Option(
+        None,
+        "--model-dir",
+        help="circuit-tracer, input_norm: token: the model directory (default: from params.yaml).",
+    ),
+    params: Path = ParamsOption,
 ) -> None:
     """Write trained dictionaries in another tool's format: a SAELens v6 directory
     (SAE.load_from_disk), or a circuit-tracer transcoder set (ReplacementModel.from_pretrained)."""
@@ -300,7 +306,9 @@ def export(
     elif format == "circuit-tracer":
         from mtc.circuit_tracer import export_circuit_tracer
 
-        written = export_circuit_tracer(run_dirs, out, groups)
+        if model_dir is None and params.is_file():
+            model_dir = _load(params).model_dir
+        written = export_circuit_tracer(run_dirs, out, groups, model_dir)
         typer.echo(
             f"wrote {written} (circuit_tracer: ReplacementModel.from_pretrained(MODEL_DIR, {str(written)!r}))"
         )

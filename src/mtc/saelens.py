@@ -90,13 +90,21 @@ def check_groups(n_groups: int | None, d: MatryoshkaBatchTopK, what: str = "this
 def saelens_tensors(d: MatryoshkaBatchTopK, n_groups: int) -> tuple[dict[str, torch.Tensor], float]:
     """SAELens's weights for the first ``n_groups`` groups of ``d``, and the factor from mtc codes
     to SAELens codes."""
-    token, sae = d.shape.input_norm == "token", d.shape.kind == "sae"
-    if token and d.W_skip is not None:
+    if d.shape.input_norm == "token" and d.W_skip is not None:
         raise ConfigError(
             "skip_connection: this transcoder's skip reads the source divided by its own RMS "
             "(input_norm: token), which SAELens's skip transcoders (a linear map of the raw source) "
             "cannot compute; train with input_norm: global, or skip_connection: false, to export it"
         )
+    return folded_tensors(d, n_groups)
+
+
+def folded_tensors(d: MatryoshkaBatchTopK, n_groups: int) -> tuple[dict[str, torch.Tensor], float]:
+    """The first ``n_groups`` groups of ``d`` as plain weights on its input (the raw source, or the
+    source divided by its RMS with ``input_norm: token``): scales and the source mean folded into
+    the encoder and biases, the target scale into the codes (SAELens's names and layouts). Returns
+    them and the factor from mtc codes to these codes."""
+    token, sae = d.shape.input_norm == "token", d.shape.kind == "sae"
     end = d.boundaries[n_groups - 1]
     with torch.no_grad():
         code_scale = 1.0 if (token and sae) else 1.0 / float(d.target_scale)
