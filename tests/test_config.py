@@ -212,4 +212,6 @@ def test_transcoder_set_mistakes_are_named(change, message):
 def test_the_example_transcoder_set_is_every_layer_of_the_default_model():
     cfg = load_params(REPO / "examples" / "smollm2-transcoder-set.params.yaml")
     assert cfg.transcoder_set.layers == list(range(30)) == cfg.extract.layers
-    assert all(cfg.dictionary(f"tcs-L{layer}").input_norm == "global" for layer in range(30))
+    # each row scaled by its own RMS (circuit-tracer reads it at mlp.hook_in), with a skip connection
+    assert all(cfg.dictionary(f"tcs-L{layer}").input_norm == "token" for layer in range(30))
+    assert all(cfg.dictionary(f"tcs-L{layer}").has_skip for layer in range(30))
