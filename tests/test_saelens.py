@@ -26,6 +26,7 @@ VARIANTS = {
     "sae": dict(kind="sae", target_site="resid_mid", input_norm="token"),
     "transcoder": dict(kind="transcoder", input_norm="token", skip_connection=False),
     "skip transcoder, global scale": dict(kind="transcoder", input_norm="global", skip_connection=True),
+    "skip transcoder": dict(kind="transcoder", input_norm="token", skip_connection=True),  # the default
     "sae, global scale": dict(kind="sae", target_site="resid_mid", input_norm="global"),
 }
 
@@ -62,17 +63,33 @@ def test_saelens_loads_the_export_and_computes_what_mtc_does(trained, tmp_path, 
     cfg, x = trained
     run_dir = run_dir_of(cfg.dictionary(variant.replace(" ", "-").replace(",", "")), cfg.results_root)
     ours = MatryoshkaBatchTopK.load(run_dir)
-    out = export_saelens(run_dir, tmp_path / "export", n_groups)
+    out = export_saelens(run_dir, tmp_path / "export", n_groups, model_dir=cfg.model_dir)
     exported = json.loads((out / CFG_FILE).read_text())
     sae = _load(out)
     end = ours.boundaries[-1 if n_groups is None else n_groups - 1]
-    assert sae.cfg.d_sae == end and sae.cfg.metadata.hook_name == "blocks.2.hook_resid_mid"
+    assert sae.cfg.d_sae == end
+    hook = sae.cfg.metadata.hook_name
+    if variant == "skip transcoder":
+        # its skip reads x / rms(x) too: exported at the hook that holds it, TransformerLens's RMSNorm
+        # output before the weight (x / sqrt(mean(x^2) + eps): the norm's eps is checked below)
+        assert hook == "blocks.2.ln2.hook_normalized" and exported["normalize_activations"] == "none"
+        their_input = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True))
+        eps = json.loads((cfg.model_dir / "config.json").read_text())["rms_norm_eps"]
+        with torch.no_grad():
+            at_hook = _load(out)(x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps))
+            recon = ours.decode(ours.encode(x), n_groups, source=x)
+        err = (at_hook - recon).norm() / recon.norm()
+        print(f"with the norm's eps {eps}: relative reconstruction difference {err:.1e}")
+        assert err < 1e-3
+    else:
+        assert hook == "blocks.2.hook_resid_mid"
+        their_input = x
 
     with torch.no_grad():
         codes = ours.encode(x)[:, :end]
         recon = ours.decode(ours.encode(x), n_groups, source=x)
-        their_codes = sae.encode(x)
-        their_recon = sae(x)
+        their_codes = sae.encode(their_input)
+        their_recon = sae(their_input)
     scale = exported["metadata"]["mtc_code_scale"]
     assert torch.equal(their_codes > 0, codes > 0), "the same features fire on every row"
     assert (codes > 0).sum(1).float().mean() > 1
@@ -82,8 +99,10 @@ def test_saelens_loads_the_export_and_computes_what_mtc_does(trained, tmp_path, 
 
     folded = _load(out, fold=True)  # what SAEBench does: a no-op, the decoder rows are unit norm
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), their_recon, rtol=1e-5, atol=1e-6 * float(recon.abs().max()))
-        torch.testing.assert_close(folded.encode(x), their_codes, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            folded(their_input), their_recon, rtol=1e-5, atol=1e-6 * float(recon.abs().max())
+        )
+        torch.testing.assert_close(folded.encode(their_input), their_codes, rtol=1e-5, atol=1e-6)
 
     sparsity = sae_lens_sparsity(out)
     assert sparsity.shape == (end,) and float(sparsity.max()) <= 0
@@ -104,18 +123,19 @@ def test_the_metadata_names_the_model_hooks_data_and_groups(trained, tmp_path):
     assert meta.group_sizes == [32, 64] and meta.training_tokens == 60 * 512
 
 
-def test_a_per_token_scaled_skip_transcoder_is_refused_in_one_line(tiny_pipeline, tmp_path):
+def test_a_per_token_scaled_skip_transcoder_without_its_model_is_refused_in_one_line(tiny_pipeline, tmp_path):
     cfg = dataclasses.replace(tiny_pipeline, results_root=tmp_path / "results")
     entry = dataclasses.replace(cfg.dictionaries["tc"], steps=10, save_every=10)  # token scale + skip
     cfg = dataclasses.replace(cfg, dictionaries={"tc": entry})
     [run_dir] = pipeline.train(cfg, ["tc"])
-    result = subprocess.run(
+    result = subprocess.run(  # run where no params.yaml names the model
         [sys.executable, "-m", "mtc.cli", "export", str(run_dir), str(tmp_path / "out")],
         capture_output=True,
         text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 2
-    assert "skip_connection:" in result.stderr and "input_norm: global" in result.stderr
+    assert "--model-dir: None is not a model directory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 

@@ -287,7 +287,7 @@ def export(
     model_dir: Optional[Path] = typer.Option(
         None,
         "--model-dir",
-        help="circuit-tracer, input_norm: token: the model directory (default: from params.yaml).",
+        help="Where the model's norm weights are read (default: from params.yaml).",
     ),
     params: Path = ParamsOption,
 ) -> None:
@@ -296,18 +296,18 @@ def export(
     if len(paths) < 2:
         _fail("export: give RUN_DIR... and OUT")
     *run_dirs, out = paths
+    if model_dir is None and params.is_file():
+        model_dir = _load(params).model_dir  # only read by exports that need the model's norms
     if format == "saelens":
         from mtc.saelens import export_saelens
 
         if len(run_dirs) != 1:
             _fail(f"--format saelens: exports one run directory; got {len(run_dirs)}")
-        written = export_saelens(run_dirs[0], out, groups)
+        written = export_saelens(run_dirs[0], out, groups, model_dir)
         typer.echo(f"wrote {written} (sae_lens: SAE.load_from_disk({str(written)!r}))")
     elif format == "circuit-tracer":
         from mtc.circuit_tracer import export_circuit_tracer
 
-        if model_dir is None and params.is_file():
-            model_dir = _load(params).model_dir
         written = export_circuit_tracer(run_dirs, out, groups, model_dir)
         typer.echo(
             f"wrote {written} (circuit_tracer: ReplacementModel.from_pretrained(MODEL_DIR, {str(written)!r}))"

@@ -12,9 +12,11 @@ source; each of those steps folds into a SAELens architecture's weights:
 - the threshold becomes the per-feature ``threshold`` of ``jumprelu`` / ``jumprelu_transcoder``
   (SAELens keeps ``relu(h) * (h > threshold)``, ours ``relu(h) * (relu(h) > threshold)``: equal for a
   threshold >= 0, which a calibrated threshold is);
-- a skip connection becomes ``jumprelu_skip_transcoder``'s ``W_skip`` [d_out, d_in], a map of the raw
-  source, so only a globally scaled skip transcoder exports: with ``input_norm: token`` our skip reads
-  ``x / rms(x)``, which no SAELens architecture computes.
+- a skip connection becomes ``jumprelu_skip_transcoder``'s ``W_skip`` [d_out, d_in], a map of the
+  hook's activations. With ``input_norm: token`` our skip reads ``x / rms(x)``, which SAELens's
+  rescaling does not give the skip; the export then names the hook that holds ``x / rms(x)`` itself,
+  TransformerLens's ``blocks.L.ln2.hook_normalized`` (the MLP's RMSNorm before its weight; models
+  with RMSNorms, transcoders from ``resid_mid``), with ``normalize_activations: none``.
 
 Decoder rows stay unit norm, so SAELens's ``fold_W_dec_norm`` (which SAEBench calls) changes nothing.
 The target's scale folds into the codes instead: a SAELens code is the mtc code times
@@ -60,14 +62,20 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 drop the ``metadata`` block of one that does not name its version."""
 
 
-def export_saelens(run_dir: str | Path, out: str | Path, n_groups: int | None = None) -> Path:
-    """Write the finished run in ``run_dir`` (or its first ``n_groups`` groups) to ``out``."""
+def export_saelens(
+    run_dir: str | Path, out: str | Path, n_groups: int | None = None, model_dir: str | Path | None = None
+) -> Path:
+    """Write the finished run in ``run_dir`` (or its first ``n_groups`` groups) to ``out``.
+    ``model_dir`` (what prepare_model wrote) is read for a skip transcoder with ``input_norm: token``."""
     run_dir, out = Path(run_dir), Path(out)
     record = finished_run_record(run_dir)
     dictionary = MatryoshkaBatchTopK.load(run_dir)
     n_groups = check_groups(n_groups, dictionary)
-    tensors, code_scale = saelens_tensors(dictionary, n_groups)
-    cfg = saelens_cfg(dictionary, record, n_groups, code_scale)
+    reads_normalized = dictionary.shape.input_norm == "token" and dictionary.W_skip is not None
+    if reads_normalized:
+        _check_reads_mlp_input(record, model_dir)
+    tensors, code_scale = folded_tensors(dictionary, n_groups)
+    cfg = saelens_cfg(dictionary, record, n_groups, code_scale, reads_normalized)
     atomic_write_bytes(out / WEIGHTS_FILE, save_tensors(tensors))
     atomic_write_text(out / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
     if (run_dir / FREQUENCY_FILE).is_file():  # from evaluate: SAELens's log10 feature density
@@ -87,16 +95,28 @@ def check_groups(n_groups: int | None, d: MatryoshkaBatchTopK, what: str = "this
     return n_groups
 
 
-def saelens_tensors(d: MatryoshkaBatchTopK, n_groups: int) -> tuple[dict[str, torch.Tensor], float]:
-    """SAELens's weights for the first ``n_groups`` groups of ``d``, and the factor from mtc codes
-    to SAELens codes."""
-    if d.shape.input_norm == "token" and d.W_skip is not None:
+def _check_reads_mlp_input(record: dict, model_dir: str | Path | None) -> None:
+    """A skip transcoder with ``input_norm: token`` reads ``x / rms(x)`` with its skip as well as
+    its encoder; SAELens's skip reads the raw hook, so the export names the hook that holds exactly
+    that: TransformerLens's ``blocks.L.ln2.hook_normalized``, the MLP's RMSNorm before its weight.
+    That is the MLP's input only for a transcoder from ``resid_mid``, and ``x / rms(x)`` only in a
+    model whose norms are RMSNorms (a LayerNorm also centres), which the model's config tells."""
+    if record.get("source_site") != "resid_mid" or record.get("source_layer") != record.get("target_layer"):
         raise ConfigError(
-            "skip_connection: this transcoder's skip reads the source divided by its own RMS "
-            "(input_norm: token), which SAELens's skip transcoders (a linear map of the raw source) "
-            "cannot compute; train with input_norm: global, or skip_connection: false, to export it"
+            "skip_connection: a skip transcoder with input_norm: token exports to SAELens only from "
+            "resid_mid of its own layer (read at ln2.hook_normalized); train with input_norm: global"
         )
-    return folded_tensors(d, n_groups)
+    config = Path(model_dir) / "config.json" if model_dir is not None else None
+    if config is None or not config.is_file():
+        raise ConfigError(
+            f"--model-dir: {model_dir} is not a model directory; a skip transcoder with input_norm: "
+            "token is exported at ln2.hook_normalized, which needs the model's norm kind"
+        )
+    if "rms_norm_eps" not in json.loads(config.read_text()):
+        raise ConfigError(
+            f"{model_dir}: the model's norms are not RMSNorms, so ln2.hook_normalized is not x / rms(x); "
+            "train the skip transcoder with input_norm: global to export it"
+        )
 
 
 def folded_tensors(d: MatryoshkaBatchTopK, n_groups: int) -> tuple[dict[str, torch.Tensor], float]:
@@ -124,7 +144,11 @@ def folded_tensors(d: MatryoshkaBatchTopK, n_groups: int) -> tuple[dict[str, tor
     return {k: v.float().contiguous() for k, v in tensors.items()}, code_scale
 
 
-def saelens_cfg(d: MatryoshkaBatchTopK, record: dict, n_groups: int, code_scale: float) -> dict[str, Any]:
+def saelens_cfg(
+    d: MatryoshkaBatchTopK, record: dict, n_groups: int, code_scale: float, reads_normalized: bool = False
+) -> dict[str, Any]:
+    """``reads_normalized``: the source hook is the MLP's normalised input (``ln2.hook_normalized``,
+    already ``x / rms(x)``), so SAELens normalises nothing."""
     provenance = record.get("store_provenance", {})
     kind = d.shape.kind
     architecture = "jumprelu" if kind == "sae" else "jumprelu_transcoder"
@@ -136,7 +160,11 @@ def saelens_cfg(d: MatryoshkaBatchTopK, record: dict, n_groups: int, code_scale:
         "model_name": hub_id(provenance.get("model_name") or record.get("model_type", "")),
         "model_source": provenance.get("model_source"),
         "model_revision": provenance.get("model_revision"),
-        "hook_name": hook_name(record["source_site"], record["source_layer"]),
+        "hook_name": (
+            f"blocks.{record['source_layer']}.ln2.hook_normalized"
+            if reads_normalized
+            else hook_name(record["source_site"], record["source_layer"])
+        ),
         "context_size": provenance.get("context_size"),
         "prepend_bos": provenance.get("prepend_bos"),
         "dataset_path": provenance.get("dataset_path"),
@@ -155,7 +183,9 @@ def saelens_cfg(d: MatryoshkaBatchTopK, record: dict, n_groups: int, code_scale:
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": False,
-        "normalize_activations": "constant_norm_rescale" if d.shape.input_norm == "token" else "none",
+        "normalize_activations": (
+            "constant_norm_rescale" if d.shape.input_norm == "token" and not reads_normalized else "none"
+        ),
         "reshape_activations": "none",
         "metadata": metadata,
     }
