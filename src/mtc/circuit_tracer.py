@@ -35,7 +35,7 @@ from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import ConfigError
 from mtc.models import hub_id
 from mtc.results import atomic_write_bytes, atomic_write_text, finished_run_record
-from mtc.saelens import check_groups, folded_tensors
+from mtc.saelens import check_groups, folded_tensors, model_config
 
 SET_CONFIG = "config.yaml"
 GRAPH_SCRIPT = Path(__file__).parent / "external" / "circuit_tracer_graph.py"
@@ -109,13 +109,13 @@ def export_circuit_tracer(
 
 def _mlp_input_norm_weights(model_dir: str | Path | None, layers: list[int]) -> dict[int, torch.Tensor]:
     """Each layer's RMSNorm weight in front of the MLP (Llama: ``post_attention_layernorm``)."""
-    if model_dir is None or not (Path(model_dir) / "config.json").is_file():
-        raise ConfigError(
-            f"--model-dir: {model_dir} is not a model directory; a set trained with input_norm: token "
-            "reads the MLP's input norm weights from the model prepare_model wrote"
-        )
+    config = model_config(
+        model_dir,
+        "a set trained with input_norm: token reads the MLP's input norm weights from the model "
+        "prepare_model wrote",
+    )
     model_dir = Path(model_dir)
-    architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    architectures = config.get("architectures") or []
     if architectures != ["LlamaForCausalLM"]:
         raise ConfigError(
             f"{model_dir}: a {architectures} model; exporting an input_norm: token set for circuit-tracer "

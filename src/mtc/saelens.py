@@ -106,17 +106,24 @@ def _check_reads_mlp_input(record: dict, model_dir: str | Path | None) -> None:
             "skip_connection: a skip transcoder with input_norm: token exports to SAELens only from "
             "resid_mid of its own layer (read at ln2.hook_normalized); train with input_norm: global"
         )
-    config = Path(model_dir) / "config.json" if model_dir is not None else None
-    if config is None or not config.is_file():
-        raise ConfigError(
-            f"--model-dir: {model_dir} is not a model directory; a skip transcoder with input_norm: "
-            "token is exported at ln2.hook_normalized, which needs the model's norm kind"
-        )
-    if "rms_norm_eps" not in json.loads(config.read_text()):
+    config = model_config(
+        model_dir,
+        "a skip transcoder with input_norm: token is exported at ln2.hook_normalized, which needs the "
+        "model's norm kind",
+    )
+    if "rms_norm_eps" not in config:
         raise ConfigError(
             f"{model_dir}: the model's norms are not RMSNorms, so ln2.hook_normalized is not x / rms(x); "
             "train the skip transcoder with input_norm: global to export it"
         )
+
+
+def model_config(model_dir: str | Path | None, why: str) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` of the model an export needs (``why``: for what)."""
+    config = Path(model_dir) / "config.json" if model_dir is not None else None
+    if config is None or not config.is_file():
+        raise ConfigError(f"--model-dir: {model_dir} is not a model directory; {why}")
+    return json.loads(config.read_text())
 
 
 def folded_tensors(d: MatryoshkaBatchTopK, n_groups: int) -> tuple[dict[str, torch.Tensor], float]:
