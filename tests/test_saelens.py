@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,20 +124,26 @@ def test_the_metadata_names_the_model_hooks_data_and_groups(trained, tmp_path):
     assert meta.group_sizes == [32, 64] and meta.training_tokens == 60 * 512
 
 
-def test_a_per_token_scaled_skip_transcoder_without_its_model_is_refused_in_one_line(tiny_pipeline, tmp_path):
-    cfg = dataclasses.replace(tiny_pipeline, results_root=tmp_path / "results")
-    entry = dataclasses.replace(cfg.dictionaries["tc"], steps=10, save_every=10)  # token scale + skip
-    cfg = dataclasses.replace(cfg, dictionaries={"tc": entry})
-    [run_dir] = pipeline.train(cfg, ["tc"])
-    result = subprocess.run(  # run where no params.yaml names the model
-        [sys.executable, "-m", "mtc.cli", "export", str(run_dir), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2
-    assert "--model-dir: None is not a model directory" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+def test_only_an_export_that_needs_the_model_reads_params_yaml_and_its_refusal_takes_one_line(
+    trained, tmp_path
+):
+    cfg, _ = trained
+
+    def export(name: str, cwd: Path) -> subprocess.CompletedProcess:
+        run_dir = run_dir_of(cfg.dictionary(name), cfg.results_root)
+        cwd.mkdir(exist_ok=True)
+        command = [sys.executable, "-m", "mtc.cli", "export", str(run_dir), str(cwd / f"out-{name}")]
+        return subprocess.run(command, capture_output=True, text=True, cwd=cwd)
+
+    bare, broken = tmp_path / "bare", tmp_path / "broken"  # no params.yaml; one that does not parse
+    broken.mkdir()
+    (broken / "params.yaml").write_text("model: {name: [\n")
+    assert export("sae", broken).returncode == 0  # an SAE export needs no model
+    for cwd, because in ((bare, ""), (broken, "(the default, from params.yaml: ")):
+        result = export("skip-transcoder", cwd)  # token scale + skip: needs the MLP norm's model
+        assert result.returncode == 2
+        assert "--model-dir: None is not a model directory" in result.stderr and because in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (cwd / "out-skip-transcoder").exists()
 
 
 # ----------------------------------------------------------------------------- import

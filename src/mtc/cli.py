@@ -23,7 +23,7 @@ from typing import Any, Optional
 import typer
 
 from mtc import pipeline
-from mtc.config import PipelineConfig, parse_params, read_yaml
+from mtc.config import ConfigError, PipelineConfig, parse_params, read_yaml
 from mtc.errors import StoreError, one_line_exit
 
 app = typer.Typer(
@@ -70,8 +70,6 @@ def evaluate(name: str, params: Path = ParamsOption) -> None:
 @app.command("summarize-set")
 def summarize_set(params: Path = ParamsOption) -> None:
     """Held-out FVU per layer of params.yaml's transcoder_set (results/sets/{model}/{set}/)."""
-    from mtc.config import ConfigError
-
     cfg = _load(params)
     if cfg.transcoder_set is None or not cfg.transcoder_set.layers:  # the DVC stage writes empty outputs
         raise ConfigError(f"transcoder_set.layers: {params} lists none, so there is no set to summarize")
@@ -251,7 +249,7 @@ def browse(
 ) -> None:
     """Write a static HTML feature browser (index + one page per feature that fired) from mined samples."""
     from mtc.browse import build_site
-    from mtc.config import BrowseConfig, ConfigError, check_config
+    from mtc.config import BrowseConfig, check_config
 
     try:
         cfg = BrowseConfig(max_feature_pages=max_feature_pages, contexts_per_feature=contexts)
@@ -296,8 +294,21 @@ def export(
     if len(paths) < 2:
         _fail("export: give RUN_DIR... and OUT")
     *run_dirs, out = paths
+    params_problem = None
     if model_dir is None and params.is_file():
-        model_dir = _load(params).model_dir  # only read by exports that need the model's norms
+        try:  # only exports that need the model's norms read it: a broken params.yaml stops no other
+            model_dir = _load(params).model_dir
+        except ConfigError as e:
+            params_problem = e
+    try:
+        _export(format, run_dirs, out, groups, model_dir)
+    except ConfigError as e:
+        if params_problem is None or "--model-dir" not in str(e):
+            raise
+        raise ConfigError(f"{e} (the default, from {params}: {params_problem})") from None
+
+
+def _export(format: str, run_dirs: list[Path], out: Path, groups: int | None, model_dir: Path | None) -> None:
     if format == "saelens":
         from mtc.saelens import export_saelens
 
