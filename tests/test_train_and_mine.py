@@ -60,6 +60,15 @@ def test_trained_transcoder_beats_the_trivial_predictor_on_held_out_rows(trained
     assert labels == sorted(labels), "bars sort alphabetically in frequency order"
 
 
+def trained_and_evaluated(tiny_pipeline, tmp_path, **dictionary) -> dict:
+    """Held-out metrics (no spliced loss) of the tiny dictionary trained with these settings."""
+    raw = tiny_params(str(tiny_pipeline.model.name), **dictionary)
+    cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=tmp_path / "results")
+    pipeline.train(cfg, ["tc"])
+    no_ce = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, n_ce_sequences=0))
+    return json.loads(pipeline.evaluate(no_ce, "tc").read_text())
+
+
 @pytest.mark.parametrize("kind", ["transcoder", "sae"])
 def test_every_group_a_trained_dictionary_adds_lowers_held_out_fvu_and_inference_l0_matches_k(
     tiny_pipeline, tmp_path, kind
@@ -67,14 +76,7 @@ def test_every_group_a_trained_dictionary_adds_lowers_held_out_fvu_and_inference
     # A Matryoshka dictionary must never reconstruct worse with more of itself, and the threshold
     # it encodes with at inference must give about the top_k codes per token it was trained with.
     site = {"target_site": "resid_mid"} if kind == "sae" else {}
-    raw = tiny_params(str(tiny_pipeline.model.name), kind=kind, steps=300, top_k=8, **site)
-    cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=tmp_path / "results")
-    pipeline.train(cfg, ["tc"])
-    metrics = json.loads(
-        pipeline.evaluate(
-            dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, n_ce_sequences=0)), "tc"
-        ).read_text()
-    )
+    metrics = trained_and_evaluated(tiny_pipeline, tmp_path, kind=kind, steps=300, top_k=8, **site)
     fvus = metrics["fvu_per_prefix"]
     assert all(b < a for a, b in zip(fvus, fvus[1:])), fvus
     assert metrics["prefix_fvu_decreasing"] is True and metrics["warnings"] == []
@@ -90,13 +92,9 @@ def test_a_briefly_trained_transcoder_at_the_seeds_learning_rate_gains_from_ever
     # short run, the largest group most: at f95526d each group made held-out FVU worse
     # (1.009 / 1.022 / 1.053 / 1.125). Features starting at training rows (feature_init: data, the
     # transcoder default) help from the first step.
-    raw = tiny_params(
-        str(tiny_pipeline.model.name), steps=100, lr=3e-4, dict_size=1024, group_sizes=[64, 128, 256, 576]
+    metrics = trained_and_evaluated(
+        tiny_pipeline, tmp_path, steps=100, lr=3e-4, dict_size=1024, group_sizes=[64, 128, 256, 576]
     )
-    cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=tmp_path / "results")
-    pipeline.train(cfg, ["tc"])
-    no_ce = dataclasses.replace(cfg.evaluate, n_ce_sequences=0)
-    metrics = json.loads(pipeline.evaluate(dataclasses.replace(cfg, evaluate=no_ce), "tc").read_text())
     fvus = metrics["fvu_per_prefix"]
     assert all(b < a for a, b in zip(fvus, fvus[1:])), fvus
     assert fvus[-1] < 0.7 and metrics["warnings"] == [], fvus

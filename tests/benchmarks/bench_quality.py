@@ -302,16 +302,15 @@ def ce_in_blocks(dictionary, store, mean_target, model_dir, n_windows: int, bloc
     ]
     tokens = sum(b["ce_n_tokens"] for b in blocks)
 
-    def mean(key: str) -> float:  # over every scored token
-        return sum(b[key] * b["ce_n_tokens"] for b in blocks) / tokens
+    def mean(value) -> float:  # over every scored token
+        return sum(value(b) * b["ce_n_tokens"] for b in blocks) / tokens
 
-    for b in blocks:
-        b["ce_spliced"] = b["ce_spliced_per_prefix"][-1]
-    clean, spliced = mean("ce_clean"), mean("ce_spliced")
+    clean, spliced = mean(lambda b: b["ce_clean"]), mean(lambda b: b["ce_spliced_per_prefix"][-1])
+    zero, mean_ablated = mean(lambda b: b["ce_zero_ablation"]), mean(lambda b: b["ce_mean_ablation"])
     per_block = [b["ce_recovered_vs_zero_per_prefix"][-1] for b in blocks]
     return {
-        "ce_recovered_vs_zero": round(ce_loss_recovered(clean, spliced, mean("ce_zero_ablation")), 4),
-        "ce_recovered_vs_mean": round(ce_loss_recovered(clean, spliced, mean("ce_mean_ablation")), 4),
+        "ce_recovered_vs_zero": round(ce_loss_recovered(clean, spliced, zero), 4),
+        "ce_recovered_vs_mean": round(ce_loss_recovered(clean, spliced, mean_ablated), 4),
         "ce_recovered_vs_zero_per_block": [round(r, 4) for r in per_block],
         "ce_clean": round(clean, 4),
         "ce_windows": int(windows.shape[0]),
