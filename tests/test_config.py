@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 
 import pytest
 import yaml
@@ -154,7 +153,8 @@ def test_dvc_yaml_paths_agree_with_the_library():
     assert stages["extract"]["outs"] == ["data/activations/${model.type}"]
     assert str(cfg.store_dir) == f"data/activations/{cfg.model.type}"
     assert str(cfg.model_dir) == f"data/models/{cfg.model.type}"
-    assert re.search(r"\$\{key\}", stages["train"]["do"]["cmd"])
+    for name, stage in stages.items():  # no params value reaches a shell: DVC_STAGE names the dictionary
+        assert "${" not in stage.get("do", stage)["cmd"], name
 
 
 def test_a_transcoder_set_is_one_transcoder_per_layer_where_dvc_yaml_puts_it():
@@ -215,3 +215,62 @@ def test_the_example_transcoder_set_is_every_layer_of_the_default_model():
     # each row scaled by its own RMS (circuit-tracer reads it at mlp.hook_in), with a skip connection
     assert all(cfg.dictionary(f"tcs-L{layer}").input_norm == "token" for layer in range(30))
     assert all(cfg.dictionary(f"tcs-L{layer}").has_skip for layer in range(30))
+
+
+# ------------------------------------------------------------------ issue 24: names, YAML as DVC reads it
+@pytest.mark.parametrize("where", ["model.type", "dictionary name", "transcoder_set.name"])
+def test_a_name_with_a_trailing_newline_is_no_name(where):
+    """``re.match`` with ``$`` let "stories260K\\n" through: it became a directory named so."""
+    raw = tiny_params()
+    if where == "model.type":
+        raw["model"]["type"] = "stories260K\n"
+    elif where == "dictionary name":
+        raw["dictionaries"]["tc\n"] = raw["dictionaries"].pop("tc")
+    else:
+        raw["transcoder_set"]["name"] = "tcs\n"
+    bad(raw, "a name of letters, digits")
+
+
+def dvc_reads(path):
+    """params.yaml as DVC itself parses it, through DVC's own loader."""
+    from dvc.utils.serialize import load_yaml
+
+    return load_yaml(str(path))
+
+
+@pytest.mark.parametrize(
+    "steps, lr",
+    [("040", "1e-3"), ("1_000", "0.002"), ("0o17", ".5e-2")],
+)
+def test_params_are_read_exactly_as_dvc_reads_them(tmp_path, steps, lr):
+    """YAML 1.1 (PyYAML) reads 040 as 32, 1e-3 as a string; DVC reads YAML 1.2 (40, 0.001): mtc
+    wrote results/.../32/tc while DVC looked for .../40/tc and restored an old run from its cache."""
+    raw = tiny_params()
+    text = yaml.safe_dump(raw, sort_keys=False)
+    text = text.replace("steps: 150", f"steps: {steps}").replace("lr: 0.003", f"lr: {lr}")
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    by_dvc = dvc_reads(path)["dictionaries"]["tc"]
+    cfg = load_params(path)
+    assert (cfg.dictionaries["tc"].steps, cfg.dictionaries["tc"].lr) == (by_dvc["steps"], by_dvc["lr"])
+    assert run_dir_of(cfg.dictionaries["tc"]).parts[3] == str(by_dvc["steps"])
+
+
+@pytest.mark.parametrize("value", ["1:00", "yes", "on", "NO"])
+def test_a_value_yaml_1_1_reads_as_a_number_or_boolean_is_a_string_as_dvc_reads_it(tmp_path, value):
+    raw = tiny_params()
+    text = yaml.safe_dump(raw, sort_keys=False).replace("steps: 150", f"steps: {value}")
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    assert isinstance(dvc_reads(path)["dictionaries"]["tc"]["steps"], str)
+    with pytest.raises(ConfigError, match=rf"dictionaries\.tc\.steps: got '{value}'; expected an integer"):
+        load_params(path)
+
+
+def test_source_layer_alone_stands_for_layer():
+    raw = tiny_params()
+    entry = raw["dictionaries"]["tc"]
+    entry["source_layer"] = entry.pop("layer")
+    assert parse_params(raw).dictionaries["tc"].layer == 2
+    entry["layer"] = 3
+    bad(raw, r"dictionaries\.tc\.source_layer: got 2; expected the same as dictionaries\.tc\.layer \(3\)")

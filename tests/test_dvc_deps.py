@@ -18,7 +18,7 @@ import yaml
 from tests.conftest import REPO
 
 SRC = REPO / "src" / "mtc"
-STAGES = ["prepare_model", "extract", "train", "evaluate", "mine", "browse"]
+STAGES = ["check_params", "prepare_model", "extract", "train", "evaluate", "mine", "browse"]
 SCRIPT_OF = {
     **{s: s for s in STAGES},
     **{f"{s}_set": s for s in ("train", "evaluate", "mine", "browse")},

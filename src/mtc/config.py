@@ -12,12 +12,9 @@ import dataclasses
 import math
 import re
 import types
-from collections.abc import Hashable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
-
-import yaml
 
 from mtc.errors import ConfigError
 
@@ -35,8 +32,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gemma-2-2b": {"act_size": 2304, "dict_size": 36864, "group_sizes": [2304, 4608, 9216, 20736]},
     "SmolLM2-135M-Instruct": {"act_size": 576, "dict_size": 9216, "group_sizes": [576, 1152, 2304, 5184]},
 }
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 # ----------------------------------------------------------------------------- constraints
@@ -83,7 +78,7 @@ class Between:
 
 @dataclass(frozen=True)
 class Matches:
-    """A string matching ``pattern``, described as ``description``."""
+    """A string matched whole by ``pattern``, described as ``description``."""
 
     pattern: str
     description: str
@@ -92,7 +87,7 @@ class Matches:
         return self.description
 
     def ok(self, value: Any) -> bool:
-        return re.match(self.pattern, value) is not None
+        return re.fullmatch(self.pattern, value) is not None
 
 
 @dataclass(frozen=True)
@@ -106,12 +101,12 @@ class ExistsWhenLocal:
     """A path meant for this disk (``looks_local``) must exist."""
 
 
-NonEmpty = Matches(r"^\s*\S", "a non-empty string")
-SafeName = Matches(
-    r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+NonEmpty = Matches(r"(?s)\s*\S.*", "a non-empty string")
+SafeName = Matches(  # whole string: "name\n" is no name (re.match with $ let it through)
+    r"[A-Za-z0-9][A-Za-z0-9._-]*",
     "a name of letters, digits, '.', '_' or '-' (it becomes a directory name)",
 )
-DeviceName = Matches(r"^(auto|cpu|cuda(:\d+)?|mps)$", "auto, cpu, cuda, cuda:N or mps")
+DeviceName = Matches(r"auto|cpu|cuda(:\d+)?|mps", "auto, cpu, cuda, cuda:N or mps")
 Device = Annotated[str, DeviceName]
 Name = Annotated[str, SafeName]
 Text = Annotated[str, NonEmpty]
@@ -544,27 +539,15 @@ def dictionary_from_dict(cfg: dict[str, Any], prefix: str = "cfg") -> Dictionary
 
 
 # ----------------------------------------------------------------------------- params.yaml
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently, so a
-    second ``dictionaries:`` block would drop the first; DVC refuses such a file)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if not isinstance(key, Hashable):
-                break  # SafeLoader's own error names it
-            if key in seen:
-                raise ConfigError(
-                    f"{self.name}: key {key!r} appears twice in one mapping "
-                    f"(lines {seen[key]} and {line}); keep one"
-                )
-            seen[key] = line
-        return super().construct_mapping(node, deep)
-
-
 def read_yaml(path: str | Path) -> Any:
+    """A YAML file read exactly as DVC reads it (ruamel.yaml's safe loader: YAML 1.2), so that mtc
+    and DVC never see two different values in one params.yaml. PyYAML reads YAML 1.1, where
+    ``steps: 040`` is 32, ``1:00`` is 60 and ``yes`` is true; DVC, and so mtc, read 40, "1:00" and
+    "yes". A key given twice in one mapping is refused (DVC refuses such a file too)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.constructor import DuplicateKeyError
+    from ruamel.yaml.error import YAMLError
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
@@ -573,17 +556,20 @@ def read_yaml(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot be read ({e})") from None
     try:
-        loader = _UniqueKeyLoader(text)
-        loader.name = str(path)
-        try:
-            return loader.get_single_data()
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as e:
+        return YAML(typ="safe").load(text)
+    except DuplicateKeyError as e:
+        key = re.search(r'duplicate key "(.*?)" with value', str(e.problem))
+        raise ConfigError(
+            f"{path}: key {key.group(1) if key else '?'!r} appears twice in one mapping "
+            f"(line {e.problem_mark.line + 1}); keep one"
+        ) from None
+    except YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, whatever YAML says
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {' '.join(str(problem).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
 
 
 def parse_params(
@@ -638,7 +624,10 @@ def parse_params(
 
 
 def _dictionary_entry(entry: dict, model_type: str, extract: ExtractConfig, prefix: str) -> DictionaryConfig:
-    """One dictionary from its params settings over the model type's preset."""
+    """One dictionary from its params settings over the model type's preset (``source_layer``
+    alone stands for ``layer``)."""
+    if "layer" not in entry and "source_layer" in entry:
+        entry = {**entry, "layer": entry["source_layer"]}
     cfg = {**get_default_cfg(model_type), **entry, "model_type": model_type}
     d = dictionary_from_dict(_with_derived(cfg, prefix), prefix)
     _check_against_extract(d, extract, prefix)

@@ -7,6 +7,8 @@ whole ``params.yaml`` first) and does one stage's work.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,10 +86,10 @@ def extract(cfg: PipelineConfig) -> Path:
     return run(cfg)
 
 
-def train(cfg: PipelineConfig, names: list[str]) -> list[Path]:
+def train(cfg: PipelineConfig, names: list[str] | str) -> list[Path]:
     from mtc.train import train as run
 
-    dictionaries = [cfg.dictionary(n) for n in names]
+    dictionaries = [cfg.dictionary(n) for n in ([names] if isinstance(names, str) else names)]
     store = open_store(cfg)
     return run(dictionaries, store, cfg.results_root, tokenizer_dir=cfg.model_dir)
 
@@ -117,12 +119,62 @@ def browse(cfg: PipelineConfig, name: str) -> Path:
     return build_site(run_dir_of(cfg.dictionary(name), cfg.results_root), cfg=cfg.browse)
 
 
-def run_stage(stage: Callable[..., object], *args: str, params: str = "params.yaml") -> None:
+PARAMS_CHECKED = "params-checked.txt"
+"""What the ``check_params`` stage writes into the data root when params.yaml passes every check.
+Every other stage depends on it, so ``dvc repro`` runs the check before it deletes any outputs."""
+
+
+def check_params(cfg: PipelineConfig) -> Path:
+    """DVC stage ``check_params``: params.yaml is valid (``run_stage`` has checked it). DVC pastes
+    params values into output paths and deletes those outputs before a stage's command runs, so a
+    ``layer`` of ``../../x`` would have DVC delete files outside the project before the stage itself
+    could refuse it; this stage refuses first. Its output never changes (the same line every time),
+    so a params change reruns only the stages that read the changed values."""
+    from mtc.results import atomic_write_text
+
+    out = cfg.data_root / PARAMS_CHECKED
+    atomic_write_text(out, "params.yaml passed mtc's checks\n")
+    return out
+
+
+def stage_dictionary(cfg: PipelineConfig, argv: list[str], dvc_stage: str | None) -> str:
+    """The dictionary a per-dictionary stage script (train, evaluate, mine, browse) works on. By hand
+    it is named on the command line (``python stages/train.py tc``). Under DVC the command line holds
+    nothing from params.yaml (DVC would paste a name into a shell command before anything checks it):
+    the stage's own name says which, in ``DVC_STAGE``: ``train@NAME`` for a ``dictionaries`` entry,
+    ``train_set@LAYER`` for that layer's transcoder of ``transcoder_set``."""
+    if len(argv) > 1:
+        raise ConfigError(f"one dictionary name expected; got {len(argv)}: {' '.join(argv)}")
+    if argv:
+        return argv[0]
+    if not dvc_stage:
+        raise ConfigError(
+            "no dictionary named: give its name (python stages/<stage>.py NAME), or run dvc repro"
+        )
+    group, _, key = dvc_stage.rpartition(":")[2].rpartition("@")
+    if not group.endswith("_set"):
+        cfg.dictionary(key)  # refuses a name that is not an entry
+        return key
+    the_set = cfg.transcoder_set
+    if the_set is None or not re.fullmatch(r"[0-9]+", key) or int(key) not in the_set.layers:
+        raise ConfigError(f"DVC stage {dvc_stage!r}: {key!r} is not a layer of transcoder_set.layers")
+    return the_set.member(int(key))
+
+
+def run_stage(
+    stage: Callable[..., object],
+    *args: str,
+    params: str = "params.yaml",
+    dictionary_of: list[str] | None = None,
+) -> None:
     """Validate params (and the model's facts), run one stage; a user error ends in one line on
-    stderr and exit code 2."""
+    stderr and exit code 2. ``dictionary_of``: the script's command line, for a per-dictionary stage
+    (``stage_dictionary``)."""
     with one_line_exit():
         cfg = load_params(params)
         check_model_facts(cfg)
+        if dictionary_of is not None:
+            args = (*args, stage_dictionary(cfg, dictionary_of, os.environ.get("DVC_STAGE")))
         result = stage(cfg, *args)
     if result is not None:
         print(f"wrote {result}")
