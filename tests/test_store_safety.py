@@ -194,35 +194,32 @@ def huge_token_shards_and_provenance(meta, _):
     meta["attributes"]["shard_rows"] = 2**40
 
 
+def float32_in_the_attrs(meta, _):
+    meta["attributes"]["dtype"] = "float32"  # the values are bfloat16 bits
+
+
+def no_chunk_rows(meta, _):
+    meta["attributes"]["chunk_rows"] = 0
+
+
+TOKENS, SITE = "tokens.zarr", "L2/mlp_out.zarr"
+
+
 @pytest.mark.parametrize(
     "array, edit, message",
     [
-        ("tokens.zarr", huge_token_rows, r"tokens.zarr/zarr.json: the array's rows 10{12}, expected 512 "),
+        (TOKENS, huge_token_rows, r"tokens.zarr/zarr.json: the array's rows 10{12}, expected 512 "),
+        (TOKENS, huge_token_rows_and_provenance, r"tokens.zarr: 9765624\d\d of its 976562500 shard files"),
+        (SITE, huge_width, r"json: chunks \[1024, 64\] and shards \[65536, 64\] do not span the width"),
+        (SITE, huge_width_chunks_and_shards, r"json: chunks \[1024, 10{9}\] of uint16 would take over"),
+        (SITE, huge_shards, r"mlp_out.zarr/zarr.json: the array's shard_rows 1099511627776, expected"),
         (
-            "tokens.zarr",
-            huge_token_rows_and_provenance,
-            r"tokens.zarr: 9765624\d\d of its 976562500 shard files",
-        ),
-        (
-            "L2/mlp_out.zarr",
-            huge_width,
-            r"json: chunks \[1024, 64\] and shards \[65536, 64\] do not span the width",
-        ),
-        (
-            "L2/mlp_out.zarr",
-            huge_width_chunks_and_shards,
-            r"json: chunks \[1024, 10{9}\] of uint16 would take over",
-        ),
-        (
-            "L2/mlp_out.zarr",
-            huge_shards,
-            r"mlp_out.zarr/zarr.json: the array's shard_rows 1099511627776, expected",
-        ),
-        (
-            "tokens.zarr",
+            TOKENS,
             huge_token_shards_and_provenance,
-            r"tokens.zarr/c/0/0: \d+ bytes, shorter than the 1717986\d+-",
+            r"tokens.zarr/c/0/0: \d+ bytes, shorter than the 1717\d+-",
         ),
+        (SITE, float32_in_the_attrs, r"mlp_out.zarr/zarr.json: the array's dtype uint16, expected float32"),
+        (TOKENS, no_chunk_rows, r"tokens.zarr/zarr.json: provenance chunk_rows is 0, not a size"),
     ],
 )
 def test_metadata_the_files_do_not_back_is_refused_before_anything_is_sized_from_it(

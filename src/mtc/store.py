@@ -574,7 +574,22 @@ d_model 16384 in float32 is 256 MiB); a zarr.json asking for more is refused, no
 _METADATA_KEYS = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
 
 
-def _implausible_metadata(array: Any, expected: dict[str, int | None]) -> str | None:
+_SIZES = ("n_sequences", "context_size", "chunk_rows", "shard_rows", "d_model", "n_holdout_sequences")
+_REQUIRED_SIZES = ("chunk_rows", "n_holdout_sequences")
+
+
+def _provenance_sizes(provenance: dict[str, Any], where: str) -> dict[str, int | None]:
+    """The sizes the provenance records (None where an older store has none), each an integer,
+    positive but for the held-out windows."""
+    sizes = {k: provenance.get(k) for k in _SIZES}
+    for k, v in sizes.items():
+        lowest = 0 if k == "n_holdout_sequences" else 1
+        if (v is None and k in _REQUIRED_SIZES) or (v is not None and (type(v) is not int or v < lowest)):
+            raise StoreError(f"{where}/zarr.json: provenance {k} is {v!r}, not a size; {REPAIR}")
+    return sizes
+
+
+def _implausible_metadata(array: Any, expected: dict[str, Any]) -> str | None:
     """What is wrong with an array's shape, chunks and shards (None if nothing): checked before
     any list or buffer is sized from them."""
     shape, chunks, shards = tuple(array.shape), tuple(array.chunks), array.shards
@@ -585,9 +600,15 @@ def _implausible_metadata(array: Any, expected: dict[str, int | None]) -> str | 
         return f"chunks {list(chunks)} and shards {list(grid)} do not span the width {shape[1]}"
     if chunks[0] * chunks[1] * array.dtype.itemsize > MAX_CHUNK_BYTES:
         return f"chunks {list(chunks)} of {array.dtype} would take over {MAX_CHUNK_BYTES >> 30} GiB each"
-    actual = {"rows": shape[0], "width": shape[1], "chunk_rows": chunks[0], "shard_rows": grid[0]}
+    actual = {
+        "rows": shape[0],
+        "width": shape[1],
+        "chunk_rows": chunks[0],
+        "shard_rows": grid[0],
+        "dtype": array.dtype,
+    }
     wrong = [
-        f"{k} {actual[k]}, expected {v}" for k, v in expected.items() if v is not None and actual[k] != int(v)
+        f"{k} {actual[k]}, expected {v}" for k, v in expected.items() if v is not None and actual[k] != v
     ]
     if wrong:
         return f"the array's {', '.join(wrong)} (from the store's provenance)"
@@ -663,22 +684,23 @@ class ActivationStore:
                 f"{self._where('tokens.zarr')}: store is incomplete (extraction did not finish); "
                 "re-run extract"
             )
-        p = self.provenance
-        ctx = p.get("context_size", self.tokens_array.shape[-1])
+        p = self._sizes = _provenance_sizes(self.provenance, self._where("tokens.zarr"))
+        ctx = (p["context_size"] or max(1, self.tokens_array.shape[-1])) if self.tokens_array.ndim == 2 else 1
         self._check_layout(
             "tokens.zarr",
             self.tokens_array,
             {
-                "rows": p.get("n_sequences"),
-                "width": p.get("context_size"),
-                "chunk_rows": int(p["chunk_rows"]) // ctx if "chunk_rows" in p else None,
-                "shard_rows": int(p["shard_rows"]) // ctx if "shard_rows" in p else None,
+                "rows": p["n_sequences"],
+                "width": p["context_size"],
+                "chunk_rows": p["chunk_rows"] // ctx,
+                "shard_rows": p["shard_rows"] and p["shard_rows"] // ctx,
+                "dtype": np.dtype(np.int32),
             },
         )
         self.n_sequences, self.context_size = self.tokens_array.shape
         self.n_rows = self.n_sequences * self.context_size
-        self.chunk_rows = int(self.provenance["chunk_rows"])
-        self.n_holdout_sequences = int(self.provenance["n_holdout_sequences"])
+        self.chunk_rows = p["chunk_rows"]
+        self.n_holdout_sequences = p["n_holdout_sequences"]
         self.skip_bos = bool(self.provenance.get("prepend_bos"))
         self._sites: dict[tuple[int, str], SiteArray] = {}
 
@@ -764,14 +786,19 @@ class ActivationStore:
                 raise StoreError(
                     f"{self._where(rel)}: incomplete (extraction did not finish); re-run extract"
                 )
+            if (dtype := arr.attrs.get("dtype")) not in _NUMPY_DTYPE:
+                raise StoreError(
+                    f"{self._where(rel)}/zarr.json: unknown dtype {dtype!r} in its attrs; {REPAIR}"
+                )
             self._check_layout(
                 rel,
                 arr,
                 {
                     "rows": self.n_rows,
-                    "width": self.provenance.get("d_model"),
+                    "width": self._sizes["d_model"],
                     "chunk_rows": self.chunk_rows,
-                    "shard_rows": self.provenance.get("shard_rows"),
+                    "shard_rows": self._sizes["shard_rows"],
+                    "dtype": np.dtype(_NUMPY_DTYPE[dtype]),  # what decode() reads it as
                 },
             )
             self._sites[key] = SiteArray(arr, layer, site, self._where(rel), self)
