@@ -149,6 +149,16 @@ def test_a_snapshot_without_a_lock_is_never_removed_on_a_guess(tmp_path):
     assert (old / "tokens.zarr").is_dir()
 
 
+def test_another_hosts_snapshot_is_left_to_that_host(tmp_path):
+    """Some shared filesystems keep flock to one node: a free lock made elsewhere proves nothing."""
+    store_dir = small_store(tmp_path / "s")
+    other = tmp_path / READERS_DIR / "s.4242-0"
+    (other / "tokens.zarr").mkdir(parents=True)
+    other.with_name(other.name + ".lock").write_text("another-node")
+    ActivationStore(store_dir)
+    assert (other / "tokens.zarr").is_dir() and other.with_name(other.name + ".lock").is_file()
+
+
 # ------------------------------------------------------------------------------ implausible metadata
 @contextmanager
 def memory_cap(extra: int):

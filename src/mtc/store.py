@@ -26,6 +26,7 @@ import json
 import os
 import queue
 import shutil
+import socket
 import sys
 import threading
 import weakref
@@ -447,6 +448,7 @@ def _corrupt(where: str, chunk: int, a: int, b: int, array: Any, e: Exception) -
 
 READERS_DIR = ".mtc-readers"
 LOCK_SUFFIX = ".lock"
+_HOST = socket.gethostname()
 
 
 @dataclass
@@ -506,12 +508,13 @@ def _claim_snapshot(readers: Path, name: str) -> Snapshot:
         path = readers / f"{name}.{os.getpid()}-{next(_snapshot_numbers)}"
         lock_path = path.with_name(path.name + LOCK_SUFFIX)
         try:
-            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_RDONLY, 0o644)
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
         except (FileExistsError, FileNotFoundError):
             continue  # the name is taken, or the readers' directory was removed meanwhile
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if _is_still(lock_path, fd):
+                os.write(fd, _HOST.encode())
                 path.mkdir()
                 return Snapshot(path, fd)
         except BlockingIOError:
@@ -545,10 +548,11 @@ def unpin(snapshot: Snapshot) -> None:
 
 
 def remove_abandoned_snapshots(readers: Path) -> None:
-    """Remove the snapshots whose reader is provably gone: those whose lock this process can take.
-    A process id proves nothing (the reader may run in another PID namespace, or on another host
-    of a shared filesystem), so snapshots without a lock file (made before readers locked them,
-    or where the filesystem has no locks) are left alone."""
+    """Remove the snapshots whose reader is provably gone: those whose lock this process can take,
+    made on this host (the lock file names it: some shared filesystems keep ``flock`` to one
+    node). A process id proves nothing (the reader may run in another PID namespace, or on another
+    host), so snapshots without a lock file (made by an mtc before readers locked them) are left
+    alone, as are other hosts' snapshots."""
     for lock_path in sorted(readers.glob(f"*{LOCK_SUFFIX}")) if readers.is_dir() else []:
         try:
             fd = os.open(lock_path, os.O_RDONLY)
@@ -556,7 +560,7 @@ def remove_abandoned_snapshots(readers: Path) -> None:
             continue  # removed meanwhile, or not ours to open
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if _is_still(lock_path, fd):
+            if _is_still(lock_path, fd) and os.read(fd, 1024).decode(errors="replace") in ("", _HOST):
                 snapshot = lock_path.with_name(lock_path.name.removesuffix(LOCK_SUFFIX))
                 if snapshot.exists():
                     shutil.rmtree(snapshot)
