@@ -468,8 +468,9 @@ def pin(store_dir: Path) -> Snapshot | None:
     ones, never edits one in place, so the reader keeps reading the version it opened: it can
     neither read zeros where shards vanished nor switch datasets halfway. The walk holds each
     directory open (``os.fwalk``), so it cannot stray into a store moved in while it runs; files
-    deleted under it are caught by the shard check after it. Returns None (read in place, with a
-    warning) where hard links cannot be made: another filesystem, or a read-only one."""
+    deleted under it are caught by the shard check after it. The reader holds the snapshot's lock
+    until ``unpin`` (or its death): see ``remove_abandoned_snapshots``. Returns None (read in place,
+    with a warning) where hard links or locks cannot be made: another filesystem, a read-only one."""
     readers = store_dir.parent / READERS_DIR
     remove_abandoned_snapshots(readers)
     snapshot = None
@@ -487,7 +488,8 @@ def pin(store_dir: Path) -> Snapshot | None:
         if snapshot is not None:
             unpin(snapshot)
         print(
-            f"warning: cannot pin {store_dir} with hard links ({e.strerror}); reading it in place: "
+            f"warning: cannot pin {store_dir} in a locked snapshot of hard links ({e.strerror}); "
+            "reading it in place: "
             "do not replace it while this runs",
             file=sys.stderr,
         )
