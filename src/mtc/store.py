@@ -523,8 +523,9 @@ def _claim_snapshot(readers: Path, name: str) -> Snapshot:
             pass  # a sweeper has it
         except FileExistsError:
             lock_path.unlink()  # a directory of that name left without its lock: not ours
-        except OSError:
+        except OSError:  # no locks here
             os.close(fd)
+            lock_path.unlink(missing_ok=True)
             raise
         os.close(fd)
 
