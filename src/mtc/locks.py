@@ -2,6 +2,9 @@
 
 A second writer fails fast with a clear message instead of interleaving with the first. The lock is
 an ``flock`` on ``<dir>.lock``, so it is released by the OS when its holder dies, even on kill -9.
+The holder's pid is written into it for that message, so the file changes whenever a process takes
+the lock: the project's ``.dvcignore`` keeps runs' lock files out of what DVC hashes (summarize_set
+depends on the whole ``results/{model.type}``, where they lie beside the runs).
 """
 
 from __future__ import annotations

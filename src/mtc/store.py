@@ -21,10 +21,12 @@ be read from a local directory or from any fsspec URL (``s3://…``, ``gs://…`
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import queue
 import shutil
+import socket
 import sys
 import threading
 import weakref
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.storage import LocalStore, WrapperStore
 
 from mtc.errors import StoreError
 
@@ -130,7 +133,13 @@ class StoreWriter:
             "encoding": "bfloat16-bits" if dtype == "bfloat16" else dtype,
             "chunk_rows": self.chunk_rows,
             "shard_rows": self.shard_rows,
+            "d_model": d_model,
         }
+        if self.chunk_rows * d_model * np.dtype(_NUMPY_DTYPE[dtype]).itemsize > MAX_CHUNK_BYTES:
+            raise StoreError(
+                f"extract.chunk_rows: {self.chunk_rows} rows of width {d_model} in {dtype} exceed "
+                f"{MAX_CHUNK_BYTES >> 30} GiB a chunk, more than a reader allocates; lower chunk_rows"
+            )
         self.skip_bos = bool(provenance.get("prepend_bos"))
         self.keys = [tuple(k) for k in sites]
         self.identity = json.loads(
@@ -408,12 +417,16 @@ def read_checked(array: Any, start: int, stop: int, where: str) -> np.ndarray:
     StoreError naming the array and the chunk."""
     try:
         return array[start:stop]
+    except StoreError:
+        raise  # already one line naming the file (a missing shard)
     except Exception as first:
         rows_per_chunk = array.chunks[0]
         for c in range(start // rows_per_chunk, -(-stop // rows_per_chunk)):
             a, b = c * rows_per_chunk, min((c + 1) * rows_per_chunk, array.shape[0])
             try:
                 array[a:b]
+            except StoreError:
+                raise
             except Exception as e:
                 raise _corrupt(where, c, a, b, array, e) from None
         raise _corrupt(where, start // rows_per_chunk, start, stop, array, first) from None
@@ -434,23 +447,37 @@ def _corrupt(where: str, chunk: int, a: int, b: int, array: Any, e: Exception) -
 
 
 READERS_DIR = ".mtc-readers"
+LOCK_SUFFIX = ".lock"
+_HOST = socket.gethostname()
 
 
-def pin(store_dir: Path) -> Path | None:
+@dataclass
+class Snapshot:
+    """A reader's snapshot of a store and the lock that says its reader is alive."""
+
+    path: Path
+    lock_fd: int
+    """Holds an ``flock`` on ``{path}.lock`` for the reader's whole life; the OS releases it when
+    the reader dies, even on kill -9."""
+
+
+def pin(store_dir: Path) -> Snapshot | None:
     """A private snapshot of a local store for one reader: a hard link to each of its files in
-    ``{parent}/.mtc-readers/{name}.{pid}.{n}``. Whoever replaces the store meanwhile (``dvc repro``
+    ``{parent}/.mtc-readers/{name}.{pid}-{n}``. Whoever replaces the store meanwhile (``dvc repro``
     deleting it before ``extract``, ``mtc extract`` moving a new one in) unlinks files and writes new
     ones, never edits one in place, so the reader keeps reading the version it opened: it can
     neither read zeros where shards vanished nor switch datasets halfway. The walk holds each
     directory open (``os.fwalk``), so it cannot stray into a store moved in while it runs; files
-    deleted under it are caught by the shard check after it. Returns None (read in place, with a
-    warning) where hard links cannot be made: another filesystem, or a read-only one."""
+    deleted under it are caught by the shard check after it. The reader holds the snapshot's lock
+    until ``unpin`` (or its death): see ``remove_abandoned_snapshots``. Returns None (read in place,
+    with a warning) where hard links or locks cannot be made: another filesystem, a read-only one."""
     readers = store_dir.parent / READERS_DIR
-    _remove_dead_snapshots(readers)
-    snapshot = readers / f"{store_dir.name}.{os.getpid()}.{next(_snapshot_numbers)}"
+    remove_abandoned_snapshots(readers)
+    snapshot = None
     try:
+        snapshot = _claim_snapshot(readers, store_dir.name)
         for dirpath, _, filenames, dirfd in os.fwalk(store_dir):
-            dest = snapshot / Path(dirpath).relative_to(store_dir)
+            dest = snapshot.path / Path(dirpath).relative_to(store_dir)
             dest.mkdir(parents=True, exist_ok=True)
             for name in filenames:
                 try:
@@ -458,9 +485,11 @@ def pin(store_dir: Path) -> Path | None:
                 except FileNotFoundError:
                     pass  # deleted under the walk: the shard check reports it
     except OSError as e:
-        shutil.rmtree(snapshot, ignore_errors=True)
+        if snapshot is not None:
+            unpin(snapshot)
         print(
-            f"warning: cannot pin {store_dir} with hard links ({e.strerror}); reading it in place: "
+            f"warning: cannot pin {store_dir} in a locked snapshot of hard links ({e.strerror}); "
+            "reading it in place: "
             "do not replace it while this runs",
             file=sys.stderr,
         )
@@ -471,24 +500,156 @@ def pin(store_dir: Path) -> Path | None:
 _snapshot_numbers = iter(range(1 << 62))
 
 
-def unpin(snapshot: Path) -> None:
-    """Remove a reader's snapshot (and the readers' directory once it is empty)."""
-    shutil.rmtree(snapshot, ignore_errors=True)
+def _claim_snapshot(readers: Path, name: str) -> Snapshot:
+    """A new, empty snapshot directory whose lock this process holds. The lock file is created
+    exclusively (never someone else's); a sweeper that opened it before our ``flock`` either still
+    holds it or has removed it (the path no longer leads to our file): then another name. A
+    filesystem without locks raises OSError (the store is read in place)."""
+    while True:
+        readers.mkdir(exist_ok=True)
+        path = readers / f"{name}.{os.getpid()}-{next(_snapshot_numbers)}"
+        lock_path = path.with_name(path.name + LOCK_SUFFIX)
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        except (FileExistsError, FileNotFoundError):
+            continue  # the name is taken, or the readers' directory was removed meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _is_still(lock_path, fd):
+                os.write(fd, _HOST.encode())
+                path.mkdir()
+                return Snapshot(path, fd)
+        except BlockingIOError:
+            pass  # a sweeper has it
+        except FileExistsError:
+            lock_path.unlink()  # a directory of that name left without its lock: not ours
+        except OSError:  # no locks here
+            os.close(fd)
+            lock_path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+
+
+def _is_still(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not removed, nor replaced)."""
     try:
-        snapshot.parent.rmdir()
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def unpin(snapshot: Snapshot) -> None:
+    """Remove a reader's snapshot, then its lock (and the readers' directory once it is empty)."""
+    shutil.rmtree(snapshot.path, ignore_errors=True)
+    if not snapshot.path.exists():  # else its lock stays, for a later reader to retry the removal
+        snapshot.path.with_name(snapshot.path.name + LOCK_SUFFIX).unlink(missing_ok=True)
+    os.close(snapshot.lock_fd)
+    try:
+        snapshot.path.parent.rmdir()
     except OSError:
         pass  # other readers' snapshots are still there
 
 
-def _remove_dead_snapshots(readers: Path) -> None:
-    """Snapshots whose reader died without cleaning up (kill -9) hold old files' space: drop them."""
-    for old in readers.glob("*.*.*") if readers.is_dir() else []:
+def remove_abandoned_snapshots(readers: Path) -> None:
+    """Remove the snapshots whose reader is provably gone: those whose lock this process can take,
+    made on this host (the lock file names it: some shared filesystems keep ``flock`` to one
+    node). A process id proves nothing (the reader may run in another PID namespace, or on another
+    host), so snapshots without a lock file (made by an mtc before readers locked them) are left
+    alone, as are other hosts' snapshots."""
+    for lock_path in sorted(readers.glob(f"*{LOCK_SUFFIX}")) if readers.is_dir() else []:
         try:
-            os.kill(int(old.name.split(".")[-2]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(old, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass  # not ours, or a live process of another user
+            fd = os.open(lock_path, os.O_RDONLY)
+        except OSError:
+            continue  # removed meanwhile, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _is_still(lock_path, fd) and os.read(fd, 1024).decode(errors="replace") in ("", _HOST):
+                snapshot = lock_path.with_name(lock_path.name.removesuffix(LOCK_SUFFIX))
+                if snapshot.exists():
+                    shutil.rmtree(snapshot)
+                lock_path.unlink()  # last: a snapshot is never left without its lock
+        except OSError:
+            pass  # held by a live reader, or cannot be decided: keep it
+        finally:
+            os.close(fd)
+
+
+MAX_CHUNK_BYTES = 1 << 30
+"""The most memory one chunk may take decoded: 64x the largest written by default (4096 rows of
+d_model 16384 in float32 is 256 MiB); a zarr.json asking for more is refused, not allocated."""
+
+_METADATA_KEYS = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
+
+
+_SIZES = ("n_sequences", "context_size", "chunk_rows", "shard_rows", "d_model", "n_holdout_sequences")
+_REQUIRED_SIZES = ("chunk_rows", "n_holdout_sequences")
+
+
+def _provenance_sizes(provenance: dict[str, Any], where: str) -> dict[str, int | None]:
+    """The sizes the provenance records (None where an older store has none), each an integer,
+    positive but for the held-out windows."""
+    sizes = {k: provenance.get(k) for k in _SIZES}
+    for k, v in sizes.items():
+        lowest = 0 if k == "n_holdout_sequences" else 1
+        if (v is None and k in _REQUIRED_SIZES) or (v is not None and (type(v) is not int or v < lowest)):
+            raise StoreError(f"{where}/zarr.json: provenance {k} is {v!r}, not a size; {REPAIR}")
+    return sizes
+
+
+def _implausible_metadata(array: Any, expected: dict[str, Any]) -> str | None:
+    """What is wrong with an array's shape, chunks and shards (None if nothing): checked before
+    any list or buffer is sized from them."""
+    shape, chunks, shards = tuple(array.shape), tuple(array.chunks), array.shards
+    grid = tuple(shards or chunks)
+    if len(shape) != 2 or min(shape + chunks + grid) < 1:
+        return f"implausible shape {list(shape)}, chunks {list(chunks)}, shards {list(grid)}"
+    if chunks[1] != shape[1] or grid[1] != shape[1]:
+        return f"chunks {list(chunks)} and shards {list(grid)} do not span the width {shape[1]}"
+    if chunks[0] * chunks[1] * array.dtype.itemsize > MAX_CHUNK_BYTES:
+        return f"chunks {list(chunks)} of {array.dtype} would take over {MAX_CHUNK_BYTES >> 30} GiB each"
+    actual = {
+        "rows": shape[0],
+        "width": shape[1],
+        "chunk_rows": chunks[0],
+        "shard_rows": grid[0],
+        "dtype": array.dtype,
+    }
+    wrong = [
+        f"{k} {actual[k]}, expected {v}" for k, v in expected.items() if v is not None and actual[k] != v
+    ]
+    if wrong:
+        return f"the array's {', '.join(wrong)} (from the store's provenance)"
+    return None
+
+
+class MissingChunksAreErrors(WrapperStore):
+    """A zarr store in which a missing chunk (shard) file is a StoreError naming it. zarr itself
+    reads a missing chunk as the fill value, zeros: a shard deleted after the store was opened
+    (from a reader's snapshot, or from a URL store) would become zeros in the middle of a read."""
+
+    def __init__(self, store: Any, where: str = ""):
+        super().__init__(store)
+        self.where = where.rstrip("/")
+
+    def _with_store(self, store: Any) -> MissingChunksAreErrors:
+        return type(self)(store, self.where)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None and not key.endswith(_METADATA_KEYS):
+            raise StoreError(
+                f"{self.where}/{key}: shard file is missing (deleted while being read?); zarr would "
+                f"read it as zeros; {REPAIR}"
+            )
+        return value
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list:
+        key_ranges = list(key_ranges)
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, byte_range), value in zip(key_ranges, values):
+            if value is None:
+                await self.get(key, prototype, byte_range)  # raises for a chunk
+        return values
 
 
 def is_url(store_dir: str | Path) -> bool:
@@ -511,7 +672,7 @@ class ActivationStore:
         if not self.url and (self.dir / "tokens.zarr").is_dir():
             snapshot = pin(self.dir)
             if snapshot is not None:
-                self._read_dir = snapshot
+                self._read_dir = snapshot.path
                 self._unpin = weakref.finalize(self, unpin, snapshot)
         self._fs, self._root = fsspec.core.url_to_fs(str(self._read_dir))
         self._zarr_root = None
@@ -530,11 +691,23 @@ class ActivationStore:
                 f"{self._where('tokens.zarr')}: store is incomplete (extraction did not finish); "
                 "re-run extract"
             )
-        self._check_shards("tokens.zarr", self.tokens_array)
+        p = self._sizes = _provenance_sizes(self.provenance, self._where("tokens.zarr"))
+        ctx = (p["context_size"] or max(1, self.tokens_array.shape[-1])) if self.tokens_array.ndim == 2 else 1
+        self._check_layout(
+            "tokens.zarr",
+            self.tokens_array,
+            {
+                "rows": p["n_sequences"],
+                "width": p["context_size"],
+                "chunk_rows": p["chunk_rows"] // ctx,
+                "shard_rows": p["shard_rows"] and p["shard_rows"] // ctx,
+                "dtype": np.dtype(np.int32),
+            },
+        )
         self.n_sequences, self.context_size = self.tokens_array.shape
         self.n_rows = self.n_sequences * self.context_size
-        self.chunk_rows = int(self.provenance["chunk_rows"])
-        self.n_holdout_sequences = int(self.provenance["n_holdout_sequences"])
+        self.chunk_rows = p["chunk_rows"]
+        self.n_holdout_sequences = p["n_holdout_sequences"]
         self.skip_bos = bool(self.provenance.get("prepend_bos"))
         self._sites: dict[tuple[int, str], SiteArray] = {}
 
@@ -546,10 +719,10 @@ class ActivationStore:
         return self._fs.exists(f"{self._root}/{rel}/zarr.json")
 
     def _open(self, rel: str):
+        base = self._zarr_root if self._zarr_root is not None else LocalStore(self._read_dir, read_only=True)
         try:
-            if self._zarr_root is not None:
-                return zarr.open_array(store=self._zarr_root, path=rel, mode="r")
-            return zarr.open_array(str(self._read_dir / rel), mode="r")
+            where = self.url or str(self._read_dir)  # the files read: the snapshot's, if pinned
+            return zarr.open_array(store=MissingChunksAreErrors(base, where), path=rel, mode="r")
         except Exception as e:  # a truncated or edited zarr.json: JSON, key or value errors from zarr
             detail = (str(e).splitlines() or [""])[0][:120]
             raise StoreError(
@@ -557,19 +730,35 @@ class ActivationStore:
                 f"{detail}); {REPAIR}"
             ) from None
 
-    def _check_shards(self, rel: str, array: Any) -> None:
-        """zarr reads a missing shard file as zeros: a complete store must have all of them."""
-        if getattr(array, "shards", None) is None:
-            return
-        n_shards = -(-array.shape[0] // array.shards[0])
+    def _check_layout(self, rel: str, array: Any, expected: dict[str, int]) -> None:
+        """Check an array's metadata before anything is sized from it: against what the store says
+        elsewhere (``expected``: shape, chunk and shard sizes), against a bound on one chunk's
+        memory, and against its shard files, which must all be there (zarr reads a missing one as
+        zeros) and each hold at least its index."""
+        problem = _implausible_metadata(array, expected)
+        if problem:
+            raise StoreError(f"{self._where(rel)}/zarr.json: {problem}; {REPAIR}")
+        rows_per_file = (array.shards or array.chunks)[0]
+        n_files = -(-array.shape[0] // rows_per_file)
         prefix = f"{self._root}/{rel}/c/"
-        found = {p.removeprefix(prefix) for p in self._fs.find(prefix)}
-        missing = [i for i in range(n_shards) if f"{i}/0" not in found]
-        if missing:
+        sizes = {
+            p.removeprefix(prefix): info["size"] for p, info in self._fs.find(prefix, detail=True).items()
+        }
+        present = {i for i in range(min(n_files, len(sizes) + 1)) if f"{i}/0" in sizes}
+        if len(present) < n_files:
+            first = min(set(range(len(present) + 1)) - present)
             raise StoreError(
-                f"{self._where(rel)}: {len(missing)} of its {n_shards} shard files are missing "
-                f"(shard {missing[0]} first); {REPAIR}"
+                f"{self._where(rel)}: {n_files - len(present)} of its {n_files} shard files are missing "
+                f"(shard {first} first); {REPAIR}"
             )
+        if array.shards is not None:
+            index_bytes = (array.shards[0] // array.chunks[0]) * 16 + 4  # 2 x uint64 a chunk, crc32c
+            short = [k for k, size in sizes.items() if size < index_bytes]
+            if short:
+                raise StoreError(
+                    f"{self._where(rel)}/c/{short[0]}: {sizes[short[0]]} bytes, shorter than the "
+                    f"{index_bytes}-byte shard index zarr.json implies; {REPAIR}"
+                )
 
     @property
     def n_train_rows(self) -> int:
@@ -604,7 +793,21 @@ class ActivationStore:
                 raise StoreError(
                     f"{self._where(rel)}: incomplete (extraction did not finish); re-run extract"
                 )
-            self._check_shards(rel, arr)
+            if (dtype := arr.attrs.get("dtype")) not in _NUMPY_DTYPE:
+                raise StoreError(
+                    f"{self._where(rel)}/zarr.json: unknown dtype {dtype!r} in its attrs; {REPAIR}"
+                )
+            self._check_layout(
+                rel,
+                arr,
+                {
+                    "rows": self.n_rows,
+                    "width": self._sizes["d_model"],
+                    "chunk_rows": self.chunk_rows,
+                    "shard_rows": self._sizes["shard_rows"],
+                    "dtype": np.dtype(_NUMPY_DTYPE[dtype]),  # what decode() reads it as
+                },
+            )
             self._sites[key] = SiteArray(arr, layer, site, self._where(rel), self)
         return self._sites[key]
 
