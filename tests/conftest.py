@@ -96,6 +96,7 @@ def copy_project(dest: Path) -> Path:
     for name in ("stages", "src"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
+    shutil.copy(REPO / ".dvcignore", dest / ".dvcignore")  # lock files beside runs are not results
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
     shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")  # the project's cache settings
