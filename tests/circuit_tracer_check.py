@@ -1,23 +1,59 @@
 """Run inside circuit-tracer's own virtualenv (``.venv-circuit-tracer``; it needs an older transformers
 than mtc): load a model directory and an exported transcoder set with circuit-tracer (as ``mtc
 attribute`` does), and write what ``tests/test_circuit_tracer.py`` checks to OUT/result.json and
-OUT/activations.safetensors.
+OUT/activations.safetensors, with which circuit-tracer it ran.
 
     python tests/circuit_tracer_check.py MODEL_DIR SET_DIR OUT "prompt"
+    python tests/circuit_tracer_check.py --which    # which circuit-tracer is installed, in one line
 """
 
 import json
 import sys
+from importlib import metadata
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src" / "mtc" / "external"))
 
-import torch  # noqa: E402
-from circuit_tracer_graph import load_replacement  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+def installed(dist: str = "circuit-tracer") -> dict:
+    """The installed distribution's name, version, where pip installed it from (a direct URL: a git
+    URL, a local checkout or file; else an index) and the home its metadata names (Home-page, or the
+    Project-URL Homepage), with any Project-URL naming an original repository (circuit-tracer 0.5.0
+    on PyPI is a fork's build)."""
+    dist_ = metadata.distribution(dist)
+    meta = dist_.metadata
+    urls = dict(
+        (label.strip().lower(), url.strip())
+        for label, _, url in (u.partition(",") for u in meta.get_all("Project-URL") or [])
+    )
+    direct = dist_.read_text("direct_url.json")
+    if direct:
+        info = json.loads(direct)
+        source = info["url"]
+        commit = info.get("vcs_info", {}).get("commit_id")
+        source += f" (commit {commit})" if commit else ""
+    else:
+        source = "a package index (no direct URL)"
+    return {
+        "name": meta["Name"],
+        "version": dist_.version,
+        "source": source,
+        "home": meta.get("Home-page") or urls.get("homepage") or urls.get("repository"),
+        "original_repository": urls.get("original repository"),
+    }
+
+
+def which(dist: str = "circuit-tracer") -> str:
+    info = installed(dist)
+    line = f"{info['name']} {info['version']} installed from {info['source']}; its home page: {info['home']}"
+    if info["original_repository"]:
+        line += f" (a fork: its metadata names {info['original_repository']} as the original repository)"
+    return line
 
 
 def main(model_dir: str, set_dir: str, out: str, prompt: str) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src" / "mtc" / "external"))
+    import torch
+    from circuit_tracer_graph import load_replacement
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out)
@@ -57,10 +93,14 @@ def main(model_dir: str, set_dir: str, out: str, prompt: str) -> None:
             (context.logits.reshape(hf_logits.shape).float() - hf_logits).abs().max()
         ),
         "logit_scale": float(hf_logits.abs().max()),
+        "circuit_tracer": installed(),
     }
     (out_dir / "result.json").write_text(json.dumps(result))
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    if sys.argv[1:] == ["--which"]:
+        print(which())
+    else:
+        main(*sys.argv[1:5])

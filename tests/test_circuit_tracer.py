@@ -127,7 +127,8 @@ def test_circuit_tracer_loads_the_set_and_reproduces_the_logits_and_our_reconstr
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "result.json").read_text())
-    print("circuit-tracer:", report)
+    print("circuit-tracer:", report)  # which one ran: name, version, source, home page
+    assert report["circuit_tracer"]["name"] == "circuit-tracer", report
     assert report["max_abs_logit_difference"] < 1e-4 * max(1.0, report["logit_scale"]), report
 
     # circuit-tracer's error term is mlp_out minus its reconstruction: the reconstruction is ours
