@@ -13,6 +13,7 @@ from tests.conftest import copy_project, tiny_params
 
 pytestmark = pytest.mark.slow
 SUMMARY_STAGE = "Running stage 'summarize_set':"
+CHECK_STAGE = "Running stage 'check_params':"  # reruns (in seconds) whenever params.yaml changes
 
 
 def dvc(cwd, *args) -> str:
@@ -91,7 +92,10 @@ def test_adding_a_cross_layer_transcoder_runs_only_its_own_stages_where_dvc_expe
     ran = [line for line in out.splitlines() if line.startswith("Running stage")]
     assert sorted(ran) == sorted(
         [f"Running stage '{s}@tc-to-L3':" for s in ("train", "evaluate", "mine", "browse")]
-        + [SUMMARY_STAGE]  # it reads results/{model}, so it reruns (in a second) when anything there changes
+        + [
+            SUMMARY_STAGE,
+            CHECK_STAGE,
+        ]  # summarize_set reads results/{model}: it reruns when anything there does
     ), out
     run_dir = project / "results" / "stories260K" / "2" / "40" / "tc-to-L3"
     config = json.loads((run_dir / "config.json").read_text())
@@ -108,7 +112,8 @@ def test_a_layer_added_to_the_transcoder_set_runs_only_its_own_stages(project):
     out = dvc(project, "repro")
     ran = sorted(line for line in out.splitlines() if line.startswith("Running stage"))
     assert ran == sorted(
-        [f"Running stage '{s}_set@3':" for s in ("train", "evaluate", "mine", "browse")] + [SUMMARY_STAGE]
+        [f"Running stage '{s}_set@3':" for s in ("train", "evaluate", "mine", "browse")]
+        + [SUMMARY_STAGE, CHECK_STAGE]
     ), out
     assert (project / "results" / "stories260K" / "3" / "30" / "tcs-L3" / "browser" / "index.html").is_file()
     rows = json.loads(
@@ -159,7 +164,7 @@ def test_a_teammate_pulls_the_store_and_trains_without_the_model(project, tmp_pa
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = dvc(clone, "repro", "--allow-missing", "train@tc2")
     ran = sorted(line for line in out.splitlines() if line.startswith("Running stage"))
-    assert ran == ["Running stage 'train@tc2':"], out
+    assert ran == sorted(["Running stage 'train@tc2':", CHECK_STAGE]), out
     assert (clone / "results" / "stories260K" / "2" / "20" / "tc2" / "dictionary.safetensors").is_file()
 
     # Evaluating (the spliced loss) and mining (the unembedding) need the model: pull the rest.
