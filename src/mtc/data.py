@@ -91,6 +91,10 @@ def _whole(texts: Iterator[str]) -> Iterator[Piece]:
         yield from doc.end()
 
 
+def _open_text(file: Path):
+    return file.open(encoding="utf-8-sig", errors="replace", newline=None)
+
+
 def _file_pieces(file: Path, text_field: str) -> Iterator[Piece]:
     if file.suffix == ".jsonl":
         return _whole(_jsonl_texts(file, text_field))
@@ -102,11 +106,12 @@ def _text_pieces(file: Path) -> Iterator[Piece]:
     read as \\n), in pieces: documents are separated by blank lines, and no more than a line or
     PIECE_CHARS characters is read at once. A few undecodable bytes become U+FFFD; a file that is
     mostly not text (a binary file, another encoding) is refused."""
+    _TextCheck.start(file)  # decided before tokenizing: reading may stop before 64k characters
     checker = _TextCheck(file)
     doc = _Document()
     blank: list[str] = []  # the current line, while it holds only whitespace (it may be a blank line)
     in_line = False  # inside a line that holds text
-    with file.open(encoding="utf-8-sig", errors="replace", newline=None) as f:
+    with _open_text(file) as f:
         while part := f.readline(PIECE_CHARS):
             checker.see(part)
             ends_line = part.endswith("\n")
@@ -160,6 +165,7 @@ class _TextCheck:
     a file where more than ``MAX_BAD`` of them are undecodable bytes or control characters."""
 
     MAX_BAD = 0.01
+    WINDOW = 65536  # characters read before a decision
     _BAD = re.compile("[\x00-\x08\x0e-\x1f\ufffd]")  # control characters (not whitespace), U+FFFD
 
     def __init__(self, file: Path):
@@ -168,8 +174,16 @@ class _TextCheck:
     def see(self, text: str) -> None:
         self.chars += len(text)
         self.bad += len(self._BAD.findall(text))
-        if self.chars >= 65536:
+        if self.chars >= self.WINDOW:
             self.finish()
+
+    @classmethod
+    def start(cls, file: Path) -> None:
+        """Decide on the file's first WINDOW characters."""
+        checker = cls(file)
+        with _open_text(file) as f:
+            checker.see(f.read(cls.WINDOW))
+        checker.finish()
 
     def finish(self) -> None:
         if self.chars and self.bad / self.chars > self.MAX_BAD:
