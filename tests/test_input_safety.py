@@ -36,6 +36,25 @@ def run_stages(root, params: dict, *stages: str):
     return result
 
 
+@pytest.fixture
+def run_here(monkeypatch, capsys):
+    """Like run_stages, in this process: the same stage runner and error path, without start-ups."""
+    from mtc import pipeline
+
+    def run(root, params: dict, *stages: str):
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        monkeypatch.chdir(root)
+        for stage in stages:
+            try:
+                pipeline.run_stage(getattr(pipeline, stage))
+            except SystemExit as stop:
+                return subprocess.CompletedProcess([], stop.code, "", capsys.readouterr().err)
+        output = capsys.readouterr()
+        return subprocess.CompletedProcess([], 0, output.out, output.err)
+
+    return run
+
+
 def one_line(result, message):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
@@ -53,20 +72,21 @@ def copy_model(tmp_path, leave_out=()):
 
 # ------------------------------------------------------------------ a tokenizer that cannot read the text
 @needs_stories
-def test_a_model_without_its_tokenizer_files_is_refused_before_extraction(tmp_path):
+def test_a_model_without_its_tokenizer_files_is_refused_before_extraction(tmp_path, run_here):
     model = copy_model(tmp_path, leave_out=("tokenizer.json", "tokenizer.model"))
     work = tmp_path / "work"
     work.mkdir()
     params = tiny_params(str(model))
     params["dataset"]["n_tokens"] = 4096  # with no vocabulary, the stream is BOS/EOS: enough of them
-    result = run_stages(work, params, "prepare_model", "extract")
+    result = run_here(work, params, "prepare_model", "extract")
     one_line(result, "data/models/stories260K: its tokenizer does not read the dataset's text back")
     assert "tokenizer files (tokenizer.json, tokenizer.model) missing" in result.stderr
     assert not (work / "data" / "activations").exists(), "no store"
 
 
 def byte_level_tokenizer():
-    """A GPT-2-style byte-level BPE (as GPT-2, SmolLM2 and Gemma-style models use), trained here."""
+    """A byte-level BPE as GPT-2 and SmolLM2 use, trained here (stories260K stands for SentencePiece
+    with byte fallback, as Llama and Gemma use)."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -85,20 +105,6 @@ def samples() -> dict[str, str]:
     return {name: text[:4096] for name, text in found.items()}
 
 
-def test_the_tokenizers_in_use_read_the_text_back(tmp_path):
-    from tests.helpers import tiny_random_llama_dir
-
-    tokenizers = {
-        "tiny character tokenizer": models.load_tokenizer(tiny_random_llama_dir(tmp_path / "tiny")),
-        "byte-level BPE": byte_level_tokenizer(),
-    }
-    if STORIES.is_dir():
-        tokenizers["stories260K"] = models.load_tokenizer(STORIES)
-    for name, tokenizer in tokenizers.items():
-        for text in [*samples().values(), "Über die Brücke gehen Äpfel und Öl. " * 20]:
-            models.check_tokenizer(tokenizer, text, name)  # none refused
-
-
 def letterless_tokenizer(tmp_path):
     """A character tokenizer whose vocabulary holds no letters: English is all <unk>."""
     from tokenizers import Tokenizer, pre_tokenizers
@@ -112,9 +118,22 @@ def letterless_tokenizer(tmp_path):
 
 
 def ascii_tokenizer(tmp_path):
+    """The tiny random models' tokenizer (tests/helpers.py): one token per printable ASCII character."""
     from tests.helpers import tiny_random_llama_dir
 
     return models.load_tokenizer(tiny_random_llama_dir(tmp_path / "tiny"))
+
+
+def test_the_tokenizers_in_use_read_the_text_back(tmp_path):
+    tokenizers = {
+        "tiny character tokenizer": ascii_tokenizer(tmp_path),
+        "byte-level BPE": byte_level_tokenizer(),
+    }
+    if STORIES.is_dir():
+        tokenizers["stories260K"] = models.load_tokenizer(STORIES)
+    for name, tokenizer in tokenizers.items():
+        for text in [*samples().values(), "Über die Brücke gehen Äpfel und Öl. " * 20]:
+            models.check_tokenizer(tokenizer, text, name)  # none refused
 
 
 @pytest.mark.parametrize(
@@ -229,7 +248,7 @@ def test_a_text_file_with_crlf_line_ends_gives_the_same_tokens_as_with_lf(tmp_pa
 # ------------------------------------------------------------------ weights and a model's own code
 @needs_stories
 @pytest.mark.parametrize("damage", ["truncated safetensors", "pickle only"])
-def test_damaged_or_pickled_weights_are_refused_in_one_line_naming_the_file(tmp_path, damage):
+def test_damaged_or_pickled_weights_are_refused_in_one_line_naming_the_file(tmp_path, damage, run_here):
     import torch
     from safetensors.torch import load_file
 
@@ -244,7 +263,7 @@ def test_damaged_or_pickled_weights_are_refused_in_one_line_naming_the_file(tmp_
         message = f"{model / 'pytorch_model.bin'}: a pickle checkpoint; mtc never unpickles model weights"
     work = tmp_path / "work"
     work.mkdir()
-    one_line(run_stages(work, tiny_params(str(model)), "prepare_model"), message)
+    one_line(run_here(work, tiny_params(str(model)), "prepare_model"), message)
     assert sorted(p.name for p in work.iterdir()) == ["params.yaml"], "nothing written"
 
 
