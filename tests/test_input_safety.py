@@ -211,9 +211,10 @@ def test_a_huge_json_record_is_tokenized_in_pieces_and_keeps_one_eos(tmp_path, m
 
 
 # ------------------------------------------------------------------ BOM and line ends
-def test_a_bom_at_the_start_of_a_json_lines_file_is_not_text(tmp_path):
+@pytest.mark.parametrize("newline", [b"\r\n", b"\r"])
+def test_a_bom_at_the_start_of_a_json_lines_file_is_not_text(tmp_path, newline):
     path = tmp_path / "docs.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\r\n{"text": "second"}\r\n')
+    path.write_bytes(b"\xef\xbb\xbf" + newline.join([b'{"text": "first"}', b'{"text": "second"}', b""]))
     assert list(data.iter_texts(DatasetConfig(path=str(path)))) == ["first", "second"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import itertools
 import json
 import re
@@ -131,15 +130,15 @@ def _text_pieces(file: Path) -> Iterator[Piece]:
 
 
 def _jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
-    with file.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            if n == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)  # as an editor reads it: a BOM is not text
+    # Read as a text editor reads it (a leading BOM dropped, CRLF and CR line ends as \n), but
+    # strictly: undecodable bytes become lone surrogates here, and the line is refused.
+    with file.open(encoding="utf-8-sig", errors="surrogateescape", newline=None) as f:
+        for n, line in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
+                line.encode("utf-8")
+            except UnicodeEncodeError as e:
                 raise DatasetError(
-                    f"{file}:{n}: not UTF-8 text (byte {e.start} of the line); JSON lines must be UTF-8"
+                    f"{file}:{n}: not UTF-8 text (character {e.start} of the line); JSON lines must be UTF-8"
                 ) from None
             if not line.strip():
                 continue
