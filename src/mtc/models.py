@@ -342,10 +342,10 @@ def check_tokenizer(tokenizer, sample: str, model_dir: str | Path) -> None:
     if not text:
         return  # no text to judge by: packing refuses a dataset without tokens
     ids = tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"]
-    back = _characters(tokenizer.decode(ids, skip_special_tokens=True))
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    back = _characters(decoded)
     kept = (text & back).total() / max(text.total(), back.total())
     if kept < MIN_TEXT_KEPT:
-        decoded = tokenizer.decode(ids, skip_special_tokens=True)
         raise ModelError(
             f"{model_dir}: its tokenizer does not read the dataset's text back: the first {len(sample)} "
             f"characters become {len(ids)} tokens ({len(set(ids))} distinct) that decode to {kept:.0%} "
