@@ -10,9 +10,12 @@ import torch
 
 from mtc import distributed, locks, model_check, models, progress
 from mtc.config import PipelineConfig
-from mtc.data import iter_texts, pack_tokens
+from mtc.data import iter_pieces, pack_tokens, sample_text
 from mtc.provenance import store_provenance
 from mtc.store import StoreWriter
+
+TOKENIZER_SAMPLE_CHARS = 4096
+"""How much of the dataset's text the tokenizer must read back before extraction."""
 
 
 def extract(cfg: PipelineConfig, store_dir: str | Path | None = None) -> Path:
@@ -21,7 +24,9 @@ def extract(cfg: PipelineConfig, store_dir: str | Path | None = None) -> Path:
     store_dir = Path(store_dir or cfg.store_dir)
     arch = models.read_architecture(cfg.model_dir)  # refuses a missing model: "run prepare_model"
     tokenizer = models.load_tokenizer(cfg.model_dir)
-    tokens = pack_tokens(iter_texts(cfg.dataset), tokenizer, cfg.dataset)  # too little text fails here
+    sample, pieces = sample_text(iter_pieces(cfg.dataset), TOKENIZER_SAMPLE_CHARS)
+    models.check_tokenizer(tokenizer, sample, cfg.model_dir)  # refuses one that cannot read the text
+    tokens = pack_tokens(pieces, tokenizer, cfg.dataset)  # too little text fails here
     dist = distributed.from_env()
     # A second extraction into the same store fails fast (rank 0 holds the lock for the job).
     with locks.exclusive(store_dir) if dist.rank == 0 else contextlib.nullcontext():

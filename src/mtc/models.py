@@ -7,11 +7,14 @@ packaged inside an installed wheel (``packaged:<name>``, the offline default).
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,28 +178,39 @@ def prepare_model(name: str, out_dir: str | Path, revision: str | None = None) -
     shutil.rmtree(tmp_dir, ignore_errors=True)
     if name.startswith("packaged:"):
         directory, pm = _packaged_dir(name.removeprefix("packaged:"))
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=pm.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=pm.gguf_file, trust_remote_code=False)
         quantized = AutoModelForCausalLM.from_pretrained(
-            directory, gguf_file=pm.gguf_file, dtype=torch.float32
+            directory, gguf_file=pm.gguf_file, dtype=torch.float32, trust_remote_code=False
         )
         # The GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain one.
         config = quantized.config
         del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
         model.load_state_dict(quantized.state_dict())
         source = {"source": pm.note, "package_version": _package_version(pm.package)}
     else:
         local = Path(name).expanduser()
         kwargs = {} if local.is_dir() else {"revision": revision}
+        if local.is_dir():
+            check_weight_files(local)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(local) if local.is_dir() else name, dtype=torch.float32, **kwargs
-            )
+            with no_remote_code(name):
+                tokenizer = AutoTokenizer.from_pretrained(
+                    str(local) if local.is_dir() else name, trust_remote_code=False, **kwargs
+                )
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(local) if local.is_dir() else name,
+                    dtype=torch.float32,
+                    use_safetensors=True,
+                    trust_remote_code=False,
+                    **kwargs,
+                )
         except (OSError, ValueError, KeyError) as e:  # not found, or a directory that is not a model
             hint = (
-                "it is not a local directory, and the hub could not be reached or has no such model; "
-                "download it elsewhere and point model.name at the local directory"
+                "a model directory needs config.json, model.safetensors and the tokenizer's files"
+                if local.is_dir()
+                else "it is not a local directory, and the hub could not be reached or has no such "
+                "model; download it elsewhere and point model.name at the local directory"
             )
             raise ModelError(f"model.name: cannot load {name!r}: {hint} ({str(e).splitlines()[0]})") from None
         source = {"source": "local directory" if local.is_dir() else "hub", "revision": revision}
@@ -240,7 +254,8 @@ def read_architecture(model_dir: str | Path) -> Architecture:
             "(dvc repro prepare_model, or mtc prepare-model)"
         )
     try:
-        config = AutoConfig.from_pretrained(model_dir)
+        with no_remote_code(model_dir):
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as e:  # no or unknown model_type, unreadable JSON
         detail = " ".join(str(e).split())[:200]
         raise ModelError(
@@ -253,7 +268,8 @@ def read_architecture(model_dir: str | Path) -> Architecture:
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    with no_remote_code(model_dir):
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
 
 
 def load_hf_model(model_dir: str | Path, dtype: str = "float32"):
@@ -261,7 +277,87 @@ def load_hf_model(model_dir: str | Path, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
+    check_weight_files(Path(model_dir))
+    with no_remote_code(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False
+        )
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------- safety checks
+@contextmanager
+def no_remote_code(name: str | Path) -> Iterator[None]:
+    """Around a transformers load with ``trust_remote_code=False``: a model that needs its own Python
+    code (its config's or tokenizer config's ``auto_map``) is refused in one line."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ModelError(
+            f"{name}: loading it needs the model's own Python code (auto_map in its config.json or "
+            "tokenizer_config.json); mtc never runs a model's own code: use a model whose architecture "
+            "and tokenizer transformers has built in"
+        ) from None
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_weight_files(model_dir: Path) -> None:
+    """Refuse weights mtc would have to unpickle, and safetensors files that are damaged."""
+    from safetensors import SafetensorError, safe_open
+
+    safetensors = sorted(model_dir.glob("*.safetensors"))
+    pickles = sorted(p for pattern in PICKLE_WEIGHTS for p in model_dir.glob(pattern))
+    if not safetensors and pickles:
+        raise ModelError(
+            f"{pickles[0]}: a pickle checkpoint; mtc never unpickles model weights (unpickling can run "
+            "code): convert it to safetensors where you trust it (from_pretrained, then save_pretrained) "
+            "and point model.name at that directory"
+        )
+    for path in safetensors:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            detail = " ".join(str(e).split())[:160]
+            raise ModelError(
+                f"{path}: damaged safetensors file ({detail}); download or write it again"
+            ) from None
+
+
+MIN_TEXT_KEPT = 0.5
+"""The share of a dataset sample's characters (whitespace and case aside) that must come back from
+encoding and decoding: every tokenizer in use keeps them all on English, an ASCII-only character
+tokenizer still 80 % of German; a missing tokenizer (tokenizer.json and tokenizer.model gone: no
+vocabulary) keeps none."""
+
+
+def check_tokenizer(tokenizer, sample: str, model_dir: str | Path) -> None:
+    """Refuse a tokenizer that cannot read ``sample`` (the first few thousand characters of the
+    dataset) back: its tokens would be unknowns or nothing, and the store silently wrong."""
+    text = _characters(sample)
+    if not text:
+        return  # no text to judge by: packing refuses a dataset without tokens
+    ids = tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"]
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    back = _characters(decoded)
+    kept = (text & back).total() / max(text.total(), back.total())
+    if kept < MIN_TEXT_KEPT:
+        raise ModelError(
+            f"{model_dir}: its tokenizer does not read the dataset's text back: the first {len(sample)} "
+            f"characters become {len(ids)} tokens ({len(set(ids))} distinct) that decode to {kept:.0%} "
+            f"of them ({sample[:20]!r} -> {decoded[:20]!r}); are its tokenizer files (tokenizer.json, "
+            "tokenizer.model) missing or another model's? Put the model's own beside its weights and "
+            "run prepare_model again"
+        )
+
+
+def _characters(text: str) -> collections.Counter:
+    """How often each character occurs, whitespace left out and case folded (tokenizers may do both)."""
+    return collections.Counter("".join(text.split()).casefold())
 
 
 def load_bridge(model_dir: str | Path, dtype: str = "float32", device: str = "auto", hf_model: Any = None):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mtc.models import ModelError, read_architecture
+from mtc.models import ModelError, check_weight_files, read_architecture
 
 
 @dataclass
@@ -73,9 +73,11 @@ def load_unembedding(model_dir: str | Path) -> Unembedding:
     read_architecture(model_dir)  # a clear error when there is no model here
     if not any(model_dir.glob("*.safetensors")):
         raise ModelError(f"{model_dir}: no .safetensors weights; re-run the prepare_model stage")
+    check_weight_files(model_dir)
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     unembed = model.get_output_embeddings().weight
     unembed_names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is unembed]
     # The final norm: the last norm module outside the numbered layers (model.norm, transformer.ln_f, ...).
@@ -94,7 +96,9 @@ def load_unembedding(model_dir: str | Path) -> Unembedding:
         # load the model itself, on the CPU, once.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+            )
         W_VD = model.get_output_embeddings().weight.detach()
         norm = model.get_submodule(norm_name) if norm_name else None
         g = norm.weight.detach() if norm is not None and getattr(norm, "weight", None) is not None else None

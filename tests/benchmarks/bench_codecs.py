@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 def real_activations(n_tokens: int) -> dict[str, np.ndarray]:
     from mtc import models
     from mtc.config import DatasetConfig
-    from mtc.data import iter_texts, pack_tokens
+    from mtc.data import iter_pieces, pack_tokens
     from mtc.store import encode
 
     model_dir = REPO / "data" / "models" / "SmolLM2-135M-Instruct"
@@ -37,7 +37,7 @@ def real_activations(n_tokens: int) -> dict[str, np.ndarray]:
         raise SystemExit(f"{model_dir}: run `dvc repro prepare_model` (or mtc prepare-model) first")
     tok = models.load_tokenizer(model_dir)
     ds = DatasetConfig(n_tokens=n_tokens, context_size=128)
-    tokens = pack_tokens(iter_texts(ds), tok, ds)
+    tokens = pack_tokens(iter_pieces(ds), tok, ds)
     bridge = models.load_bridge(model_dir, "bfloat16", "cpu")
     out = {"resid_mid": [], "mlp_out": []}
     for s in range(0, tokens.shape[0], 16):

@@ -37,7 +37,7 @@ import torch
 
 from mtc import models
 from mtc.config import DatasetConfig
-from mtc.data import iter_texts, pack_tokens
+from mtc.data import iter_pieces, pack_tokens
 from mtc.extract import fill
 from mtc.store import ActivationStore, StoreWriter
 
@@ -77,7 +77,7 @@ def main() -> None:
 
     tokenizer = models.load_tokenizer(MODEL_DIR)
     ds = DatasetConfig(n_tokens=n_tokens, context_size=128)
-    tokens = pack_tokens(iter_texts(ds), tokenizer, ds)
+    tokens = pack_tokens(iter_pieces(ds), tokenizer, ds)
     bridge = models.load_bridge(MODEL_DIR, args.dtype, "cpu")
     d_model = models.read_architecture(MODEL_DIR).d_model
     last = max(layer for layer, _ in WANTED)
