@@ -248,3 +248,136 @@ def test_mtc_import_of_a_directory_without_a_saelens_config_is_one_line(tmp_path
     )
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "not-saelens/cfg.json: not found" in result.stderr
+
+
+# ----------------------------------------------------------------------------- malformed imports
+def _jumprelu_sae(d_in=64, d_sae=96):
+    """A well-formed SAELens JumpReLU SAE on stories260K's resid_mid of layer 2 (d_model 64): its cfg
+    and its weights, for the table below to break one thing of."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = {
+        "architecture": "jumprelu",
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "metadata": {"hook_name": "blocks.2.hook_resid_mid"},
+    }
+    weights = {
+        "W_enc": torch.randn(d_in, d_sae, generator=gen),
+        "b_enc": torch.zeros(d_sae),
+        "W_dec": torch.randn(d_sae, d_in, generator=gen),
+        "b_dec": torch.zeros(d_in),
+        "threshold": torch.full((d_sae,), 0.1),
+    }
+    return cfg, weights
+
+
+def _as_topk(cfg, weights, **k):
+    cfg.update(architecture="topk", **k)
+    del weights["threshold"]
+
+
+def _nan_in(weights, key):
+    weights[key] = weights[key].clone()
+    weights[key].view(-1)[3] = float("nan")
+
+
+MALFORMED = {  # what is wrong: (break it, what the one line says)
+    "metadata a string": (lambda c, w: c.update(metadata="blocks.2.hook_resid_mid"), "metadata is 'blocks"),
+    "metadata a list": (lambda c, w: c.update(metadata=["blocks.2.hook_resid_mid"]), "metadata is ["),
+    "architecture a list": (lambda c, w: c.update(architecture=["x"]), "architecture ['x'] cannot be"),
+    "normalize_activations an object": (
+        lambda c, w: c.update(normalize_activations={}),
+        "normalize_activations {} cannot be",
+    ),
+    "hook_name a number": (lambda c, w: c["metadata"].update(hook_name=5), "hook_name 5 is not a hook"),
+    "topk k a string": (lambda c, w: _as_topk(c, w, k="abc"), "k 'abc' is not a top-k size"),
+    "topk without k": (lambda c, w: _as_topk(c, w), "k None is not a top-k size"),
+    "topk k 1e5": (lambda c, w: _as_topk(c, w, k=1e5), "k 100000.0 is not a top-k size"),
+    "jumprelu without threshold": (lambda c, w: w.pop("threshold"), "no threshold"),
+    "skip transcoder without W_skip": (
+        lambda c, w: c.update(
+            architecture="jumprelu_skip_transcoder",
+            d_out=64,
+            metadata={"hook_name": "blocks.2.hook_resid_mid", "hook_name_out": "blocks.2.hook_mlp_out"},
+        ),
+        "no W_skip",
+    ),
+    "1-D W_enc": (lambda c, w: w.update(W_enc=w["W_enc"].flatten()), "W_enc has shape [6144]"),
+    "1-D W_dec": (lambda c, w: w.update(W_dec=w["W_dec"].flatten()), "W_dec has shape [6144]"),
+    "group_sizes with a negative size": (
+        lambda c, w: c["metadata"].update(group_sizes=[140, -44]),
+        "metadata.group_sizes [140, -44] is not a list of positive integers",
+    ),
+    "group_sizes of floats": (
+        lambda c, w: c["metadata"].update(group_sizes=[96.0]),
+        "metadata.group_sizes [96.0] is not",
+    ),
+    "group_sizes not summing to the features": (
+        lambda c, w: c["metadata"].update(group_sizes=[32, 32]),
+        "metadata.group_sizes [32, 32] is not",
+    ),
+    "another model's width": (
+        lambda c, w: w.update({k: v for k, v in _jumprelu_sae(d_in=48)[1].items()}),
+        "the dictionary's input width is 48; the model in",
+    ),
+    "a layer the model does not have": (
+        lambda c, w: c["metadata"].update(hook_name="blocks.7.hook_resid_mid"),
+        "layer 7 is out of range; the model has layers 0..4",
+    ),
+    "NaN in W_dec": (lambda c, w: _nan_in(w, "W_dec"), "W_dec holds NaN or infinite numbers"),
+    "infinity in b_enc": (lambda c, w: w.update(b_enc=w["b_enc"] + float("inf")), "b_enc holds NaN"),
+}
+
+
+@pytest.fixture
+def import_project(tiny_pipeline, tmp_path, monkeypatch):
+    """A project directory (params.yaml, the prepared stories260K model) that `mtc import` runs in,
+    in this process; returns it and a function running ``mtc import DIR --name x`` on a SAELens
+    directory written from a cfg and weights, giving the exit code and stderr."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from mtc import cli
+    from tests.conftest import tiny_params
+
+    project = tmp_path / "project"
+    (project / "data" / "models").mkdir(parents=True)
+    (project / "data" / "models" / "stories260K").symlink_to(tiny_pipeline.model_dir.resolve())
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_pipeline.model.name)))
+    monkeypatch.chdir(project)
+
+    def mtc_import(cfg, weights, capsys) -> tuple[int, str]:
+        saelens = tmp_path / "saelens"
+        saelens.mkdir()
+        (saelens / CFG_FILE).write_text(json.dumps(cfg))
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(saelens / "sae_weights.safetensors"))
+        monkeypatch.setattr(sys, "argv", ["mtc", "import", str(saelens), "--name", "x"])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        return exit_.value.code, capsys.readouterr().err
+
+    return project, mtc_import
+
+
+def test_the_well_formed_sae_of_the_malformed_table_imports(import_project, capsys):
+    project, mtc_import = import_project
+    code, err = mtc_import(*_jumprelu_sae(), capsys)
+    assert code == 0, err
+    assert (project / "results" / "stories260K" / "2" / "imported" / "x" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_mtc_import_of_a_malformed_saelens_directory_is_one_line_exit_2_and_writes_nothing(
+    import_project, capsys, case
+):
+    project, mtc_import = import_project
+    cfg, weights = _jumprelu_sae()
+    breaking, says = MALFORMED[case]
+    breaking(cfg, weights)
+    code, err = mtc_import(cfg, weights, capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert says in err
+    assert not (project / "results").exists(), "nothing written"

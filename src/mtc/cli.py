@@ -376,7 +376,7 @@ def import_(
 
     cfg = _load(params)
     check_value("--name", name, Name)
-    written = import_saelens(directory, name, cfg.model.type, out, cfg.results_root)
+    written = import_saelens(directory, name, cfg.model.type, out, cfg.results_root, cfg.model_dir)
     typer.echo(f"wrote {written} (next: mtc evaluate {written})")
 
 
