@@ -169,3 +169,52 @@ def test_mtc_attribute_without_a_set_fails_in_one_line(transcoder_sets, tmp_path
         f"error: {tmp_path}: not a transcoder set (no config.yaml); write one with "
         "mtc export RUN_DIR... OUT --format circuit-tracer"
     ]
+
+
+@pytest.mark.parametrize(
+    "prompt, slug",
+    [
+        ("--help", "graph"),
+        ("--out=elsewhere", "graph"),
+        ("--max-feature-nodes=3", "graph"),
+        ("-h", "graph"),
+        ("a prompt", "-s"),
+    ],
+)
+def test_a_prompt_or_slug_that_looks_like_an_option_reaches_the_graph_helper_as_itself(
+    tmp_path, monkeypatch, prompt, slug
+):
+    """``mtc attribute`` starts external/circuit_tracer_graph.py; here its command line is run by the
+    helper's own main (argument parsing as it is) in this process, without circuit-tracer."""
+    import importlib.util
+    import sys
+
+    from mtc import circuit_tracer
+
+    spec = importlib.util.spec_from_file_location("circuit_tracer_graph", circuit_tracer.GRAPH_SCRIPT)
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    seen = {}
+
+    def graph(replacement, prompt, out, slug, max_feature_nodes):
+        seen.update(prompt=prompt, out=out, slug=slug)
+        return {"prompt": prompt}
+
+    monkeypatch.setattr(helper, "load_replacement", lambda model_dir, set_dir, work: (None, None))
+    monkeypatch.setattr(helper, "attribution_graph", graph)
+
+    def run_helper(command, **_):
+        assert command[1] == str(circuit_tracer.GRAPH_SCRIPT)
+        helper.main(command[2:])
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(circuit_tracer.subprocess, "run", run_helper)
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / SET_CONFIG).write_text("model_kind: transcoder_set\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    out = tmp_path / "graph"
+    summary = circuit_tracer.attribute(
+        tmp_path / "set", prompt, out, tmp_path / "model", python=sys.executable, slug=slug
+    )
+    assert seen == {"prompt": prompt, "out": out, "slug": slug} and summary == {"prompt": prompt}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -381,3 +382,68 @@ def test_mtc_import_of_a_malformed_saelens_directory_is_one_line_exit_2_and_writ
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert says in err
     assert not (project / "results").exists(), "nothing written"
+
+
+def test_mtc_import_refuses_a_name_that_holds_a_run_and_leaves_that_run_whole(import_project, capsys):
+    project, mtc_import = import_project
+    assert mtc_import(*_jumprelu_sae(), capsys)[0] == 0
+    run_dir = project / "results" / "stories260K" / "2" / "imported" / "x"
+    (run_dir / "metrics.json").write_text('{"fvu": 0.3}')  # what evaluate wrote for these weights
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    shutil.rmtree(project.parent / "saelens")
+    code, err = mtc_import(*_jumprelu_sae(d_sae=128), capsys)  # other weights, the same --name
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"error: {Path('results/stories260K/2/imported/x')}: already exists" in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------- where an export goes
+def test_an_export_over_an_earlier_export_of_another_dictionary_holds_only_the_new_one(trained, tmp_path):
+    cfg, _ = trained
+    evaluated = run_dir_of(cfg.dictionary("sae"), cfg.results_root)
+    not_evaluated = Path(
+        shutil.copytree(run_dir_of(cfg.dictionary("transcoder"), cfg.results_root), tmp_path / "tc")
+    )
+    (not_evaluated / "feature_frequency.safetensors").unlink()
+    out = tmp_path / "export"
+    export_saelens(evaluated, out)
+    assert (out / SPARSITY_FILE).is_file()
+    export_saelens(not_evaluated, out)
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"], (
+        "no sparsity of the earlier dictionary beside the new weights"
+    )
+    assert json.loads((out / CFG_FILE).read_text())["metadata"]["mtc_run"] == "transcoder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "tc"], "no temporaries left"
+
+
+def test_export_refuses_a_directory_it_did_not_write_and_changes_nothing_in_it(trained, tmp_path):
+    from mtc.errors import ConfigError
+
+    cfg, _ = trained
+    run_dir = run_dir_of(cfg.dictionary("sae"), cfg.results_root)
+    notes, elsewhere = tmp_path / "notes", tmp_path / "saelens-from-elsewhere"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    saelens_dictionary_on_disk(elsewhere, "StandardSAE", {}, 64, 0.1)  # SAELens's own files
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out in (notes, elsewhere):
+        with pytest.raises(ConfigError, match="a directory holding other files"):
+            export_saelens(run_dir, out)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_mtc_export_to_an_existing_file_is_one_line_and_leaves_the_file(trained, tmp_path):
+    cfg, _ = trained
+    run_dir = run_dir_of(cfg.dictionary("sae"), cfg.results_root)
+    (tmp_path / "afile").write_text("mine")
+    result = subprocess.run(
+        [sys.executable, "-m", "mtc.cli", "export", str(run_dir), "afile"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        "error: afile: a file is there; mtc export --format saelens writes a directory"
+    )
+    assert (tmp_path / "afile").read_text() == "mine"
