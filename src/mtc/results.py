@@ -166,10 +166,13 @@ def swapped_in_dir(path: str | Path) -> Iterator[Path]:
 
 
 def _move_aside(path: Path) -> Path | None:
-    """Rename an existing ``path`` to an unused hidden name beside it; returns that name."""
-    if not path.is_dir() or path.is_symlink():
-        path.unlink(missing_ok=True)  # a link (check_output_dir refuses files)
+    """Rename the directory ``path`` to an unused hidden name beside it and return that name (None
+    when there is none; a link goes, what it points to stays)."""
+    if path.is_symlink():
+        path.unlink()
         return None
+    if not path.is_dir():
+        return None  # nothing there (check_output_dir refuses a file)
     old = _unused_name_beside(path, "old")
     path.rename(old)
     return old
