@@ -136,3 +136,78 @@ def test_browse_params_are_validated():
         parse_params(raw)
     raw["browse"] = {"max_feature_pages": None, "contexts_per_feature": 3}
     assert parse_params(raw).browse.contexts_per_feature == 3
+
+
+def _tree(directory):
+    """Every path under ``directory`` with its bytes (directories as None)."""
+    return {p: (p.read_bytes() if p.is_file() else None) for p in sorted(directory.rglob("*"))}
+
+
+def test_mtc_browse_refuses_an_out_directory_holding_other_files_in_one_line_and_deletes_nothing(run):
+    cfg, run_dir, _ = run
+    before = _tree(cfg.results_root)
+    result = subprocess.run(
+        [sys.executable, "-m", "mtc.cli", "browse", str(run_dir), "--out", str(cfg.results_root)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"error: {cfg.results_root}: a directory holding other files" in result.stderr
+    assert _tree(cfg.results_root) == before, "every run is still there, unchanged"
+
+
+def test_browse_refuses_the_run_directory_itself_a_file_and_a_directory_with_a_users_files(run, tmp_path):
+    from mtc.browse import build_site
+    from mtc.config import ConfigError
+
+    cfg, run_dir, _ = run
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    (tmp_path / "a-file").write_text("mine")
+    before = _tree(run_dir)
+    for out, problem in (
+        (run_dir, "a directory holding other files"),
+        (notes, "a directory holding other files"),
+        (tmp_path / "a-file", "a file is there"),
+    ):
+        with pytest.raises(ConfigError, match=problem):
+            build_site(run_dir, out, cfg.browse)
+    assert _tree(run_dir) == before
+    assert (notes / "todo.txt").read_text() == "mine" and (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_browse_replaces_its_own_earlier_site_whole_and_leaves_what_is_beside_it(run, tmp_path):
+    from mtc.browse import build_site
+    from mtc.config import BrowseConfig
+
+    _, run_dir, _ = run
+    out = tmp_path / "site"
+    (tmp_path / "site.tmp").mkdir()  # a user's directory that only looks like a temporary
+    (tmp_path / "site.tmp" / "keep.txt").write_text("mine")
+    build_site(run_dir, out, BrowseConfig(max_feature_pages=5))
+    index = build_site(run_dir, out, BrowseConfig(max_feature_pages=3))
+    assert index == out / "index.html" and index.is_file()
+    assert len(list((out / "features").glob("*.html"))) == 3, "no page of the earlier site is left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "site.tmp"], "no temporaries left"
+    assert (tmp_path / "site.tmp" / "keep.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert build_site(run_dir, empty, BrowseConfig(max_feature_pages=1)).is_file()
+
+
+def test_control_bytes_of_byte_fallback_tokens_are_shown_as_their_codes_never_raw(run):
+    from mtc.browse import Site
+
+    _, run_dir, _ = run
+    site = Site(run_dir)
+    controls = [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F]  # all but \t and \n, shown as ⇥ and ↵
+    for i, tid in enumerate(sorted(site.tokens)):
+        site.tokens[tid] = "<&>" + chr(controls[i % len(controls)])
+    f = next(f for f, c in enumerate(site.fire_count) if c)
+    pages = site.feature_page(f, 5) + site.index({f})
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f]", pages), "no raw control byte in the pages"
+    assert "&lt;&amp;&gt;&lt;0x" in pages, "HTML is escaped as before, the control byte shown as <0xNN>"
+    shown = {int(code, 16) for code in re.findall(r"&lt;0x([0-9A-F]{2})&gt;", pages)}
+    assert shown and shown <= set(controls)

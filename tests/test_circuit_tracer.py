@@ -170,3 +170,96 @@ def test_mtc_attribute_without_a_set_fails_in_one_line(transcoder_sets, tmp_path
         f"error: {tmp_path}: not a transcoder set (no config.yaml); write one with "
         "mtc export RUN_DIR... OUT --format circuit-tracer"
     ]
+
+
+@pytest.mark.parametrize(
+    "prompt, slug",
+    [
+        ("--help", "graph"),
+        ("--out=elsewhere", "graph"),
+        ("--max-feature-nodes=3", "graph"),
+        ("-h", "graph"),
+        ("a prompt", "-s"),
+    ],
+)
+def test_a_prompt_or_slug_that_looks_like_an_option_reaches_the_graph_helper_as_itself(
+    tmp_path, monkeypatch, prompt, slug
+):
+    """``mtc attribute`` starts external/circuit_tracer_graph.py; here its command line is run by the
+    helper's own main (argument parsing as it is) in this process, without circuit-tracer."""
+    import importlib.util
+    import sys
+
+    from mtc import circuit_tracer
+
+    spec = importlib.util.spec_from_file_location("circuit_tracer_graph", circuit_tracer.GRAPH_SCRIPT)
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    seen = {}
+
+    def graph(replacement, prompt, out, slug, max_feature_nodes):
+        seen.update(prompt=prompt, out=out, slug=slug)
+        return {"prompt": prompt}
+
+    monkeypatch.setattr(helper, "load_replacement", lambda model_dir, set_dir, work: (None, None))
+    monkeypatch.setattr(helper, "attribution_graph", graph)
+
+    def run_helper(command, **_):
+        assert command[1] == str(circuit_tracer.GRAPH_SCRIPT)
+        helper.main(command[2:])
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(circuit_tracer.subprocess, "run", run_helper)
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / SET_CONFIG).write_text("model_kind: transcoder_set\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    out = tmp_path / "graph"
+    summary = circuit_tracer.attribute(
+        tmp_path / "set", prompt, out, tmp_path / "model", python=sys.executable, slug=slug
+    )
+    assert seen == {"prompt": prompt, "out": out, "slug": slug} and summary == {"prompt": prompt}
+
+
+def _finished_transcoder_run(run_dir, layer: int, group_sizes: list[int]):
+    """A finished (untrained) resid_mid -> mlp_out transcoder run of ``layer``: enough for an export."""
+    from mtc.results import write_config
+
+    d = MatryoshkaBatchTopK(8, 8, group_sizes, 2, kind="transcoder", input_norm="global")
+    d.save(run_dir)
+    record = dict(name=f"L{layer}", kind="transcoder", source_site="resid_mid", target_site="mlp_out")
+    write_config(run_dir, {**record, "source_layer": layer, "target_layer": layer}, completed=True)
+    return run_dir
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_a_set_of_mismatched_sizes_is_refused_before_an_earlier_set_in_its_place_is_touched(tmp_path):
+    runs = [_finished_transcoder_run(tmp_path / f"L{i}", i, [4, 4]) for i in range(3)]
+    odd = _finished_transcoder_run(tmp_path / "L1-wide", 1, [4, 12])
+    out = export_circuit_tracer(runs, tmp_path / "set")
+    before = _files(out)
+    with pytest.raises(ConfigError, match=r"the set's dictionaries have sizes \[8, 16\]"):
+        export_circuit_tracer([runs[0], odd, runs[2]], out)
+    assert _files(out) == before, "the earlier set is whole"
+
+
+def test_a_set_replaces_an_earlier_set_whole_and_nothing_else(tmp_path):
+    runs = [_finished_transcoder_run(tmp_path / f"L{i}", i, [4, 4]) for i in range(3)]
+    out = export_circuit_tracer(runs, tmp_path / "set")
+    export_circuit_tracer(runs[:2], out, n_groups=1)
+    assert sorted(_files(out)) == ["config.yaml", "layer_0.safetensors", "layer_1.safetensors"]
+    assert yaml.safe_load((out / SET_CONFIG).read_text())["transcoders"] == [
+        str(out / "layer_0.safetensors"),
+        str(out / "layer_1.safetensors"),
+    ]
+    assert load_file(str(out / "layer_1.safetensors"))["b_enc"].shape == (4,)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="a directory holding other files"):
+        export_circuit_tracer(runs, notes)
+    assert _files(notes) == {"todo.txt": b"mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["L0", "L1", "L2", "notes", "set"], "no temporaries"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -248,3 +249,201 @@ def test_mtc_import_of_a_directory_without_a_saelens_config_is_one_line(tmp_path
     )
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "not-saelens/cfg.json: not found" in result.stderr
+
+
+# ----------------------------------------------------------------------------- malformed imports
+def _jumprelu_sae(d_in=64, d_sae=96):
+    """A well-formed SAELens JumpReLU SAE on stories260K's resid_mid of layer 2 (d_model 64): its cfg
+    and its weights, for the table below to break one thing of."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = {
+        "architecture": "jumprelu",
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "metadata": {"hook_name": "blocks.2.hook_resid_mid"},
+    }
+    weights = {
+        "W_enc": torch.randn(d_in, d_sae, generator=gen),
+        "b_enc": torch.zeros(d_sae),
+        "W_dec": torch.randn(d_sae, d_in, generator=gen),
+        "b_dec": torch.zeros(d_in),
+        "threshold": torch.full((d_sae,), 0.1),
+    }
+    return cfg, weights
+
+
+def _as_topk(cfg, weights, **k):
+    cfg.update(architecture="topk", **k)
+    del weights["threshold"]
+
+
+def _nan_in(weights, key):
+    weights[key] = weights[key].clone()
+    weights[key].view(-1)[3] = float("nan")
+
+
+MALFORMED = {  # what is wrong: (break it, what the one line says)
+    "metadata a string": (lambda c, w: c.update(metadata="blocks.2.hook_resid_mid"), "metadata is 'blocks"),
+    "metadata a list": (lambda c, w: c.update(metadata=["blocks.2.hook_resid_mid"]), "metadata is ["),
+    "architecture a list": (lambda c, w: c.update(architecture=["x"]), "architecture ['x'] cannot be"),
+    "normalize_activations an object": (
+        lambda c, w: c.update(normalize_activations={}),
+        "normalize_activations {} cannot be",
+    ),
+    "hook_name a number": (lambda c, w: c["metadata"].update(hook_name=5), "hook_name 5 is not a hook"),
+    "topk k a string": (lambda c, w: _as_topk(c, w, k="abc"), "k 'abc' is not a top-k size"),
+    "topk without k": (lambda c, w: _as_topk(c, w), "k None is not a top-k size"),
+    "topk k 1e5": (lambda c, w: _as_topk(c, w, k=1e5), "k 100000.0 is not a top-k size"),
+    "jumprelu without threshold": (lambda c, w: w.pop("threshold"), "no threshold"),
+    "skip transcoder without W_skip": (
+        lambda c, w: c.update(
+            architecture="jumprelu_skip_transcoder",
+            d_out=64,
+            metadata={"hook_name": "blocks.2.hook_resid_mid", "hook_name_out": "blocks.2.hook_mlp_out"},
+        ),
+        "no W_skip",
+    ),
+    "1-D W_enc": (lambda c, w: w.update(W_enc=w["W_enc"].flatten()), "W_enc has shape [6144]"),
+    "1-D W_dec": (lambda c, w: w.update(W_dec=w["W_dec"].flatten()), "W_dec has shape [6144]"),
+    "group_sizes with a negative size": (
+        lambda c, w: c["metadata"].update(group_sizes=[140, -44]),
+        "metadata.group_sizes [140, -44] is not a list of positive integers",
+    ),
+    "group_sizes of floats": (
+        lambda c, w: c["metadata"].update(group_sizes=[96.0]),
+        "metadata.group_sizes [96.0] is not",
+    ),
+    "group_sizes not summing to the features": (
+        lambda c, w: c["metadata"].update(group_sizes=[32, 32]),
+        "metadata.group_sizes [32, 32] is not",
+    ),
+    "another model's width": (
+        lambda c, w: w.update({k: v for k, v in _jumprelu_sae(d_in=48)[1].items()}),
+        "the dictionary's input width is 48; the model in",
+    ),
+    "a layer the model does not have": (
+        lambda c, w: c["metadata"].update(hook_name="blocks.7.hook_resid_mid"),
+        "layer 7 is out of range; the model has layers 0..4",
+    ),
+    "NaN in W_dec": (lambda c, w: _nan_in(w, "W_dec"), "W_dec holds NaN or infinite numbers"),
+    "infinity in b_enc": (lambda c, w: w.update(b_enc=w["b_enc"] + float("inf")), "b_enc holds NaN"),
+}
+
+
+@pytest.fixture
+def import_project(tiny_pipeline, tmp_path, monkeypatch):
+    """A project directory (params.yaml, the prepared stories260K model) that `mtc import` runs in,
+    in this process; returns it and a function running ``mtc import DIR --name x`` on a SAELens
+    directory written from a cfg and weights, giving the exit code and stderr."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from mtc import cli
+    from tests.conftest import tiny_params
+
+    project = tmp_path / "project"
+    (project / "data" / "models").mkdir(parents=True)
+    (project / "data" / "models" / "stories260K").symlink_to(tiny_pipeline.model_dir.resolve())
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_pipeline.model.name)))
+    monkeypatch.chdir(project)
+
+    def mtc_import(cfg, weights, capsys) -> tuple[int, str]:
+        saelens = tmp_path / "saelens"
+        saelens.mkdir()
+        (saelens / CFG_FILE).write_text(json.dumps(cfg))
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(saelens / "sae_weights.safetensors"))
+        monkeypatch.setattr(sys, "argv", ["mtc", "import", str(saelens), "--name", "x"])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        return exit_.value.code, capsys.readouterr().err
+
+    return project, mtc_import
+
+
+def test_the_well_formed_sae_of_the_malformed_table_imports(import_project, capsys):
+    project, mtc_import = import_project
+    code, err = mtc_import(*_jumprelu_sae(), capsys)
+    assert code == 0, err
+    assert (project / "results" / "stories260K" / "2" / "imported" / "x" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_mtc_import_of_a_malformed_saelens_directory_is_one_line_exit_2_and_writes_nothing(
+    import_project, capsys, case
+):
+    project, mtc_import = import_project
+    cfg, weights = _jumprelu_sae()
+    breaking, says = MALFORMED[case]
+    breaking(cfg, weights)
+    code, err = mtc_import(cfg, weights, capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert says in err
+    assert not (project / "results").exists(), "nothing written"
+
+
+def test_mtc_import_refuses_a_name_that_holds_a_run_and_leaves_that_run_whole(import_project, capsys):
+    project, mtc_import = import_project
+    assert mtc_import(*_jumprelu_sae(), capsys)[0] == 0
+    run_dir = project / "results" / "stories260K" / "2" / "imported" / "x"
+    (run_dir / "metrics.json").write_text('{"fvu": 0.3}')  # what evaluate wrote for these weights
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    shutil.rmtree(project.parent / "saelens")
+    code, err = mtc_import(*_jumprelu_sae(d_sae=128), capsys)  # other weights, the same --name
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"error: {Path('results/stories260K/2/imported/x')}: already exists" in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------- where an export goes
+def test_an_export_over_an_earlier_export_of_another_dictionary_holds_only_the_new_one(trained, tmp_path):
+    cfg, _ = trained
+    evaluated = run_dir_of(cfg.dictionary("sae"), cfg.results_root)
+    not_evaluated = Path(
+        shutil.copytree(run_dir_of(cfg.dictionary("transcoder"), cfg.results_root), tmp_path / "tc")
+    )
+    (not_evaluated / "feature_frequency.safetensors").unlink()
+    out = tmp_path / "export"
+    export_saelens(evaluated, out)
+    assert (out / SPARSITY_FILE).is_file()
+    export_saelens(not_evaluated, out)
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"], (
+        "no sparsity of the earlier dictionary beside the new weights"
+    )
+    assert json.loads((out / CFG_FILE).read_text())["metadata"]["mtc_run"] == "transcoder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "tc"], "no temporaries left"
+
+
+def test_export_refuses_a_directory_it_did_not_write_and_changes_nothing_in_it(trained, tmp_path):
+    from mtc.errors import ConfigError
+
+    cfg, _ = trained
+    run_dir = run_dir_of(cfg.dictionary("sae"), cfg.results_root)
+    notes, elsewhere = tmp_path / "notes", tmp_path / "saelens-from-elsewhere"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    saelens_dictionary_on_disk(elsewhere, "StandardSAE", {}, 64, 0.1)  # SAELens's own files
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out in (notes, elsewhere):
+        with pytest.raises(ConfigError, match="a directory holding other files"):
+            export_saelens(run_dir, out)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_mtc_export_to_an_existing_file_is_one_line_and_leaves_the_file(trained, tmp_path):
+    cfg, _ = trained
+    run_dir = run_dir_of(cfg.dictionary("sae"), cfg.results_root)
+    (tmp_path / "afile").write_text("mine")
+    result = subprocess.run(
+        [sys.executable, "-m", "mtc.cli", "export", str(run_dir), "afile"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        "error: afile: a file is there; mtc export --format saelens writes a directory"
+    )
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import html
 import math
-import shutil
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,20 @@ from typing import Any
 from mtc import progress
 from mtc.config import BrowseConfig
 from mtc.errors import BrowseError
-from mtc.results import BROWSER_DIR, METRICS_FILE, MINED_SAMPLES_DIR, atomic_write_text, read_json
+from mtc.results import (
+    BROWSER_DIR,
+    METRICS_FILE,
+    MINED_SAMPLES_DIR,
+    atomic_write_text,
+    check_output_dir,
+    read_json,
+    swapped_in_dir,
+)
 from mtc.samples import FEATURES_FILE, META_FILE, QUANTILE_FILE, ActivationSampleAnalyzer
 
 INDEX = "index.html"
 PAGES = "features"
+_PAGE_NAME = re.compile(r"\d+\.html")  # a feature page, in PAGES
 
 
 CSS = """
@@ -78,9 +87,14 @@ def token_strings(tokenizer: Any, ids: set[int]) -> dict[int, str]:
     return out
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _shown(text: str) -> str:
-    """A token as it can be shown inline: newlines and tabs as visible marks."""
-    return html.escape(text.replace("\n", "↵").replace("\t", "⇥"))
+    """A token as it can be shown inline: newlines and tabs as visible marks, other control
+    characters (byte-fallback tokens such as ``<0x00>``) as their code, ``<0x00>``."""
+    text = text.replace("\n", "↵").replace("\t", "⇥")
+    return html.escape(_CONTROL.sub(lambda m: f"<0x{ord(m.group()):02X}>", text))
 
 
 def _context_html(sample: dict[str, Any], tokens: dict[int, str], scale: float) -> str:
@@ -284,19 +298,29 @@ def build_site(
     cfg = cfg or BrowseConfig()
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / BROWSER_DIR
+    check_output_dir(out_dir, is_browser_site, "mtc browse")
     site = Site(run_dir, tokenizer)
     fired = [f for f, c in enumerate(site.fire_count) if c > 0]
     pages = fired if cfg.max_feature_pages is None else fired[: cfg.max_feature_pages]
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / PAGES).mkdir(parents=True)
-    with progress.bar("browse", total=len(pages), unit="pages") as advance:
-        for f in pages:
-            (tmp / PAGES / f"{f}.html").write_text(
-                site.feature_page(f, cfg.contexts_per_feature), encoding="utf-8"
-            )
-            advance(1)
-    atomic_write_text(tmp / INDEX, site.index(set(pages)))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)  # the site appears whole or not at all
+    with swapped_in_dir(out_dir) as tmp:  # the site appears whole or not at all
+        (tmp / PAGES).mkdir()
+        with progress.bar("browse", total=len(pages), unit="pages") as advance:
+            for f in pages:
+                (tmp / PAGES / f"{f}.html").write_text(
+                    site.feature_page(f, cfg.contexts_per_feature), encoding="utf-8"
+                )
+                advance(1)
+        atomic_write_text(tmp / INDEX, site.index(set(pages)))
     return out_dir / INDEX
+
+
+def is_browser_site(directory: Path) -> bool:
+    """Whether ``directory`` holds what ``build_site`` writes and nothing else (so replacing it
+    loses nothing mtc did not write)."""
+    index, pages = directory / INDEX, directory / PAGES
+    if {p.name for p in directory.iterdir()} - {INDEX, PAGES} or not index.is_file():
+        return False
+    if pages.exists() and not (pages.is_dir() and all(_PAGE_NAME.fullmatch(p.name) for p in pages.iterdir())):
+        return False
+    with open(index, encoding="utf-8", errors="replace") as f:
+        return "<title>mtc features: " in f.read(4096)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -34,10 +35,17 @@ from safetensors.torch import save as save_tensors
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import ConfigError
 from mtc.models import hub_id
-from mtc.results import atomic_write_bytes, atomic_write_text, finished_run_record
+from mtc.results import (
+    atomic_write_bytes,
+    atomic_write_text,
+    check_output_dir,
+    finished_run_record,
+    swapped_in_dir,
+)
 from mtc.saelens import check_groups, folded_tensors, model_config
 
 SET_CONFIG = "config.yaml"
+LAYER_FILE = re.compile(r"layer_\d+\.safetensors")  # layer_{i}.safetensors
 GRAPH_SCRIPT = Path(__file__).parent / "external" / "circuit_tracer_graph.py"
 # circuit-tracer needs an older transformers than mtc: it lives in a virtualenv of its own
 # (MTC_WITH_CIRCUIT_TRACER=1 bash scripts/setup.sh), found here unless MTC_CIRCUIT_TRACER_PYTHON says.
@@ -55,8 +63,11 @@ def export_circuit_tracer(
     model_dir: str | Path | None = None,
 ) -> Path:
     """Write the finished transcoder runs in ``run_dirs`` (one per layer) as a set in ``out``.
-    ``model_dir`` (what prepare_model wrote) is read for a set trained with ``input_norm: token``."""
+    ``model_dir`` (what prepare_model wrote) is read for a set trained with ``input_norm: token``.
+    The whole set is checked before anything is written; ``out`` must be new, empty or an earlier set
+    of mtc's, and the set is written whole beside it and swapped in."""
     out = Path(out).resolve()
+    check_output_dir(out, is_circuit_tracer_set, "mtc export --format circuit-tracer")
     by_layer: dict[int, tuple[Path, dict]] = {}
     for run_dir in map(Path, run_dirs):
         record = _transcoder_record(run_dir)
@@ -79,32 +90,44 @@ def export_circuit_tracer(
         )
     [input_norm] = norms
     gammas = _mlp_input_norm_weights(model_dir, sorted(by_layer)) if input_norm == "token" else {}
-    layer_files = []
-    sizes = set()
-    for layer, (run_dir, _) in sorted(by_layer.items()):
-        dictionary = dictionaries[layer]
-        tensors, _ = folded_tensors(dictionary, check_groups(n_groups, dictionary, str(run_dir)))
-        if layer in gammas:  # the input is gamma * x / rms(x): undo gamma in the weights that read it
-            tensors["W_enc"] = tensors["W_enc"] / gammas[layer][:, None]
-            if "W_skip" in tensors:
-                tensors["W_skip"] = tensors["W_skip"] / gammas[layer][None, :]
-        sizes.add(tensors["b_enc"].numel())
-        layer_file = out / f"layer_{layer}.safetensors"
-        atomic_write_bytes(layer_file, save_tensors(_circuit_tracer_layout(tensors)))
-        layer_files.append(str(layer_file))
+    groups = {layer: check_groups(n_groups, d, str(by_layer[layer][0])) for layer, d in dictionaries.items()}
+    sizes = {d.boundaries[groups[layer] - 1] for layer, d in dictionaries.items()}
     if len(sizes) > 1:
         raise ConfigError(f"the set's dictionaries have sizes {sorted(sizes)}; circuit-tracer needs one size")
-    first = by_layer[0][1]
     config = {
         "model_kind": "transcoder_set",
-        "model_name": hub_id(first.get("store_provenance", {}).get("model_name", "")),
+        "model_name": hub_id(by_layer[0][1].get("store_provenance", {}).get("model_name", "")),
         "feature_input_hook": INPUT_HOOKS[input_norm],
         "feature_output_hook": "hook_mlp_out",
         "scan": out.name,
-        "transcoders": layer_files,
+        "transcoders": [str(out / f"layer_{layer}.safetensors") for layer in sorted(by_layer)],
     }
-    atomic_write_text(out / SET_CONFIG, yaml.safe_dump(config, sort_keys=False))
+    with swapped_in_dir(out) as new:  # checked: now written, one layer at a time
+        for layer in sorted(by_layer):
+            tensors, _ = folded_tensors(dictionaries[layer], groups[layer])
+            if layer in gammas:  # the input is gamma * x / rms(x): undo gamma in the weights that read it
+                tensors["W_enc"] = tensors["W_enc"] / gammas[layer][:, None]
+                if "W_skip" in tensors:
+                    tensors["W_skip"] = tensors["W_skip"] / gammas[layer][None, :]
+            layout = _circuit_tracer_layout(tensors)
+            atomic_write_bytes(new / f"layer_{layer}.safetensors", save_tensors(layout))
+        atomic_write_text(new / SET_CONFIG, yaml.safe_dump(config, sort_keys=False))
     return out
+
+
+def is_circuit_tracer_set(directory: Path) -> bool:
+    """Whether ``directory`` holds an earlier ``export_circuit_tracer`` and nothing else: its
+    ``config.yaml`` (a ``transcoder_set`` naming layer files in this directory) and layer files."""
+    if any(p.name != SET_CONFIG and not LAYER_FILE.fullmatch(p.name) for p in directory.iterdir()):
+        return False
+    try:
+        config = yaml.safe_load((directory / SET_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    if not isinstance(config, dict) or config.get("model_kind") != "transcoder_set":
+        return False
+    files = config.get("transcoders")
+    return isinstance(files, list) and all(Path(str(f)).parent == directory.resolve() for f in files)
 
 
 def _mlp_input_norm_weights(model_dir: str | Path | None, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -177,6 +200,15 @@ def circuit_tracer_python(python: str | Path | None = None) -> Path:
     return path
 
 
+def graph_command(
+    python: Path, model_dir: Path, set_dir: Path, out: Path, prompt: str, slug: str, max_feature_nodes: int
+) -> list[str]:
+    """The helper's command line: options first (``--slug=S``, whatever S is), then ``--`` and the
+    positional arguments, so that a prompt (or a path) starting with ``-`` is read as itself."""
+    options = [f"--slug={slug}", f"--max-feature-nodes={max_feature_nodes}"]
+    return [str(python), str(GRAPH_SCRIPT), *options, "--", str(model_dir), str(set_dir), str(out), prompt]
+
+
 def attribute(
     set_dir: str | Path,
     prompt: str,
@@ -197,8 +229,9 @@ def attribute(
         )
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"{model_dir}: not a model directory (no config.json); run mtc prepare-model")
-    command = [str(circuit_tracer_python(python)), str(GRAPH_SCRIPT), str(model_dir), str(set_dir), str(out)]
-    command += [prompt, "--slug", slug, "--max-feature-nodes", str(max_feature_nodes)]
+    command = graph_command(
+        circuit_tracer_python(python), model_dir, set_dir, out, prompt, slug, max_feature_nodes
+    )
     result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]

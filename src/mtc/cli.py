@@ -241,7 +241,10 @@ def samples(
 def browse(
     run_dir: Path = typer.Argument(..., help="A run directory (results/{model}/{layer}/{steps}/{name})."),
     out: Optional[Path] = typer.Option(
-        None, "--out", "-o", help="Where to write the site (default RUN_DIR/browser)."
+        None,
+        "--out",
+        "-o",
+        help="Where to write the site (default RUN_DIR/browser): new, empty, or an earlier site.",
     ),
     max_feature_pages: Optional[int] = typer.Option(None, help="Write at most this many feature pages."),
     contexts: int = typer.Option(10, help="Top contexts per feature page."),
@@ -367,8 +370,9 @@ def import_(
     ),
     params: Path = ParamsOption,
 ) -> None:
-    """Turn a dictionary trained elsewhere into a run directory: `mtc evaluate RUN_DIR`, `mtc mine
-    RUN_DIR` and `mtc browse RUN_DIR` then work on it, on this project's store."""
+    """Turn a dictionary trained elsewhere into a new run directory (an existing one is never
+    replaced): `mtc evaluate RUN_DIR`, `mtc mine RUN_DIR` and `mtc browse RUN_DIR` then work on it,
+    on this project's store."""
     if format != "saelens":
         _fail(f"--format: got {format!r}; expected saelens")
     from mtc.config import Name, check_value
@@ -376,7 +380,7 @@ def import_(
 
     cfg = _load(params)
     check_value("--name", name, Name)
-    written = import_saelens(directory, name, cfg.model.type, out, cfg.results_root)
+    written = import_saelens(directory, name, cfg.model.type, out, cfg.results_root, cfg.model_dir)
     typer.echo(f"wrote {written} (next: mtc evaluate {written})")
 
 

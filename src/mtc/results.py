@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -119,3 +123,60 @@ def finished_run_record(run_dir: Path) -> dict:
     if not record.get("completed_at"):
         raise ConfigError(f"{run_dir}: the run has not finished (no completed_at in {CONFIG_FILE})")
     return record
+
+
+# ----------------------------------------------------------------------------- whole output directories
+def check_output_dir(path: str | Path, is_earlier_output: Callable[[Path], bool], what: str) -> None:
+    """Refuse ``path`` as the directory ``what`` (e.g. "mtc browse") writes unless it is new, empty, or
+    an earlier output of ``what`` (``is_earlier_output``): what is replaced was written by mtc."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: a file is there; {what} writes a directory: give a new path")
+    if path.is_dir() and any(path.iterdir()) and not is_earlier_output(path):
+        raise ConfigError(
+            f"{path}: a directory holding other files; {what} replaces only its own earlier output "
+            "or an empty directory: give a new path"
+        )
+
+
+@contextmanager
+def swapped_in_dir(path: str | Path) -> Iterator[Path]:
+    """A fresh directory beside ``path`` to write into; when the block ends without error it is renamed
+    to ``path`` (an earlier directory there, which the caller has checked with ``check_output_dir``,
+    is moved aside first and then removed), so ``path`` holds the old output or the new one whole,
+    never a mix. On error the fresh directory is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = _unused_name_beside(path, "tmp")
+    new.mkdir()
+    try:
+        yield new
+        old = _move_aside(path)
+        try:
+            new.rename(path)
+        except BaseException:
+            if old is not None:
+                old.rename(path)
+            raise
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _move_aside(path: Path) -> Path | None:
+    """Rename the directory ``path`` to an unused hidden name beside it and return that name (None
+    when there is none; a link goes, what it points to stays)."""
+    if path.is_symlink():
+        path.unlink()
+        return None
+    if not path.is_dir():
+        return None  # nothing there (check_output_dir refuses a file)
+    old = _unused_name_beside(path, "old")
+    path.rename(old)
+    return old
+
+
+def _unused_name_beside(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}")

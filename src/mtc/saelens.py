@@ -44,13 +44,15 @@ from safetensors.torch import save as save_tensors
 from mtc.config import DictionaryConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import ConfigError
-from mtc.models import hook_name, hub_id, site_of_hook
+from mtc.models import hook_name, hub_id, read_architecture, site_of_hook
 from mtc.results import (
     FREQUENCY_FILE,
     atomic_write_bytes,
     atomic_write_text,
+    check_output_dir,
     finished_run_record,
     run_dir_path,
+    swapped_in_dir,
     write_config,
 )
 
@@ -66,8 +68,10 @@ def export_saelens(
     run_dir: str | Path, out: str | Path, n_groups: int | None = None, model_dir: str | Path | None = None
 ) -> Path:
     """Write the finished run in ``run_dir`` (or its first ``n_groups`` groups) to ``out``.
-    ``model_dir`` (what prepare_model wrote) is read for a skip transcoder with ``input_norm: token``."""
+    ``model_dir`` (what prepare_model wrote) is read for a skip transcoder with ``input_norm: token``.
+    ``out`` must be new, empty or an earlier export of mtc's: it is written whole beside and swapped in."""
     run_dir, out = Path(run_dir), Path(out)
+    check_output_dir(out, is_saelens_export, "mtc export --format saelens")
     record = finished_run_record(run_dir)
     dictionary = MatryoshkaBatchTopK.load(run_dir)
     n_groups = check_groups(n_groups, dictionary)
@@ -76,13 +80,26 @@ def export_saelens(
         _check_reads_mlp_input(record, model_dir)
     tensors, code_scale = folded_tensors(dictionary, n_groups)
     cfg = saelens_cfg(dictionary, record, n_groups, code_scale, reads_normalized)
-    atomic_write_bytes(out / WEIGHTS_FILE, save_tensors(tensors))
-    atomic_write_text(out / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
-    if (run_dir / FREQUENCY_FILE).is_file():  # from evaluate: SAELens's log10 feature density
-        log10_freq = load_file(str(run_dir / FREQUENCY_FILE))["log10_frequency"][: cfg["d_sae"]]
-        sparsity = torch.log10(torch.pow(10.0, log10_freq.double()) + 1e-10).float()
-        atomic_write_bytes(out / SPARSITY_FILE, save_tensors({"sparsity": sparsity}))
+    with swapped_in_dir(out) as new:
+        atomic_write_bytes(new / WEIGHTS_FILE, save_tensors(tensors))
+        atomic_write_text(new / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
+        if (run_dir / FREQUENCY_FILE).is_file():  # from evaluate: SAELens's log10 feature density
+            log10_freq = load_file(str(run_dir / FREQUENCY_FILE))["log10_frequency"][: cfg["d_sae"]]
+            sparsity = torch.log10(torch.pow(10.0, log10_freq.double()) + 1e-10).float()
+            atomic_write_bytes(new / SPARSITY_FILE, save_tensors({"sparsity": sparsity}))
     return out
+
+
+def is_saelens_export(directory: Path) -> bool:
+    """Whether ``directory`` holds an earlier ``export_saelens`` and nothing else: only its files, and
+    a ``cfg.json`` whose metadata names the mtc run (a SAELens directory from elsewhere has none)."""
+    if {p.name for p in directory.iterdir()} - {CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE}:
+        return False
+    try:
+        meta = json.loads((directory / CFG_FILE).read_text()).get("metadata")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(meta, dict) and "mtc_run" in meta
 
 
 def check_groups(n_groups: int | None, d: MatryoshkaBatchTopK, what: str = "this dictionary") -> int:
@@ -218,25 +235,25 @@ scales while training) and mtc's ``input_norm`` that computes the same."""
 
 
 def import_saelens(
-    directory: str | Path, name: str, model_type: str, out: str | Path | None = None, results_root="results"
+    directory: str | Path,
+    name: str,
+    model_type: str,
+    out: str | Path | None = None,
+    results_root="results",
+    model_dir: str | Path | None = None,
 ) -> Path:
     """Write SAELens directory ``directory`` as an mtc run directory named ``name``: ``out``, or
-    ``results/{model_type}/{layer}/imported/{name}``."""
+    ``results/{model_type}/{layer}/imported/{name}``. Everything is checked before anything is written:
+    the config's values and the weights' shapes (finite numbers), and, when ``model_dir`` holds the
+    model (what prepare_model wrote), the hooks' layers and the width against it. The run directory
+    must not exist yet (an import replaces no run: its metrics and samples would belong to other
+    weights); it is written beside and renamed into place."""
     directory = Path(directory)
     cfg = _read_cfg(directory)
     where = directory / CFG_FILE
-    architecture = cfg.get("architecture", "standard")
-    if architecture not in ACTIVATION_OF:
-        raise ConfigError(
-            f"{where}: architecture {architecture!r} cannot be imported; "
-            f"mtc imports {', '.join(ACTIVATION_OF)}"
-        )
-    norm = cfg.get("normalize_activations", "none")
-    if norm not in _NORMS:
-        raise ConfigError(
-            f"{where}: normalize_activations {norm!r} cannot be imported; mtc imports {', '.join(_NORMS)}"
-        )
-    meta = cfg.get("metadata") or cfg  # configs before SAELens 6 keep these at the top level
+    architecture = _one_of(where, cfg, "architecture", "standard", ACTIVATION_OF)
+    _one_of(where, cfg, "normalize_activations", "none", _NORMS)
+    meta = _metadata(where, cfg)
     layer, source_site = _stored_site(where, "hook_name", meta.get("hook_name") or meta.get("hook_point"))
     transcoder = "transcoder" in architecture
     target = (
@@ -244,7 +261,9 @@ def import_saelens(
         if transcoder
         else (layer, source_site)
     )
-    dictionary = saelens_dictionary(architecture, cfg, _read_weights(directory), where)
+    dictionary = saelens_dictionary(architecture, cfg, _read_weights(directory, architecture), where)
+    if model_dir is not None and (Path(model_dir) / "config.json").is_file():
+        _check_against_model(where, Path(model_dir), dictionary, [(layer, source_site), target])
     record = DictionaryConfig(
         name=name,
         kind=dictionary.shape.kind,
@@ -266,13 +285,20 @@ def import_saelens(
     )
     record["top_k"] = dictionary.top_k or None  # none for ReLU and JumpReLU dictionaries
     out = Path(out) if out is not None else run_dir_path(model_type, layer, "imported", name, results_root)
-    dictionary.save(out)
-    write_config(out, record, completed=True)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ConfigError(
+            f"{out}: already exists; mtc import writes a new run directory and replaces none (its "
+            "metrics and samples belong to other weights): pick another --name, or remove it first"
+        )
+    with swapped_in_dir(out) as new:
+        dictionary.save(new)
+        write_config(new, record, completed=True)
     return out
 
 
 def saelens_dictionary(architecture: str, cfg: dict, weights: dict, where: Path) -> MatryoshkaBatchTopK:
-    """An mtc dictionary computing what SAELens's ``architecture`` computes with ``weights``."""
+    """An mtc dictionary computing what SAELens's ``architecture`` computes with ``weights`` (read
+    by ``_read_weights``: the tensors the architecture needs, with their ranks, all finite)."""
     weights = {k: v.float() for k, v in weights.items()}
     W_enc, b_enc, W_dec, b_dec = (weights[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
     if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
@@ -285,20 +311,20 @@ def saelens_dictionary(architecture: str, cfg: dict, weights: dict, where: Path)
             "its encoder the rescaled one) has no mtc counterpart"
         )
     (d_in, F), d_out = W_enc.shape, W_dec.shape[1]
-    group_sizes = (cfg.get("metadata") or {}).get("group_sizes")
-    if not (isinstance(group_sizes, list) and sum(group_sizes) == F):
-        group_sizes = [F]  # not an mtc export: one group
     activation = ACTIVATION_OF[architecture]
-    dictionary = MatryoshkaBatchTopK(
-        d_in,
-        d_out,
-        group_sizes,
-        int(cfg.get("k", 0)) if activation == "topk" else 0,
-        kind="transcoder" if "transcoder" in architecture else "sae",
-        input_norm="token" if token else "global",
-        skip_connection="W_skip" in weights,
-        activation=activation,
-    )
+    try:
+        dictionary = MatryoshkaBatchTopK(
+            d_in,
+            d_out,
+            _group_sizes(where, _metadata(where, cfg), F),
+            _top_k(where, cfg, F) if activation == "topk" else 0,
+            kind="transcoder" if "transcoder" in architecture else "sae",
+            input_norm="token" if token else "global",
+            skip_connection="W_skip" in weights,
+            activation=activation,
+        )
+    except ValueError as e:  # what the shape itself refuses (an SAE whose output is not its input)
+        raise ConfigError(f"{where}: {e}") from None
     state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     if activation == "jumprelu":
         state["threshold"] = weights["threshold"]
@@ -318,11 +344,77 @@ def saelens_dictionary(architecture: str, cfg: dict, weights: dict, where: Path)
     return dictionary
 
 
-def _stored_site(where: Path, key: str, hook: str | None) -> tuple[int, str]:
-    found = site_of_hook(hook or "")
+def _one_of(where: Path, cfg: dict, key: str, default: str, allowed: dict) -> str:
+    value = cfg.get(key, default)
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{where}: {key} {value!r} cannot be imported; mtc imports {', '.join(allowed)}")
+    return value
+
+
+def _metadata(where: Path, cfg: dict) -> dict:
+    """The ``metadata`` object (configs before SAELens 6 keep its keys at the top level)."""
+    meta = cfg.get("metadata")
+    if meta is None or meta == {}:
+        return cfg
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{where}: metadata is {_short(meta)}; expected an object (hook_name, ...)")
+    return meta
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _top_k(where: Path, cfg: dict, F: int) -> int:
+    k = cfg.get("k")
+    if not (_is_int(k) and 0 < k < F):
+        raise ConfigError(
+            f"{where}: k {_short(k)} is not a top-k size; a topk dictionary needs an integer k from 1 "
+            f"to {F - 1} (it has {F} features)"
+        )
+    return k
+
+
+def _group_sizes(where: Path, meta: dict, F: int) -> list[int]:
+    """``metadata.group_sizes`` (a Matryoshka dictionary mtc exported), or one group of all ``F``."""
+    sizes = meta.get("group_sizes")
+    if sizes is None:
+        return [F]  # not an mtc export: one group
+    if not (
+        isinstance(sizes, list) and sizes and all(_is_int(g) and g > 0 for g in sizes) and sum(sizes) == F
+    ):
+        raise ConfigError(
+            f"{where}: metadata.group_sizes {_short(sizes)} is not a list of positive integers "
+            f"summing to the dictionary's {F} features"
+        )
+    return sizes
+
+
+def _check_against_model(
+    where: Path, model_dir: Path, d: MatryoshkaBatchTopK, sites: list[tuple[int, str]]
+) -> None:
+    """The hooks' layers and sites exist in the model, and the dictionary's width is the model's."""
+    arch = read_architecture(model_dir)
+    for layer, site in sites:
+        arch.check_site(site, layer, f"{where}: {hook_name(site, layer)}")
+    for what, width in (("input", d.shape.d_in), ("output", d.shape.d_out)):
+        if width != arch.d_model:
+            raise ConfigError(
+                f"{where}: the dictionary's {what} width is {width}; the model in {model_dir} "
+                f"has width {arch.d_model} (a dictionary of another model?)"
+            )
+
+
+def _stored_site(where: Path, key: str, hook: Any) -> tuple[int, str]:
+    found = site_of_hook(hook) if isinstance(hook, str) else None
     if found is None:
         raise ConfigError(
-            f"{where}: {key} {hook!r} is not a hook mtc stores (blocks.L.hook_resid_pre, _resid_mid, "
+            f"{where}: {key} {_short(hook)} is not a hook mtc stores (blocks.L.hook_resid_pre, _resid_mid, "
             "_mlp_out or _resid_post)"
         )
     return found
@@ -341,13 +433,31 @@ def _read_cfg(directory: Path) -> dict:
     return cfg
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+RANKS = {"W_enc": 2, "b_enc": 1, "W_dec": 2, "b_dec": 1, "threshold": 1, "W_skip": 2}
+"""The tensors an import reads, and how many dimensions each has."""
+
+
+def _read_weights(directory: Path, architecture: str) -> dict[str, torch.Tensor]:
+    """The tensors ``architecture`` computes with: each there, of its rank, every number finite."""
     path = directory / WEIGHTS_FILE
     try:
         weights = load_file(str(path))
     except Exception as e:  # missing, truncated, not safetensors: the message is what matters
         raise ConfigError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {e})") from None
-    missing = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k not in weights]
+    needed = ["W_enc", "b_enc", "W_dec", "b_dec"]
+    needed += ["threshold"] if ACTIVATION_OF[architecture] == "jumprelu" else []
+    needed += ["W_skip"] if "skip" in architecture else []
+    missing = [k for k in needed if k not in weights]
     if missing:
-        raise ConfigError(f"{path}: no {', '.join(missing)}")
-    return weights
+        raise ConfigError(f"{path}: no {', '.join(missing)} (a {architecture} dictionary needs it)")
+    if "W_skip" in weights and "W_skip" not in needed:
+        raise ConfigError(f"{path}: holds W_skip, which a {architecture} dictionary does not have")
+    for key in needed:
+        tensor = weights[key]
+        if tensor.dim() != RANKS[key]:
+            raise ConfigError(
+                f"{path}: {key} has shape {list(tensor.shape)}; expected {RANKS[key]} dimensions"
+            )
+        if not torch.isfinite(tensor.float()).all():
+            raise ConfigError(f"{path}: {key} holds NaN or infinite numbers")
+    return {k: weights[k] for k in needed}
