@@ -3,6 +3,7 @@ what to run, exit code 2, nothing written; a torn last line of the training log 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -138,3 +139,38 @@ def test_damaged_mined_samples_or_metrics_end_browse_in_one_line(project, mtc, d
     before = listing(project)
     one_line(mtc(project, "browse", RUN), f"{RUN}/{file}: damaged or truncated", fix)
     assert listing(project) == before, "nothing written"
+
+
+def crashed_after_step_10(project, finished, last_log_line):
+    """The state a kill -9 while the run logs step 20 leaves: config.json without completed_at, the
+    step-10 checkpoint, the log's step-10 line and ``last_log_line`` (without a newline)."""
+    from mtc.results import read_json, write_config
+
+    run, done = project / RUN, finished / RUN
+    shutil.rmtree(run)
+    shutil.copytree(done / "checkpoints", run / "checkpoints")
+    write_config(run, read_json(done / "config.json"), completed=False)
+    first, second = (done / "training_log.jsonl").read_text().splitlines()
+    (run / "training_log.jsonl").write_text(first + "\n" + last_log_line(second))
+    return run
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(project, finished, mtc):
+    run = crashed_after_step_10(project, finished, lambda line: line[: len(line) // 2])
+    checkpoint = run / "checkpoints" / "step_10" / "state.json"
+    saved = checkpoint.stat().st_mtime_ns
+    assert mtc(project, "train", "tc").returncode == 0
+    assert checkpoint.stat().st_mtime_ns == saved, "resumed from step 10, not started over"
+    log = [json.loads(line) for line in (run / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [10, 20], "whole JSON lines, step 20 logged once"
+    assert (run / "dictionary.safetensors").read_bytes() == (
+        finished / RUN / "dictionary.safetensors"
+    ).read_bytes()
+
+
+def test_a_damaged_log_line_before_the_last_is_refused_in_one_line(project, finished, mtc):
+    run = crashed_after_step_10(project, finished, lambda line: line + "\n")
+    log = run / "training_log.jsonl"
+    log.write_text("{not json\n" + log.read_text())
+    one_line(mtc(project, "train", "tc"), f"{RUN}/training_log.jsonl: line 1 is not a log record")
+    assert not (run / "dictionary.safetensors").exists()

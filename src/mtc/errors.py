@@ -33,7 +33,8 @@ class LockedError(RuntimeError):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded as tensors."""
+    """A checkpoint or run-directory file that is missing or cannot be read (truncated, damaged, or
+    not tensors only); the message names the file and what to run."""
 
 
 class BrowseError(RuntimeError):

@@ -38,7 +38,9 @@ from mtc.results import (
     atomic_write_json,
     atomic_write_text,
     completed_at,
+    damaged,
     read_json,
+    read_tensors,
     run_dir_of,
     write_config,
 )
@@ -106,9 +108,28 @@ def _truncate_log(run_dir: Path, step: int) -> None:
     """After a resume, drop log lines of steps that will be trained again."""
     path = run_dir / LOG_FILE
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        kept = [record for record in _log_records(path) if record["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+
+
+def _log_records(path: Path) -> list[dict[str, Any]]:
+    """The training log's records. A last line that is not one was torn by a kill mid-write: it is
+    dropped (its step is trained again). A damaged line before the last is refused, in one line."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = [_log_record(line) for line in lines]
+    if records and records[-1] is None:
+        records.pop()  # torn
+    if None in records:
+        raise damaged(path, f"line {records.index(None) + 1} is not a log record")
+    return records
+
+
+def _log_record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def check_against_store(cfg: DictionaryConfig, store: ActivationStore) -> None:
@@ -184,7 +205,7 @@ def _resume(
     """Load a checkpoint: tensors only (safetensors, and torch.load with weights_only=True, which
     refuses pickled code). Returns the step it was saved at."""
     try:
-        model.load_state_dict(_load_tensors(ckpt / WEIGHTS_FILE, device))
+        model.load_state_dict(read_tensors(ckpt / WEIGHTS_FILE, device))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         return int(read_json(ckpt / CHECKPOINT_STATE)["step"])
     except Exception as e:  # unpickling refusals, truncated files and shape mismatches alike
@@ -192,12 +213,6 @@ def _resume(
             f"{ckpt}: cannot resume from it ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
             "only tensors are ever loaded; delete the checkpoint to start over"
         ) from None
-
-
-def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path), device=str(device))
 
 
 def _start_wandb(cfg: DictionaryConfig, record: dict[str, Any]):
