@@ -23,6 +23,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from mtc.config import INPUT_NORMS
+from mtc.errors import in_brief
 from mtc.results import DICTIONARY_FILE, WEIGHTS_FILE
 
 
@@ -713,8 +714,9 @@ class MatryoshkaBatchTopK(nn.Module):
             model = cls(**shape)
             model.load_state_dict(tensors)
         except (AttributeError, TypeError, ValueError, RuntimeError) as e:  # a hand-edited shape, say
-            detail = str(e).splitlines()[0][:200]
-            raise damaged(directory / weights_file, f"does not match {DICTIONARY_FILE} ({detail})") from None
+            raise damaged(
+                directory / weights_file, f"does not match {DICTIONARY_FILE} ({in_brief(e)})"
+            ) from None
         return model.to(device)
 
 
