@@ -276,7 +276,7 @@ def test_samples_collected_during_training(tiny_pipeline, tmp_path):
 
 
 def test_wandb_logs_offline_when_configured(tiny_pipeline, tmp_path, monkeypatch):
-    import wandb  # installed with transformer_lens
+    wandb = pytest.importorskip("wandb", reason="wandb is not installed (the optional extra `wandb`)")
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -290,15 +290,56 @@ def test_wandb_logs_offline_when_configured(tiny_pipeline, tmp_path, monkeypatch
     assert wandb.run is None, "the run was finished"
 
 
-def test_wandb_stays_off_without_credentials(tiny_pipeline, tmp_path, monkeypatch):
+def test_wandb_stays_off_without_credentials_and_says_so_once(tiny_pipeline, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     raw = tiny_params(wandb_project="mtc-test", steps=10, save_every=10)
     raw["model"]["name"] = tiny_pipeline.model.name
+    raw["dictionaries"]["tc2"] = {**raw["dictionaries"]["tc"], "lr": 0.01}
     cfg = parse_params(raw, data_root=tiny_pipeline.data_root, results_root=tmp_path / "results")
-    pipeline.train(cfg, ["tc"])
+    pipeline.train(cfg, ["tc", "tc2"])
     assert not (tmp_path / "wandb").exists()
+    said = [line for line in capsys.readouterr().err.splitlines() if "wandb" in line]
+    assert said == [
+        "warning: wandb tracking is off: wandb_project is set but WANDB_API_KEY is not "
+        "(set it, or WANDB_MODE=offline to log locally)"
+    ], "said once for the two dictionaries"
+
+
+def test_an_unreachable_wandb_server_neither_stops_nor_slows_training(tiny_pipeline, tmp_path):
+    """A key but no server (a closed port on this machine): training goes on, logging offline."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("wandb", reason="wandb is not installed (the optional extra `wandb`)")
+    raw = tiny_params(tiny_pipeline.model.name, wandb_project="mtc-test", steps=20, save_every=10)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "data").symlink_to(tiny_pipeline.data_root.resolve())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_API_KEY="0" * 40, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_DIR=str(tmp_path))
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "mtc.cli", "train", "tc"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    took = time.monotonic() - started
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    said = [line for line in result.stderr.splitlines() if line.startswith("warning: wandb")]
+    assert len(said) == 1 and "cannot reach its server" in said[0] and "logging offline to" in said[0]
+    assert took < 90, f"{took:.0f} s: wandb waited on its server for more than its init timeout"
+    assert list((tmp_path / "wandb").glob("offline-run-*/*.wandb")), "the run's metrics are kept offline"
+    run_dir = run_dir_of(
+        parse_params(raw, data_root=tmp_path / "data", results_root=tmp_path / "results").dictionary("tc"),
+        tmp_path / "results",
+    )
+    assert json.loads((run_dir / "config.json").read_text())["completed_at"]
 
 
 def test_a_pickle_payload_in_a_checkpoint_is_refused_not_run(tiny_pipeline, tmp_path):

@@ -19,11 +19,11 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 from torch import nn
 
 from mtc.config import INPUT_NORMS
+from mtc.errors import in_brief
 from mtc.results import DICTIONARY_FILE, WEIGHTS_FILE
 
 
@@ -702,9 +702,27 @@ class MatryoshkaBatchTopK(nn.Module):
     def load(
         cls, directory: str | Path, weights_file: str = WEIGHTS_FILE, device: str | torch.device = "cpu"
     ):
+        """The dictionary saved in ``directory``; a missing, damaged or mismatched file ends in one
+        line naming it (``CheckpointError``)."""
+        from mtc.results import damaged, read_json, read_tensors
+
         directory = Path(directory)
-        shape: dict[str, Any] = json.loads((directory / DICTIONARY_FILE).read_text())
-        shape.setdefault("input_norm", "global")  # saved before per-token scaling existed
-        model = cls(**shape)
-        model.load_state_dict(load_file(str(directory / weights_file), device=str(device)))
+        shape: dict[str, Any] = read_json(directory / DICTIONARY_FILE)
+        tensors = read_tensors(directory / weights_file, device)
+        try:
+            shape.setdefault("input_norm", "global")  # saved before per-token scaling existed
+            model = cls(**shape)
+            model.load_state_dict(tensors)
+        except (AttributeError, TypeError, ValueError, RuntimeError) as e:  # a hand-edited shape, say
+            raise damaged(
+                directory / weights_file, f"does not match {DICTIONARY_FILE} ({in_brief(e)})"
+            ) from None
         return model.to(device)
+
+
+def load_finished_run(run_dir: str | Path) -> tuple[dict[str, Any], MatryoshkaBatchTopK]:
+    """The config record and the dictionary of the finished run in ``run_dir`` (what evaluate, mine
+    and export read): a missing, unfinished or damaged run ends in one line naming what to run."""
+    from mtc.results import finished_run_record
+
+    return finished_run_record(Path(run_dir)), MatryoshkaBatchTopK.load(run_dir)

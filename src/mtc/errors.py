@@ -33,7 +33,8 @@ class LockedError(RuntimeError):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded as tensors."""
+    """A checkpoint or run-directory file that is missing or cannot be read (truncated, damaged, or
+    not tensors only); the message names the file and what to run."""
 
 
 class BrowseError(RuntimeError):
@@ -81,3 +82,9 @@ def one_line_exit(say: Callable[[str], None] = _to_stderr) -> Iterator[None]:
             raise
         say(f"error: {message}")
         raise SystemExit(2) from None
+
+
+def in_brief(e: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters of it), for a one-line error."""
+    first = next(iter(str(e).splitlines()), "")
+    return f"{type(e).__name__}: {first[:limit]}" if first else type(e).__name__

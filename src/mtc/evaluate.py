@@ -23,7 +23,7 @@ from safetensors.torch import save as save_tensors
 
 from mtc import progress
 from mtc.config import DictionaryConfig, EvaluateConfig, PipelineConfig
-from mtc.dictionary import MatryoshkaBatchTopK
+from mtc.dictionary import MatryoshkaBatchTopK, load_finished_run
 from mtc.metrics import (
     DENSE_FREQUENCY,
     FVUAccumulator,
@@ -199,7 +199,7 @@ def evaluate_run(cfg: PipelineConfig, d: DictionaryConfig, run_dir: Path, store:
     check_splice_order(source, target, f"dictionaries.{d.name}.target_site")
     if cfg.evaluate.n_ce_sequences:
         read_architecture(cfg.model_dir)  # the spliced loss needs the model: say so before any work
-    dictionary = MatryoshkaBatchTopK.load(run_dir)
+    _, dictionary = load_finished_run(run_dir)
     metrics, fire_counts, mean_target = reconstruction(dictionary, store, source, target, cfg.evaluate)
     metrics.update(
         spliced_metrics(dictionary, store, mean_target, source, target, cfg.evaluate, cfg.model_dir)

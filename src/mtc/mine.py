@@ -16,7 +16,7 @@ from safetensors.torch import save as save_tensors
 
 from mtc import progress
 from mtc.config import DictionaryConfig, MineConfig, PipelineConfig
-from mtc.dictionary import MatryoshkaBatchTopK
+from mtc.dictionary import MatryoshkaBatchTopK, load_finished_run
 from mtc.metrics import log10_frequency
 from mtc.models import resolve_device
 from mtc.results import MINED_SAMPLES_DIR, atomic_write_bytes, atomic_write_json
@@ -187,7 +187,7 @@ def mine_run(cfg: PipelineConfig, d: DictionaryConfig, run_dir: Path, store: Act
     caller)."""
     from mtc.unembedding import load_unembedding
 
-    dictionary = MatryoshkaBatchTopK.load(run_dir)
+    _, dictionary = load_finished_run(run_dir)
     return mine(
         dictionary,
         store,

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mtc.errors import ConfigError
+from mtc.errors import CheckpointError, ConfigError
 
 # Every name in a run directory, here only.
 CONFIG_FILE = "config.json"  # the full config; ``completed_at`` once the run has finished
@@ -95,8 +95,55 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def how_to_rewrite(path: Path) -> str:
+    """What to run to write ``path`` (a file of a run directory) again: the stage that writes it."""
+    where = path.as_posix()
+    if f"/{CHECKPOINTS_DIR}/" in where:
+        return "delete that checkpoint directory: training resumes from the one before (or starts over)"
+    if f"/{MINED_SAMPLES_DIR}/" in where:
+        name = path.parents[2].name
+        return f"mine again (mtc mine {name}, or dvc repro -f mine@{name})"
+    if path.name in (METRICS_FILE, FREQUENCY_FILE):
+        name = path.parent.name
+        return f"evaluate again (mtc evaluate {name}, or dvc repro -f evaluate@{name})"
+    run_dir = path.parents[2] if f"/{TRAINING_SAMPLES_DIR}/" in where else path.parent
+    name = run_dir.name
+    return f"delete {run_dir} and train again (mtc train {name}, or dvc repro -f train@{name})"
+
+
+def damaged(path: Path, what: str) -> CheckpointError:
+    """The one-line error for a run directory's file that is missing or cannot be read."""
+    return CheckpointError(f"{path}: {what}; {how_to_rewrite(path)}")
+
+
+def _check_present(path: Path) -> None:
+    if not path.is_file():
+        raise damaged(path, "missing")
+
+
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file of a run directory; a missing or damaged one (truncated by a copy, a full disk
+    elsewhere, a hand edit) ends in one line naming it and what to run."""
+    path = Path(path)
+    _check_present(path)
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged(path, f"damaged or truncated, not JSON ({e})") from None
+
+
+def read_tensors(path: str | Path, device: Any = "cpu") -> dict[str, Any]:
+    """A safetensors file of a run directory (tensors only, never pickled code); a missing or
+    damaged one ends in one line naming it and what to run."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    _check_present(path)
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as e:
+        raise damaged(path, f"damaged or truncated, not safetensors ({e})") from None
 
 
 def write_config(run_dir: str | Path, config: dict[str, Any], completed: bool = False) -> None:
@@ -117,11 +164,17 @@ def completed_at(run_dir: str | Path) -> str | None:
 def finished_run_record(run_dir: Path) -> dict:
     """The config record of the finished run in ``run_dir`` (one line naming the problem otherwise)."""
     config = run_dir / CONFIG_FILE
+    train = f"mtc train {run_dir.name}, or dvc repro train@{run_dir.name}"
     if not config.is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+        raise ConfigError(f"{run_dir}: no run here (no {CONFIG_FILE}); train it first ({train})")
     record = read_json(config)
+    if not isinstance(record, dict):
+        raise damaged(config, "not a config record")
     if not record.get("completed_at"):
-        raise ConfigError(f"{run_dir}: the run has not finished (no completed_at in {CONFIG_FILE})")
+        raise ConfigError(
+            f"{run_dir}: the run has not finished (no completed_at in {CONFIG_FILE}); "
+            f"finish it first ({train}: it resumes from its last checkpoint)"
+        )
     return record
 
 

@@ -34,11 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
 from mtc.models import load_tokenizer
-from mtc.results import atomic_write_bytes, atomic_write_json, read_json
+from mtc.results import atomic_write_bytes, atomic_write_json, read_json, read_tensors
 
 SAMPLES_FILE = "samples.safetensors"
 QUANTILE_FILE = "quantile_samples.safetensors"
@@ -137,7 +136,7 @@ class ActivationSampleAnalyzer:
     def __init__(self, directory: str | Path, tokenizer: Any = None):
         self.dir = Path(directory)
         self.meta = read_json(self.dir / META_FILE)
-        t = load_file(str(self.dir / SAMPLES_FILE))
+        t = read_tensors(self.dir / SAMPLES_FILE)
         self.values, self.rows, self.contexts, self.token_index = (
             t["values"],
             t["rows"],
@@ -146,10 +145,10 @@ class ActivationSampleAnalyzer:
         )
         self.context_acts = t.get("context_acts")
         self.quantile = (
-            load_file(str(self.dir / QUANTILE_FILE)) if (self.dir / QUANTILE_FILE).is_file() else None
+            read_tensors(self.dir / QUANTILE_FILE) if (self.dir / QUANTILE_FILE).is_file() else None
         )
         self.feature_info = (
-            load_file(str(self.dir / FEATURES_FILE)) if (self.dir / FEATURES_FILE).is_file() else None
+            read_tensors(self.dir / FEATURES_FILE) if (self.dir / FEATURES_FILE).is_file() else None
         )
         self._tokenizer = tokenizer
 

@@ -25,7 +25,7 @@ from mtc import distributed, locks, progress
 from mtc.config import ConfigError, DictionaryConfig
 from mtc.data_parallel import DataParallel, follower_results_root
 from mtc.dictionary import MatryoshkaBatchTopK
-from mtc.errors import CheckpointError
+from mtc.errors import CheckpointError, in_brief
 from mtc.models import resolve_device
 from mtc.results import (
     CHECKPOINT_STATE,
@@ -38,7 +38,9 @@ from mtc.results import (
     atomic_write_json,
     atomic_write_text,
     completed_at,
+    damaged,
     read_json,
+    read_tensors,
     run_dir_of,
     write_config,
 )
@@ -106,9 +108,28 @@ def _truncate_log(run_dir: Path, step: int) -> None:
     """After a resume, drop log lines of steps that will be trained again."""
     path = run_dir / LOG_FILE
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        kept = [record for record in _log_records(path) if record["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+
+
+def _log_records(path: Path) -> list[dict[str, Any]]:
+    """The training log's records. A last line that is not one was torn by a kill mid-write: it is
+    dropped (its step is trained again). A damaged line before the last is refused, in one line."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = [_log_record(line) for line in lines]
+    if records and records[-1] is None:
+        records.pop()  # torn
+    if None in records:
+        raise damaged(path, f"line {records.index(None) + 1} is not a log record")
+    return records
+
+
+def _log_record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def check_against_store(cfg: DictionaryConfig, store: ActivationStore) -> None:
@@ -184,26 +205,41 @@ def _resume(
     """Load a checkpoint: tensors only (safetensors, and torch.load with weights_only=True, which
     refuses pickled code). Returns the step it was saved at."""
     try:
-        model.load_state_dict(_load_tensors(ckpt / WEIGHTS_FILE, device))
+        model.load_state_dict(read_tensors(ckpt / WEIGHTS_FILE, device))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         return int(read_json(ckpt / CHECKPOINT_STATE)["step"])
     except Exception as e:  # unpickling refusals, truncated files and shape mismatches alike
         raise CheckpointError(
-            f"{ckpt}: cannot resume from it ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            f"{ckpt}: cannot resume from it ({in_brief(e, 160)}); "
             "only tensors are ever loaded; delete the checkpoint to start over"
         ) from None
 
 
-def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+WANDB_INIT_SECONDS = 10
+"""How long wandb may take to reach its server before the run logs offline instead."""
 
-    return load_file(str(path), device=str(device))
+_wandb_offline_because: str | None = None  # the server did not answer once: later runs go offline at once
+_said: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    if line not in _said:
+        _said.add(line)
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def _start_wandb(cfg: DictionaryConfig, record: dict[str, Any]):
-    if cfg.wandb_project is None or not (
-        os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"
-    ):
+    """The dictionary's wandb run, or None. Tracking never stops or slows training: without
+    credentials it is off; a server that does not answer within ``WANDB_INIT_SECONDS`` makes it log
+    offline (``wandb sync`` uploads it later). Either is said once, in one line."""
+    global _wandb_offline_because
+    if cfg.wandb_project is None:
+        return None
+    if not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"):
+        _say_once(
+            "wandb tracking is off: wandb_project is set but WANDB_API_KEY is not "
+            "(set it, or WANDB_MODE=offline to log locally)"
+        )
         return None
     try:
         import wandb
@@ -211,7 +247,22 @@ def _start_wandb(cfg: DictionaryConfig, record: dict[str, Any]):
         raise ConfigError(
             f"dictionaries.{cfg.name}.wandb_project: wandb is not installed (pip install wandb)"
         ) from None
-    return wandb.init(project=cfg.wandb_project, name=cfg.name, config=record, reinit=True)
+    init = dict(project=cfg.wandb_project, name=cfg.name, config=record, reinit="create_new")
+    if _wandb_offline_because is None:
+        try:
+            return wandb.init(**init, settings=wandb.Settings(init_timeout=WANDB_INIT_SECONDS))
+        except Exception as e:  # CommError, UsageError ...: whatever it is, training goes on
+            _wandb_offline_because = in_brief(e)
+    try:
+        run = wandb.init(**init, mode="offline")
+    except Exception as e:
+        _say_once(f"wandb tracking is off: it cannot start ({in_brief(e)})")
+        return None
+    _say_once(
+        f"wandb cannot reach its server ({_wandb_offline_because}); logging offline to "
+        f"{Path(run.dir).parent} (upload it later with `wandb sync`)"
+    )
+    return run
 
 
 def _checkpoint(run: Run, step: int) -> None:
