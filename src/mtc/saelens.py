@@ -51,6 +51,7 @@ from mtc.results import (
     atomic_write_text,
     check_output_dir,
     finished_run_record,
+    read_tensors,
     run_dir_path,
     swapped_in_dir,
     write_config,
@@ -84,7 +85,7 @@ def export_saelens(
         atomic_write_bytes(new / WEIGHTS_FILE, save_tensors(tensors))
         atomic_write_text(new / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
         if (run_dir / FREQUENCY_FILE).is_file():  # from evaluate: SAELens's log10 feature density
-            log10_freq = load_file(str(run_dir / FREQUENCY_FILE))["log10_frequency"][: cfg["d_sae"]]
+            log10_freq = read_tensors(run_dir / FREQUENCY_FILE)["log10_frequency"][: cfg["d_sae"]]
             sparsity = torch.log10(torch.pow(10.0, log10_freq.double()) + 1e-10).float()
             atomic_write_bytes(new / SPARSITY_FILE, save_tensors({"sparsity": sparsity}))
     return out
