@@ -274,3 +274,16 @@ def test_source_layer_alone_stands_for_layer():
     assert parse_params(raw).dictionaries["tc"].layer == 2
     entry["layer"] = 3
     bad(raw, r"dictionaries\.tc\.source_layer: got 2; expected the same as dictionaries\.tc\.layer \(3\)")
+
+
+@pytest.mark.parametrize("where", ["model.type", "transcoder_set.name"])
+def test_names_dvc_would_mishandle_are_refused(where):
+    """NAME.lock is ignored by DVC (lock files beside runs); model type 'sets' would put the sets'
+    summaries inside results/sets/{type}/... of their own dependency."""
+    raw = tiny_params()
+    if where == "model.type":
+        raw["model"]["type"] = "sets"
+        bad(raw, "model.type: got 'sets'; expected any name but 'sets'")
+    raw["model"]["type"] = "stories260K"
+    raw["transcoder_set"]["name"] = "tcs.lock"
+    bad(raw, "not ending in .lock")

@@ -103,8 +103,8 @@ class ExistsWhenLocal:
 
 NonEmpty = Matches(r"(?s)\s*\S.*", "a non-empty string")
 SafeName = Matches(  # whole string: "name\n" is no name (re.match with $ let it through)
-    r"[A-Za-z0-9][A-Za-z0-9._-]*",
-    "a name of letters, digits, '.', '_' or '-' (it becomes a directory name)",
+    r"[A-Za-z0-9][A-Za-z0-9._-]*(?<!\.lock)",  # NAME.lock is a lock file's name, which DVC ignores
+    "a name of letters, digits, '.', '_' or '-', not ending in .lock (it becomes a directory name)",
 )
 DeviceName = Matches(r"auto|cpu|cuda(:\d+)?|mps", "auto, cpu, cuda, cuda:N or mps")
 Device = Annotated[str, DeviceName]
@@ -566,7 +566,7 @@ def read_yaml(path: str | Path) -> Any:
     except YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or next(iter(str(e).splitlines()), type(e).__name__)
         raise ConfigError(f"{path}: not valid YAML{where}: {' '.join(str(problem).split())}") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
@@ -587,6 +587,8 @@ def parse_params(
             f"{_show(unknown[0])}: unknown section; valid sections are {', '.join(sorted(sections))}"
         )
     model = _build(ModelConfig, raw.get("model"), "model")
+    if model.type == "sets":  # results/sets/ holds the transcoder sets' summaries
+        _fail("model.type", model.type, "any name but 'sets' (results/sets/ holds the transcoder sets)")
     dataset = _build(DatasetConfig, raw.get("dataset"), "dataset")
     extract = _build(ExtractConfig, raw.get("extract"), "extract")
     entries = raw.get("dictionaries") or {}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mtc.config import ConfigError, DatasetConfig, looks_local
-from mtc.errors import DatasetError
+from mtc.errors import DatasetError, in_brief
 
 BUILTIN = {
     # Python's own documentation text (the help() topics), ~465 KB of English in every install.
@@ -298,7 +298,7 @@ def _hub_texts(cfg: DatasetConfig) -> Iterator[str]:
     except Exception as e:  # network errors come in many types; the message is what matters
         raise DatasetError(
             f"dataset.path: cannot load hub dataset {cfg.path!r} "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); without network access, "
+            f"({in_brief(e)}); without network access, "
             "point dataset.path at local .txt/.jsonl files or a saved dataset directory"
         ) from None
     if cfg.text_field not in first:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from mtc.config import SITES, ConfigError, PipelineConfig
-from mtc.errors import ModelError
+from mtc.errors import ModelError, in_brief
 
 # --------------------------------------------------------------------------------- hook names
 # TransformerBridge names the four residual-stream sites alike for every architecture.
@@ -212,7 +212,7 @@ def prepare_model(name: str, out_dir: str | Path, revision: str | None = None) -
                 else "it is not a local directory, and the hub could not be reached or has no such "
                 "model; download it elsewhere and point model.name at the local directory"
             )
-            raise ModelError(f"model.name: cannot load {name!r}: {hint} ({str(e).splitlines()[0]})") from None
+            raise ModelError(f"model.name: cannot load {name!r}: {hint} ({in_brief(e)})") from None
         source = {"source": "local directory" if local.is_dir() else "hub", "revision": revision}
     model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
@@ -322,9 +322,8 @@ def check_weight_files(model_dir: Path) -> None:
             with safe_open(str(path), framework="pt") as f:
                 f.keys()
         except (SafetensorError, OSError) as e:
-            detail = " ".join(str(e).split())[:160]
             raise ModelError(
-                f"{path}: damaged safetensors file ({detail}); download or write it again"
+                f"{path}: damaged safetensors file ({in_brief(e, 160)}); download or write it again"
             ) from None
 
 

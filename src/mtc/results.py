@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -197,25 +198,43 @@ def swapped_in_dir(path: str | Path) -> Iterator[Path]:
     """A fresh directory beside ``path`` to write into; when the block ends without error it is renamed
     to ``path`` (an earlier directory there, which the caller has checked with ``check_output_dir``,
     is moved aside first and then removed), so ``path`` holds the old output or the new one whole,
-    never a mix. On error the fresh directory is removed and ``path`` is left as it was."""
+    never a mix. On error the fresh directory is removed and ``path`` is left as it was. One writer at
+    a time (a lock beside ``path``), so what an earlier, killed writer left beside it is known to be
+    abandoned: its half-written directory is removed, and an earlier output it had moved aside but not
+    yet replaced is put back."""
+    from mtc.locks import exclusive
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = _unused_name_beside(path, "tmp")
-    new.mkdir()
-    try:
-        yield new
-        old = _move_aside(path)
+    with exclusive(path):
+        _finish_interrupted_swaps(path)
+        new = _unused_name_beside(path, "tmp")
+        new.mkdir()
         try:
-            new.rename(path)
+            yield new
+            old = _move_aside(path)
+            try:
+                new.rename(path)
+            except BaseException:
+                if old is not None:
+                    old.rename(path)
+                raise
         except BaseException:
-            if old is not None:
-                old.rename(path)
+            shutil.rmtree(new, ignore_errors=True)
             raise
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)  # what is left is swept by the next writer
+
+
+def _finish_interrupted_swaps(path: Path) -> None:
+    """Clean up after writers of ``path`` killed mid-swap (the caller holds ``path``'s lock)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.\d+\.[0-9a-f]{{8}}\.(tmp|old)")
+    leftovers = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
+    olds = sorted((p for p in leftovers if p.name.endswith(".old")), key=lambda p: p.stat().st_mtime)
+    if olds and not path.exists() and not path.is_symlink():
+        olds.pop().rename(path)  # killed between moving the earlier output aside and renaming the new in
+    for leftover in [p for p in leftovers if p.name.endswith(".tmp")] + olds:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _move_aside(path: Path) -> Path | None:

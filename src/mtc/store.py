@@ -153,7 +153,12 @@ class StoreWriter:
         if rank == 0:
             self._open_or_create(tokens)
         self._barrier()  # every rank sees the arrays and the same shard markers from here on
-        self.arrays = {k: zarr.open_array(str(site_path(self.dir, *k)), mode="r+") for k in self.keys}
+        # every chunk is written, all-zero ones too (zarr skips those by default): a missing shard
+        # file is then always damage, which the reader refuses instead of reading zeros
+        self.arrays = {
+            k: zarr.open_array(str(site_path(self.dir, *k)), mode="r+", config=WRITE_EVERY_CHUNK)
+            for k in self.keys
+        }
         undone = [s for s in range(self.n_shards) if s not in self._done_shards()]
         self._barrier()  # nobody writes a marker before every rank has listed them
         self.todo = undone[rank * len(undone) // world_size : (rank + 1) * len(undone) // world_size]
@@ -211,6 +216,7 @@ class StoreWriter:
             compressors=chunk_codecs(),
             overwrite=True,
             attributes={**self.provenance, "complete": False},
+            config=WRITE_EVERY_CHUNK,
         )
         tok[:] = tokens
         for layer, site in self.keys:
@@ -445,6 +451,8 @@ def _corrupt(where: str, chunk: int, a: int, b: int, array: Any, e: Exception) -
         f"({type(e).__name__}: {detail}); {REPAIR}"
     )
 
+
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 READERS_DIR = ".mtc-readers"
 LOCK_SUFFIX = ".lock"

@@ -208,7 +208,9 @@ def _resume(
         model.load_state_dict(read_tensors(ckpt / WEIGHTS_FILE, device))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         return int(read_json(ckpt / CHECKPOINT_STATE)["step"])
-    except Exception as e:  # unpickling refusals, truncated files and shape mismatches alike
+    except CheckpointError:
+        raise  # a missing or damaged file: read_tensors / read_json name it and what to do
+    except Exception as e:  # unpickling refusals and shape mismatches alike
         raise CheckpointError(
             f"{ckpt}: cannot resume from it ({in_brief(e, 160)}); "
             "only tensors are ever loaded; delete the checkpoint to start over"
