@@ -9,8 +9,7 @@ from mtc.results import swapped_in_dir
 
 
 def beside(tmp_path):
-    """What is in the output's folder, but the lock file that one-writer-at-a-time leaves there."""
-    return sorted(p.name for p in tmp_path.iterdir() if p.name != "out.lock")
+    return sorted(p.name for p in tmp_path.iterdir())
 
 
 def test_a_failure_while_writing_leaves_the_earlier_output_as_it_was_and_nothing_beside_it(tmp_path):
@@ -51,3 +50,14 @@ def test_a_writer_killed_mid_swap_is_finished_by_the_next_one(tmp_path):
             raise RuntimeError("disk on fire")
     assert beside(tmp_path) == [".out.notours.tmp", "out"]
     assert (out / "old.txt").read_text() == "earlier"
+
+
+def test_a_second_writer_in_the_same_folder_is_refused_while_the_first_writes(tmp_path):
+    from mtc.errors import LockedError
+
+    with swapped_in_dir(tmp_path / "out") as new:
+        (new / "a.txt").write_text("first")
+        with pytest.raises(LockedError, match="another mtc process is writing an output here"):
+            with swapped_in_dir(tmp_path / "other"):
+                pass
+    assert beside(tmp_path) == ["out"]

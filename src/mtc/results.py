@@ -8,6 +8,7 @@ Every file is written to a temporary name and renamed, so a crash never leaves a
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mtc.errors import CheckpointError, ConfigError
+from mtc.errors import CheckpointError, ConfigError, LockedError
 
 # Every name in a run directory, here only.
 CONFIG_FILE = "config.json"  # the full config; ``completed_at`` once the run has finished
@@ -199,14 +200,12 @@ def swapped_in_dir(path: str | Path) -> Iterator[Path]:
     to ``path`` (an earlier directory there, which the caller has checked with ``check_output_dir``,
     is moved aside first and then removed), so ``path`` holds the old output or the new one whole,
     never a mix. On error the fresh directory is removed and ``path`` is left as it was. One writer at
-    a time (a lock beside ``path``), so what an earlier, killed writer left beside it is known to be
-    abandoned: its half-written directory is removed, and an earlier output it had moved aside but not
-    yet replaced is put back."""
-    from mtc.locks import exclusive
-
+    a time in ``path``'s folder (a lock on the folder itself: no file is left beside the output), so
+    what an earlier, killed writer left beside it is known to be abandoned: its half-written directory
+    is removed, and an earlier output it had moved aside but not yet replaced is put back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(path):
+    with _folder_locked(path.parent):
         _finish_interrupted_swaps(path)
         new = _unused_name_beside(path, "tmp")
         new.mkdir()
@@ -224,6 +223,21 @@ def swapped_in_dir(path: str | Path) -> Iterator[Path]:
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)  # what is left is swept by the next writer
+
+
+@contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the folder itself (released by the OS when its holder dies)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            message = f"{folder}: another mtc process is writing an output here; wait for it"
+            raise LockedError(message) from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _finish_interrupted_swaps(path: Path) -> None:
