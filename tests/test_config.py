@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -287,3 +288,27 @@ def test_names_dvc_would_mishandle_are_refused(where):
     raw["model"]["type"] = "stories260K"
     raw["transcoder_set"]["name"] = "tcs.lock"
     bad(raw, "not ending in .lock")
+
+
+def test_a_stage_learns_its_dictionary_from_its_own_dvc_stage_name():
+    """DVC runs per-dictionary scripts with no arguments (no params value in a command): DVC_STAGE
+    names the dictionary, or the transcoder set's layer; anything else is refused in one line."""
+    from mtc.pipeline import stage_dictionary
+
+    raw = tiny_params()
+    raw["extract"]["layers"] = [2, 3]
+    tiny = {k: raw["dictionaries"]["tc"][k] for k in ("dict_size", "group_sizes", "top_k")}
+    raw["transcoder_set"].update(layers=[3], dictionary=tiny)
+    cfg = parse_params(raw)
+    assert stage_dictionary(cfg, [], "train@tc") == "tc"
+    assert stage_dictionary(cfg, [], "sub/dvc.yaml:evaluate@tc") == "tc"
+    assert stage_dictionary(cfg, [], "mine_set@3") == "tcs-L3"
+    assert stage_dictionary(cfg, ["tc"], None) == "tc", "by hand: the argument"
+    for stage, message in [
+        ("train@other", "dictionaries.other: no such dictionary"),
+        ("train_set@2", "'2' is not a layer of transcoder_set.layers"),
+        ("train_set@../3", "is not a layer of transcoder_set.layers"),
+        (None, "no dictionary named"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            stage_dictionary(cfg, [], stage)
