@@ -285,6 +285,36 @@ class _PrefixLoss(torch.autograd.Function):
         return grad_vals, grad_W, grad_initial, None, None, None, None, None
 
 
+def aux_loss(
+    x_BD: torch.Tensor,
+    W_encT: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    dead: torch.Tensor,
+    residual_BD: torch.Tensor,
+    k_aux: int,
+    penalty: float,
+) -> torch.Tensor:
+    """The auxiliary loss that revives dead features: reconstruct what the live features miss
+    (``-residual_BD``) with each token's top ``k_aux`` dead features (``dead``: their indices).
+    Dense over the dead features alone: their pre-activations are recomputed for those columns
+    (B x n_dead x d, with autograd), so each of its five products costs n_dead / F of the encoder
+    matmul; cheaper than a sparse path once a row keeps a fair share of the dead features, and
+    training keeps few of them dead. Shared by every dictionary kind (a cross-layer transcoder
+    calls it per layer)."""
+    if dead.numel() == 0 or penalty == 0:
+        return residual_BD.new_zeros(())
+    pre = torch.addmm(b_enc[dead], x_BD, W_encT.index_select(0, dead).t())  # [B, n_dead]
+    codes = torch.relu(pre)
+    if k_aux < dead.numel():
+        keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(
+            1, pre.detach().topk(k_aux, dim=1, sorted=False).indices, True
+        )
+        codes = codes * keep
+    error = torch.addmm(residual_BD, codes, W_dec.index_select(0, dead))
+    return penalty * error.pow(2).mean()
+
+
 def _save_W_enc_input_major(module, state_dict, prefix, local_metadata) -> None:
     state_dict[prefix + "W_enc"] = state_dict.pop(prefix + "W_encT").t()
 
@@ -573,24 +603,16 @@ class MatryoshkaBatchTopK(nn.Module):
         return self._generator
 
     def _aux_loss(self, x_BD: torch.Tensor, residual_BD: torch.Tensor) -> torch.Tensor:
-        """Reconstruct what the live features miss (``-residual_BD``) with each token's top
-        ``top_k_aux`` dead features. Dense over the dead features alone: their pre-activations are
-        recomputed for those columns (B x n_dead x d, with autograd), so each of its five products
-        costs n_dead / D of the encoder matmul; cheaper than a sparse path once a row keeps a fair
-        share of the dead features, and training keeps few of them dead."""
-        dead = self.dead_features()
-        if dead.numel() == 0 or self.shape.aux_penalty == 0:
-            return residual_BD.new_zeros(())
-        pre = torch.addmm(self.b_enc[dead], x_BD, self.W_encT.index_select(0, dead).t())  # [B, n_dead]
-        codes = torch.relu(pre)
-        k_aux = self.shape.top_k_aux
-        if k_aux < dead.numel():
-            keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(
-                1, pre.detach().topk(k_aux, dim=1, sorted=False).indices, True
-            )
-            codes = codes * keep
-        error = torch.addmm(residual_BD, codes, self.W_dec.index_select(0, dead))
-        return self.shape.aux_penalty * error.pow(2).mean()
+        return aux_loss(
+            x_BD,
+            self.W_encT,
+            self.b_enc,
+            self.W_dec,
+            self.dead_features(),
+            residual_BD,
+            self.shape.top_k_aux,
+            self.shape.aux_penalty,
+        )
 
     @torch.no_grad()
     def _update_stats(self, codes: SparseCodes) -> None:
