@@ -10,6 +10,7 @@ mtc export RUN_DIR OUT --format saelens [--groups N]                       (SAEL
 mtc export RUN_DIR... OUT --format circuit-tracer                          (a per-layer transcoder set)
 mtc import DIR --format saelens --name NAME                                (a SAELens dictionary)
 mtc summarize-set                                                          (FVU per layer of a set)
+mtc replacement-set                                                        (a set's replacement model)
 mtc attribute SET "prompt" [--out DIR]                                     (circuit-tracer graph)
 """
 
@@ -74,6 +75,23 @@ def summarize_set(params: Path = ParamsOption) -> None:
     if cfg.transcoder_set is None or not cfg.transcoder_set.layers:  # the DVC stage writes empty outputs
         raise ConfigError(f"transcoder_set.layers: {params} lists none, so there is no set to summarize")
     typer.echo(f"wrote {pipeline.summarize_set(cfg)}")
+
+
+@app.command("replacement-set")
+def replacement_set(params: Path = ParamsOption) -> None:
+    """The replacement model of params.yaml's transcoder_set: every MLP replaced by its layer's
+    transcoder at once, against the clean model and ablating those MLPs
+    (results/sets/{model}/{set}/replacement.json)."""
+    from mtc.evaluate import finite
+    from mtc.replacement import replacement_table, set_replacement_metrics
+    from mtc.results import REPLACEMENT_FILE, atomic_write_json, set_dir_of
+
+    cfg = _load(params)
+    metrics = set_replacement_metrics(cfg)
+    out = set_dir_of(cfg.model.type, metrics["set"], cfg.results_root) / REPLACEMENT_FILE
+    atomic_write_json(out, finite(metrics))
+    typer.echo(replacement_table(metrics))
+    typer.echo(f"wrote {out}")
 
 
 @app.command()

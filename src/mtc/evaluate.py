@@ -215,20 +215,18 @@ def evaluate_run(cfg: PipelineConfig, d: DictionaryConfig, run_dir: Path, store:
     plots = {**plot_rows(metrics), "frequency_histogram": frequency_histogram(log10_freq)}
     for plot, rows in plots.items():
         atomic_write_json(run_dir / PLOTS_DIR / f"{plot}.json", rows)
-    atomic_write_json(run_dir / METRICS_FILE, _finite(metrics))
+    atomic_write_json(run_dir / METRICS_FILE, finite(metrics))
     return run_dir / METRICS_FILE
 
 
-def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+def finite(v: Any) -> Any:
     """JSON has no NaN or infinity: such values (e.g. CE recovered when an ablation costs nothing)
-    become null."""
-
-    def fix(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        return [fix(x) for x in v] if isinstance(v, list) else v
-
-    return {k: fix(v) for k, v in metrics.items()}
+    become null, in lists and dicts too."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    return [finite(x) for x in v] if isinstance(v, list) else v
 
 
 def set_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:

@@ -66,6 +66,11 @@ def ce_and_kl_sums(
     return float(ce), float(kl)
 
 
+def top1_agreements(clean_logp_NV: torch.Tensor, logits_NV: torch.Tensor) -> int:
+    """How many of N predictions have the clean model's most likely next token as their own."""
+    return int((logits_NV.argmax(dim=-1) == clean_logp_NV.argmax(dim=-1)).sum())
+
+
 # ----------------------------------------------------------------------------- feature statistics
 DENSE_FREQUENCY = 0.1
 """A feature firing on more than this share of tokens counts as dense."""

@@ -92,6 +92,18 @@ class Replacements:
         return out
 
 
+def bos_masks(tokens_BT: torch.Tensor, skip_bos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keep_BT``: positions a splice leaves as the model made them (BOS with ``skip_bos``);
+    ``scored_BT`` [B, T-1]: the predictions scored (position t predicts token t+1; not BOS's)."""
+    B, T = tokens_BT.shape
+    keep_BT = torch.zeros(B, T, dtype=torch.bool, device=tokens_BT.device)
+    scored_BT = torch.ones(B, T - 1, dtype=torch.bool, device=tokens_BT.device)
+    if skip_bos:
+        keep_BT[:, 0] = True
+        scored_BT[:, 0] = False
+    return keep_BT, scored_BT
+
+
 def clean_run(
     bridge: Any, tokens_BT: torch.Tensor, source: tuple[int, str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,14 +140,8 @@ def spliced_loss(
     with progress.bar("spliced loss", total=windows_ST.shape[0], unit="windows") as advance:
         for tokens in windows_ST.split(batch_size):
             tokens = tokens.to(device).long()
-            B, T = tokens.shape
-            keep_BT = torch.zeros(
-                B, T, dtype=torch.bool, device=device
-            )  # positions left as the model made them
-            scored_BT = torch.ones(B, T - 1, dtype=torch.bool, device=device)  # position t predicts token t+1
-            if skip_bos:
-                keep_BT[:, 0] = True
-                scored_BT[:, 0] = False
+            B = tokens.shape[0]
+            keep_BT, scored_BT = bos_masks(tokens, skip_bos)
             targets_N = tokens[:, 1:][scored_BT]
             logits, source_BTD = clean_run(bridge, tokens, source)
             clean_logp_NV = torch.log_softmax(logits[:, :-1][scored_BT].float(), dim=-1)

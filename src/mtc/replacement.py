@@ -1,0 +1,249 @@
+"""The replacement model: the model with every MLP output replaced at once.
+
+Each replaced layer's MLP output is what a ``LayerReplacement`` makes of that layer's resid_mid *in
+the replaced model*, so the errors of earlier layers reach the inputs of later ones and compound. A
+transcoder set (one transcoder per layer) and a cross-layer transcoder (``mtc.clt``) are measured
+alike, against the clean model and against ablating every MLP they replace (zeros, or the mean
+``mlp_out`` of the store's training rows). Per replacement: next-token CE, KL(clean || replaced)
+per token, top-1 agreement with the clean model, and, for the dictionaries, CE loss recovered.
+
+With ``skip_bos`` the BOS position keeps the model's own MLP outputs and is not scored (as in
+``mtc.spliced``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from mtc import progress
+from mtc.config import PipelineConfig
+from mtc.dictionary import MatryoshkaBatchTopK
+from mtc.errors import ConfigError
+from mtc.metrics import ce_and_kl_sums, ce_loss_recovered, top1_agreements
+from mtc.models import hook_name
+from mtc.spliced import bos_masks
+
+ZERO, MEAN = "zero_ablation", "mean_ablation"
+"""The names of the ablations that CE loss recovered is measured against."""
+
+DEFAULT_N_SEQUENCES = 32
+"""Held-out windows measured when ``evaluate.n_ce_sequences`` is 0."""
+
+
+class LayerReplacement(Protocol):
+    layers: list[int]
+    """The model layers whose MLP output it replaces, ascending."""
+
+    def start(self) -> None:
+        """Called before each forward pass (a CLT resets its accumulators)."""
+
+    def mlp_out(self, layer: int, resid_mid_BTD: torch.Tensor) -> torch.Tensor:
+        """The replacement mlp_out [B, T, d] at ``layer``, given that layer's resid_mid [B, T, d] in
+        the replaced model; called once per layer per forward pass, in ascending layer order."""
+
+
+class SetReplacement:
+    """A transcoder set: layer l's transcoder maps resid_mid at l to mlp_out at l (its first
+    ``n_groups`` groups; all by default)."""
+
+    def __init__(self, dictionaries: dict[int, MatryoshkaBatchTopK], n_groups: int | None = None):
+        self.dictionaries = dictionaries
+        self.layers = sorted(dictionaries)
+        self.n_groups = n_groups
+
+    def start(self) -> None:
+        pass
+
+    def mlp_out(self, layer: int, resid_mid_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, d = resid_mid_BTD.shape
+        out = self.dictionaries[layer](resid_mid_BTD.reshape(B * T, d).float(), self.n_groups)
+        return out.reshape(B, T, -1)
+
+
+class ZeroAblation:
+    """Every MLP of ``layers`` outputs zeros."""
+
+    def __init__(self, layers: list[int]):
+        self.layers = sorted(layers)
+
+    def start(self) -> None:
+        pass
+
+    def mlp_out(self, layer: int, resid_mid_BTD: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(resid_mid_BTD)
+
+
+class MeanAblation:
+    """The MLP of each layer in ``means`` outputs that layer's mean mlp_out [d] at every position."""
+
+    def __init__(self, means: dict[int, torch.Tensor]):
+        self.means = means
+        self.layers = sorted(means)
+
+    def start(self) -> None:
+        pass
+
+    def mlp_out(self, layer: int, resid_mid_BTD: torch.Tensor) -> torch.Tensor:
+        return self.means[layer].to(resid_mid_BTD).expand_as(resid_mid_BTD)
+
+
+def replacement_hooks(r: LayerReplacement, keep_BT: torch.Tensor) -> list[tuple[str, Any]]:
+    """Forward hooks that replace mlp_out at every layer of ``r`` by ``r.mlp_out`` of the resid_mid
+    seen in the same pass; positions where ``keep_BT`` is True keep the model's own output.
+
+    TransformerBridge's ``hook_resid_mid`` is the MLP norm's input: the residual stream after
+    attention, holding the replaced MLP outputs of the layers before."""
+    resid_mid: dict[int, torch.Tensor] = {}
+
+    def capture(layer: int):
+        def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
+            resid_mid[layer] = x
+            return x
+
+        return hook
+
+    def replace(layer: int):
+        def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
+            new = r.mlp_out(layer, resid_mid.pop(layer)).to(x.dtype)
+            return torch.where(keep_BT[..., None], x, new)
+
+        return hook
+
+    hooks = []
+    for layer in r.layers:
+        hooks += [
+            (hook_name("resid_mid", layer), capture(layer)),
+            (hook_name("mlp_out", layer), replace(layer)),
+        ]
+    return hooks
+
+
+@torch.no_grad()
+def replacement_metrics(
+    bridge: Any,
+    windows_ST: torch.Tensor,
+    replacements: dict[str, LayerReplacement],
+    *,
+    batch_size: int,
+    skip_bos: bool,
+) -> dict[str, Any]:
+    """Clean CE, and per replacement: CE, KL(clean || replaced) and top-1 agreement per scored token
+    on ``windows_ST`` (token ids), plus CE loss recovered against ``zero_ablation`` and
+    ``mean_ablation`` (when those are among ``replacements``) for every other replacement."""
+    device = next(bridge.parameters()).device
+    ce_clean, n_scored = 0.0, 0
+    sums = {name: {"ce": 0.0, "kl": 0.0, "top1_agreement": 0} for name in replacements}
+    with progress.bar("replacement model", total=windows_ST.shape[0], unit="windows") as advance:
+        for tokens in windows_ST.split(batch_size):
+            tokens = tokens.to(device).long()
+            keep_BT, scored_BT = bos_masks(tokens, skip_bos)
+            targets_N = tokens[:, 1:][scored_BT]
+            clean_logp_NV = torch.log_softmax(bridge(tokens)[:, :-1][scored_BT].float(), dim=-1)
+            ce_clean += float(-clean_logp_NV.gather(1, targets_N[:, None]).sum())
+            n_scored += targets_N.numel()
+            for name, r in replacements.items():
+                r.start()
+                hooks = replacement_hooks(r, keep_BT)
+                logits_NV = bridge.run_with_hooks(tokens, fwd_hooks=hooks)[:, :-1][scored_BT]
+                ce, kl = ce_and_kl_sums(clean_logp_NV, logits_NV, targets_N)
+                sums[name]["ce"] += ce
+                sums[name]["kl"] += kl
+                sums[name]["top1_agreement"] += top1_agreements(clean_logp_NV, logits_NV)
+                del logits_NV  # before the next pass makes its own
+            advance(tokens.shape[0])
+    ce_clean /= n_scored
+    per = {name: {k: v / n_scored for k, v in s.items()} for name, s in sums.items()}
+    for name, m in per.items():
+        for ablation, key in ((ZERO, "ce_recovered_vs_zero"), (MEAN, "ce_recovered_vs_mean")):
+            if ablation in per and name not in (ZERO, MEAN):
+                m[key] = ce_loss_recovered(ce_clean, m["ce"], per[ablation]["ce"])
+    return {
+        "ce_clean": ce_clean,
+        "n_sequences": int(windows_ST.shape[0]),
+        "n_tokens": n_scored,
+        "replacements": per,
+    }
+
+
+def mean_training_rows(store: Any, keys: list[tuple[int, str]]) -> dict[tuple[int, str], torch.Tensor]:
+    """The mean [d] of each (layer, site) over the store's training rows (BOS rows left out), read
+    one chunk at a time."""
+    sums = dict.fromkeys(keys, 0.0)
+    n = 0
+    for start, stop in store.chunk_ranges(0, store.n_train_rows):
+        xs, rows = store.read(keys, start, stop)
+        for key, x in zip(keys, xs):
+            sums[key] = sums[key] + x.double().sum(dim=0)
+        n += rows.numel()
+    return {key: (s / n).float() for key, s in sums.items()}
+
+
+def set_replacement_metrics(cfg: PipelineConfig) -> dict[str, Any]:
+    """The replacement model of ``cfg.transcoder_set``: every layer's finished transcoder in place
+    of its MLP at once, at every Matryoshka prefix (``prefix_g``: each transcoder's first g groups),
+    against ablating the same MLPs; on ``evaluate.n_ce_sequences`` held-out windows (32 when 0)."""
+    from mtc.dictionary import load_finished_run
+    from mtc.evaluate import heldout_windows
+    from mtc.models import load_bridge, read_architecture
+    from mtc.pipeline import open_store
+    from mtc.results import run_dir_of
+
+    the_set = cfg.transcoder_set
+    if the_set is None or not the_set.layers:
+        raise ConfigError("transcoder_set.layers: lists none, so there is no replacement model to measure")
+    layers = sorted(the_set.layers)
+    for layer in layers:
+        d = cfg.dictionary(the_set.member(layer))
+        if (d.source_site, d.target_site, d.resolved_target_layer) != ("resid_mid", "mlp_out", layer):
+            raise ConfigError(
+                f"transcoder_set.dictionary: the replacement model needs resid_mid -> mlp_out transcoders "
+                f"of one layer; layer {layer}'s reads {d.source_site} and writes {d.target_site} at layer "
+                f"{d.resolved_target_layer}"
+            )
+    n_model_layers = read_architecture(cfg.model_dir).n_layers  # one line if the model is missing
+    dictionaries = {
+        layer: load_finished_run(run_dir_of(cfg.dictionary(the_set.member(layer)), cfg.results_root))[1]
+        for layer in layers
+    }
+    n_groups = {len(d.group_sizes) for d in dictionaries.values()}
+    if len(n_groups) != 1:
+        raise ConfigError(
+            f"transcoder_set: its transcoders have different numbers of groups ({sorted(n_groups)}); "
+            "retrain them with the set's current dictionary settings"
+        )
+    store = open_store(cfg)
+    means = mean_training_rows(store, [(layer, "mlp_out") for layer in layers])
+    e = cfg.evaluate
+    bridge = load_bridge(cfg.model_dir, e.dtype, e.device)
+    device = next(bridge.parameters()).device
+    dictionaries = {layer: d.to(device).eval() for layer, d in dictionaries.items()}
+    replacements: dict[str, LayerReplacement] = {
+        ZERO: ZeroAblation(layers),
+        MEAN: MeanAblation({layer: means[layer, "mlp_out"].to(device) for layer, _ in means}),
+        **{f"prefix_{g}": SetReplacement(dictionaries, g) for g in range(1, n_groups.pop() + 1)},
+    }
+    windows = heldout_windows(store, min(e.n_ce_sequences or DEFAULT_N_SEQUENCES, store.n_holdout_sequences))
+    result = replacement_metrics(
+        bridge, windows, replacements, batch_size=e.ce_batch_size, skip_bos=store.skip_bos
+    )
+    return {"set": the_set.name, "layers": layers, "n_model_layers": n_model_layers, **result}
+
+
+def replacement_table(metrics: dict[str, Any]) -> str:
+    """``replacement_metrics``'s result as a short text table, one row per replacement."""
+    columns = {
+        "ce": "CE",
+        "kl": "KL",
+        "top1_agreement": "top-1",
+        "ce_recovered_vs_zero": "rec. vs 0",
+        "ce_recovered_vs_mean": "rec. vs mean",
+    }
+    lines = [
+        f"clean CE {metrics['ce_clean']:.4f} on {metrics['n_tokens']} tokens",
+        f"{'replacement':<16}" + "".join(f"{c:>13}" for c in columns.values()),
+    ]
+    for name, m in metrics["replacements"].items():
+        lines.append(f"{name:<16}" + "".join(f"{m[c]:>13.4f}" if c in m else f"{'-':>13}" for c in columns))
+    return "\n".join(lines)
