@@ -20,9 +20,10 @@ from mtc.errors import ConfigError
 
 Site = Literal["resid_pre", "resid_mid", "mlp_out", "resid_post"]
 DType = Literal["float32", "bfloat16", "float16"]
-Kind = Literal["transcoder", "sae"]
+Kind = Literal["transcoder", "sae", "clt"]
 InputNorm = Literal["token", "global"]
 FeatureInit = Literal["data", "random"]
+DecoderInit = Literal["random", "own_layer"]
 MatmulDType = Literal["float32", "bfloat16"]
 SITES, DTYPES, KINDS, INPUT_NORMS, MATMUL_DTYPES = map(get_args, (Site, DType, Kind, InputNorm, MatmulDType))
 
@@ -347,8 +348,18 @@ class DictionaryConfig:
     """Log to wandb when set and wandb is configured (WANDB_API_KEY, or WANDB_MODE=offline)."""
     model_type: Name | None = None
     """Filled from ``model.type``; names the results directory."""
+    layers: Annotated[list[Index], Expect("a list of consecutive layer indices")] | None = None
+    """A cross-layer transcoder's layers (``clt`` section only): it reads ``resid_mid`` at each
+    and writes ``mlp_out`` at it and every later one; ``layer`` is the first."""
+    decoder_init: DecoderInit = "random"
+    """How a cross-layer transcoder's decoders start: ``random`` over all the layers a feature
+    writes to, or ``own_layer`` (its own layer only, zero beyond)."""
 
     def validate(self, p: str) -> None:
+        if self.kind == "clt":
+            self._validate_clt(p)
+        elif self.layers is not None:
+            _fail(f"{p}.layers", self.layers, "left out (only a cross-layer transcoder, in clt:, has layers)")
         if self.source_layer is not None and self.source_layer != self.layer:
             _fail(
                 f"{p}.source_layer", self.source_layer, f"the same as {p}.layer ({self.layer}), or left out"
@@ -372,6 +383,23 @@ class DictionaryConfig:
         if self.skip_connection and self.kind == "sae":
             _fail(f"{p}.skip_connection", True, "false for kind sae (it would learn the identity)")
 
+    def _validate_clt(self, p: str) -> None:
+        if self.layers is None:
+            _fail(f"{p}.kind", "clt", "transcoder or sae here (a cross-layer transcoder goes under clt:)")
+        if not self.layers or self.layers != list(range(self.layers[0], self.layers[0] + len(self.layers))):
+            _fail(f"{p}.layers", self.layers, "consecutive ascending layer indices, e.g. [0, 1, 2]")
+        fixed = {
+            "source_site": "resid_mid",
+            "target_site": "mlp_out",
+            "skip_connection": False,
+            "feature_init": "random",
+            "save_activation_samples": False,
+            "target_layer": None,
+        }
+        for key, value in fixed.items():
+            if getattr(self, key) not in (value, None):
+                _fail(f"{p}.{key}", getattr(self, key), f"{value} or left out for a cross-layer transcoder")
+
     @property
     def resolved_target_layer(self) -> int:
         return self.layer if self.target_layer is None else self.target_layer
@@ -379,6 +407,16 @@ class DictionaryConfig:
     @property
     def has_skip(self) -> bool:
         return self.kind == "transcoder" if self.skip_connection is None else self.skip_connection
+
+    @property
+    def is_clt(self) -> bool:
+        return self.kind == "clt"
+
+    def keys(self) -> list[tuple[int, str]]:
+        """The store's (layer, site) arrays it trains from: source then target, layer by layer."""
+        if self.is_clt:
+            return [(layer, site) for layer in self.layers for site in ("resid_mid", "mlp_out")]
+        return [(self.layer, self.source_site), (self.resolved_target_layer, self.target_site)]
 
     @property
     def init_from_data(self) -> bool:
@@ -464,15 +502,18 @@ class PipelineConfig:
     mine: MineConfig
     browse: BrowseConfig = field(default_factory=BrowseConfig)
     transcoder_set: TranscoderSet | None = None
+    clts: dict[str, DictionaryConfig] = field(default_factory=dict)
+    """``clt``: the cross-layer transcoders, by name."""
     data_root: Path = Path("data")
     results_root: Path = Path("results")
 
     def dictionary(self, name: str) -> DictionaryConfig:
-        if name not in self.dictionaries:
-            raise ConfigError(
-                f"dictionaries.{name}: no such dictionary; known: {', '.join(self.dictionaries) or 'none'}"
-            )
-        return self.dictionaries[name]
+        """A ``dictionaries`` entry, a transcoder set's member or a ``clt`` entry, by name."""
+        found = self.dictionaries.get(name) or self.clts.get(name)
+        if found is None:
+            known = [*self.dictionaries, *self.clts]
+            raise ConfigError(f"dictionaries.{name}: no such dictionary; known: {', '.join(known) or 'none'}")
+        return found
 
     @property
     def model_dir(self) -> Path:
@@ -580,7 +621,17 @@ def parse_params(
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"params: got {type(raw).__name__}; expected a mapping of sections")
-    sections = {"model", "dataset", "extract", "dictionaries", "transcoder_set", "evaluate", "mine", "browse"}
+    sections = {
+        "model",
+        "dataset",
+        "extract",
+        "dictionaries",
+        "transcoder_set",
+        "clt",
+        "evaluate",
+        "mine",
+        "browse",
+    }
     unknown = sorted(set(raw) - sections, key=str)
     if unknown:
         raise ConfigError(
@@ -603,6 +654,10 @@ def parse_params(
         if not isinstance(entry, dict):
             _fail(prefix, entry, "a mapping of settings")
         dictionaries[name] = _dictionary_entry({**entry, "name": name}, model.type, extract, prefix)
+        if dictionaries[name].is_clt:
+            _fail(
+                f"{prefix}.kind", "clt", "transcoder or sae here (a cross-layer transcoder goes under clt:)"
+            )
     transcoder_set, members = _transcoder_set(raw.get("transcoder_set"), model.type, extract)
     for member in members:
         if member.name in dictionaries:
@@ -611,6 +666,10 @@ def parse_params(
                 f"like the dictionaries entry; rename one"
             )
         dictionaries[member.name] = member
+    clts = _clt_section(raw.get("clt"), model.type, extract)
+    for name in clts:
+        if name in dictionaries:
+            raise ConfigError(f"clt.{name}: a dictionary of that name exists already; rename one")
     return PipelineConfig(
         model=model,
         dataset=dataset,
@@ -620,6 +679,7 @@ def parse_params(
         mine=_build(MineConfig, raw.get("mine"), "mine"),
         browse=_build(BrowseConfig, raw.get("browse"), "browse"),
         transcoder_set=transcoder_set,
+        clts=clts,
         data_root=Path(data_root),
         results_root=Path(results_root),
     )
@@ -684,6 +744,44 @@ def _transcoder_set(
     ]
     members = [_dictionary_entry(entry, model_type, extract, f"{p}.dictionary") for entry in entries]
     return the_set, members
+
+
+def _clt_section(section: Any, model_type: str, extract: ExtractConfig) -> dict[str, DictionaryConfig]:
+    """``clt``: one cross-layer transcoder per entry (name -> settings, ``layers`` and ``steps``
+    required: dvc.yaml's clt stages read them). Keys left out come from the model type's preset, as
+    for ``dictionaries``; ``dict_size``, ``group_sizes`` and ``top_k`` are per layer."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        _fail("clt", section, "a mapping of cross-layer transcoder names to settings ({} for none)")
+    clts = {}
+    for name, entry in section.items():
+        p = f"clt.{_show(name)}"
+        check_value(p, name, Name)
+        if not isinstance(entry, dict):
+            _fail(p, entry, "a mapping of settings")
+        for key in ("layers", "steps"):
+            if key not in entry:
+                raise ConfigError(f"{p}.{key}: missing; dvc.yaml's clt stages need layers and steps")
+        for key in ("layer", "source_layer", "target_layer", "kind"):
+            if key in entry:
+                _fail(f"{p}.{key}", entry[key], "left out: a cross-layer transcoder's layers are in layers")
+        layers = entry["layers"]
+        check_value(f"{p}.layers", layers, Annotated[list[Index], Expect("a list of layer indices")])
+        if not layers:
+            _fail(f"{p}.layers", layers, "a non-empty list of consecutive layers")
+        clt_entry = {"skip_connection": False, "feature_init": "random", **entry, "kind": "clt"}
+        clts[name] = _dictionary_entry(
+            {**clt_entry, "name": name, "layer": layers[0]}, model_type, extract, p
+        )
+        for i, layer in enumerate(layers):
+            if layer not in extract.layers:
+                _fail(
+                    f"{p}.layers[{i}]",
+                    layer,
+                    f"one of the extracted layers {extract.layers} (extract.layers)",
+                )
+    return clts
 
 
 def _check_against_extract(d: DictionaryConfig, extract: ExtractConfig, prefix: str) -> None:

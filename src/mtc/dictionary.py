@@ -586,6 +586,9 @@ class MatryoshkaBatchTopK(nn.Module):
         """Indices of the features that have not fired for ``n_batches_to_dead`` batches."""
         return torch.nonzero(self.inactive_batches >= self.shape.n_batches_to_dead).flatten()
 
+    def n_dead(self) -> int:
+        return int(self.dead_features().numel())
+
     def _select(self, mm_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's top ``k * B`` codes (rows, features, values); see ``batch_topk_pairs``."""
         return batch_topk_pairs(

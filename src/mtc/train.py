@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mtc import distributed, locks, progress
+from mtc.clt import MatryoshkaCLT
 from mtc.config import ConfigError, DictionaryConfig
 from mtc.data_parallel import DataParallel, follower_results_root
 from mtc.dictionary import MatryoshkaBatchTopK
@@ -56,26 +57,37 @@ class Run:
 
     cfg: DictionaryConfig
     run_dir: Path
-    model: MatryoshkaBatchTopK
+    model: MatryoshkaBatchTopK | MatryoshkaCLT
     optimizer: torch.optim.Optimizer
     samples: TopActivations | None
     wandb_run: Any = None
     step_seconds: list[float] = field(default_factory=list)  # since the last log line
     init_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # one (source, target) row per feature
-    target_norm_limit: float | None = None  # rows with a larger target norm are left out (outlier_norm_ratio)
+    target_norm_limit: float | torch.Tensor | None = (
+        None  # rows with a larger target norm are left out (outlier_norm_ratio)
+    )
     dropped_rows: int = 0  # left out since the start of this process
 
     def usable(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """The rows to train on (a boolean mask), or None when every row is usable."""
+        """The rows to train on (a boolean mask), or None when every row is usable. A
+        cross-layer transcoder's row ([L, d] per token) is left out when any layer's target is."""
         if self.target_norm_limit is None:
             return None
         # "not over", so that a NaN row stays in and stops training instead of vanishing
-        keep = ~(torch.linalg.vector_norm(y, dim=1) > self.target_norm_limit)
+        over = torch.linalg.vector_norm(y, dim=-1) > self.target_norm_limit
+        keep = ~(over if over.dim() == 1 else over.any(dim=1))
         return None if bool(keep.all()) else keep
 
-    @property
-    def keys(self) -> tuple[tuple[int, str], tuple[int, str]]:
-        return (self.cfg.layer, self.cfg.source_site), (self.cfg.resolved_target_layer, self.cfg.target_site)
+    def batch(self, by_key: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source, target) rows of this dictionary from a batch of store arrays: [B, d] each, or a
+        cross-layer transcoder's [B, L, d] (every layer's resid_mid, every layer's mlp_out)."""
+        keys = self.cfg.keys()
+        if not self.cfg.is_clt:
+            return by_key[keys[0]], by_key[keys[1]]
+        return (
+            torch.stack([by_key[k] for k in keys[0::2]], dim=1),
+            torch.stack([by_key[k] for k in keys[1::2]], dim=1),
+        )
 
 
 def _config_record(cfg: DictionaryConfig, store: ActivationStore) -> dict[str, Any]:
@@ -134,8 +146,7 @@ def _log_record(line: str) -> dict[str, Any] | None:
 
 def check_against_store(cfg: DictionaryConfig, store: ActivationStore) -> None:
     """What params can only be checked against the store: before anything is written."""
-    src = store.site(cfg.layer, cfg.source_site)
-    store.site(cfg.resolved_target_layer, cfg.target_site)
+    src, *_ = [store.site(*key) for key in cfg.keys()]
     if cfg.act_size is not None and cfg.act_size != src.d_model:
         raise ConfigError(
             f"dictionaries.{cfg.name}.act_size: {cfg.act_size} does not match the store's "
@@ -151,26 +162,10 @@ def check_against_store(cfg: DictionaryConfig, store: ActivationStore) -> None:
 def _start_run(
     cfg: DictionaryConfig, store: ActivationStore, results_root: Path, device: torch.device
 ) -> tuple[Run, int]:
-    src, tgt = store.site(cfg.layer, cfg.source_site), store.site(cfg.resolved_target_layer, cfg.target_site)
     run_dir = run_dir_of(cfg, results_root)
     record = _config_record(cfg, store)
     start_step = 0
-    model_cls = DataParallel if distributed.from_env().active else MatryoshkaBatchTopK
-    model = model_cls(
-        src.d_model,
-        tgt.d_model,
-        cfg.group_sizes,
-        cfg.k,
-        top_k_aux=cfg.top_k_aux,
-        aux_penalty=cfg.aux_penalty,
-        n_batches_to_dead=cfg.n_batches_to_dead,
-        threshold_momentum=cfg.threshold_momentum,
-        kind=cfg.kind,
-        input_norm=cfg.input_norm,
-        skip_connection=cfg.has_skip,
-        seed=cfg.seed,
-    )
-    model.set_scales(src.mean_norm, tgt.mean_norm)
+    model = _new_model(cfg, store)
     model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.adam_beta2)
     if (run_dir / CONFIG_FILE).is_file():
@@ -190,8 +185,49 @@ def _start_run(
         samples = TopActivations(cfg.dict_size, cfg.max_samples_per_feature, cfg.sample_activation_threshold)
     run = Run(cfg, run_dir, model, optimizer, samples, _start_wandb(cfg, record))
     if cfg.outlier_norm_ratio is not None:
-        run.target_norm_limit = cfg.outlier_norm_ratio * tgt.mean_norm
+        target_norms = torch.tensor([store.site(*k).mean_norm for k in cfg.keys()[1::2]], device=device)
+        run.target_norm_limit = cfg.outlier_norm_ratio * (target_norms if cfg.is_clt else target_norms[0])
     return run, start_step
+
+
+def _new_model(cfg: DictionaryConfig, store: ActivationStore) -> MatryoshkaBatchTopK | MatryoshkaCLT:
+    """A fresh dictionary for ``cfg``, its scales set from the store's mean norms."""
+    norms = [store.site(*k).mean_norm for k in cfg.keys()]
+    common = dict(
+        top_k_aux=cfg.top_k_aux,
+        aux_penalty=cfg.aux_penalty,
+        n_batches_to_dead=cfg.n_batches_to_dead,
+        threshold_momentum=cfg.threshold_momentum,
+        input_norm=cfg.input_norm,
+        seed=cfg.seed,
+    )
+    if cfg.is_clt:
+        if distributed.from_env().active:
+            raise ConfigError(f"clt.{cfg.name}: cross-layer transcoders train in one process (not torchrun)")
+        model = MatryoshkaCLT(
+            store.site(*cfg.keys()[0]).d_model,
+            len(cfg.layers),
+            cfg.group_sizes,
+            cfg.k,
+            decoder_init=cfg.decoder_init,
+            first_layer=cfg.layers[0],
+            **common,
+        )
+        model.set_scales(norms[0::2], norms[1::2])
+        return model
+    src, tgt = (store.site(*k) for k in cfg.keys())
+    model_cls = DataParallel if distributed.from_env().active else MatryoshkaBatchTopK
+    model = model_cls(
+        src.d_model,
+        tgt.d_model,
+        cfg.group_sizes,
+        cfg.k,
+        kind=cfg.kind,
+        skip_connection=cfg.has_skip,
+        **common,
+    )
+    model.set_scales(src.mean_norm, tgt.mean_norm)
+    return model
 
 
 def make_optimizer(model: MatryoshkaBatchTopK, lr: float, beta2: float = 0.999) -> torch.optim.Optimizer:
@@ -290,8 +326,8 @@ def _log(run: Run, step: int, out, clock: dict[str, float]) -> dict[str, Any]:
         "aux_loss": float(out.aux_loss),
         "prefix_mse": [round(float(v), 6) for v in out.prefix_mse],
         "l0": out.codes.l0(),
-        "dead_features": int(run.model.dead_features().numel()),
-        "threshold": float(run.model.threshold),
+        "dead_features": run.model.n_dead(),
+        "threshold": float(run.model.threshold.mean()),  # a cross-layer transcoder's: over its layers
         "seconds": round(time.time() - clock["start"], 2),
         # median wall time of one optimizer step (forward, backward, update) since the last line
         "step_seconds": round(statistics.median(run.step_seconds), 4) if run.step_seconds else None,
@@ -371,7 +407,7 @@ def _train(
         raise ConfigError(
             "checkpoints of the dictionaries trained together are at different steps; train them separately"
         )
-    keys = sorted({k for r in runs for k in r.keys})
+    keys = sorted({k for r in runs for k in r.cfg.keys()})
     batches = Prefetcher(
         store.iter_training_batches(keys, first.batch_size, first.seed, first.shuffle_chunks)
     )
@@ -406,9 +442,8 @@ def _train_step(
     run: Run, by_key: dict, rows: torch.Tensor, step: int, clock: dict[str, float]
 ) -> dict[str, Any] | None:
     """One optimizer step of one dictionary; returns the log record on logging steps."""
-    src, tgt = run.keys
     started = time.perf_counter()
-    x, y = by_key[src], by_key[tgt]
+    x, y = run.batch(by_key)
     keep = run.usable(x, y)
     if keep is not None:
         run.dropped_rows += int((~keep).sum())
@@ -451,8 +486,8 @@ def _feature_init_rows(
     of their own: every data-parallel rank reads the same rows, so every rank starts alike."""
     if not run.cfg.init_from_data:
         return None
-    keys = sorted(set(run.keys))  # an SAE reads one site
-    source, target = (keys.index(k) for k in run.keys)
+    keys = sorted(set(run.cfg.keys()))  # an SAE reads one site
+    source, target = (keys.index(k) for k in run.cfg.keys())
     batch = min(run.cfg.dict_size, store.n_usable_train_rows)
     batches = store.iter_training_batches(keys, batch, run.cfg.seed + 2, run.cfg.shuffle_chunks)
     xs, ys, have = [], [], 0
@@ -474,8 +509,10 @@ def _calibrate(run: Run, store: ActivationStore) -> None:
     if rows == 0:
         return
     batch = min(rows, run.cfg.batch_size)
-    batches = store.iter_training_batches([run.keys[0]], batch, run.cfg.seed + 1, run.cfg.shuffle_chunks)
-    run.model.calibrate_threshold(next(batches)[0][0] for _ in range(max(1, rows // batch)))
+    sources = run.cfg.keys()[0::2] if run.cfg.is_clt else run.cfg.keys()[:1]
+    batches = store.iter_training_batches(sources, batch, run.cfg.seed + 1, run.cfg.shuffle_chunks)
+    stack = (lambda xs: torch.stack(xs, dim=1)) if run.cfg.is_clt else (lambda xs: xs[0])
+    run.model.calibrate_threshold(stack(next(batches)[0]) for _ in range(max(1, rows // batch)))
 
 
 def _finish(run: Run, store: ActivationStore, tokenizer_dir: str | Path | None) -> None:
