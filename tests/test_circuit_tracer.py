@@ -263,3 +263,141 @@ def test_a_set_replaces_an_earlier_set_whole_and_nothing_else(tmp_path):
         export_circuit_tracer(runs, notes)
     assert _files(notes) == {"todo.txt": b"mine"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["L0", "L1", "L2", "notes", "set"], "no temporaries"
+
+
+# ---------------------------------------------------------------------------- cross-layer transcoders
+def _finished_clt_run(run_dir, input_norm: str, n_layers: int = 3, d_model: int = 8, seed: int = 0):
+    """A finished (untrained) MatryoshkaCLT run with random biases, means, scales and thresholds
+    (layer 0's negative, which circuit-tracer's encoder, with no ReLU of its own, must not see)."""
+    from mtc.clt import MatryoshkaCLT
+    from mtc.results import write_config
+
+    clt = MatryoshkaCLT(d_model, n_layers, [4, 12], 3, input_norm=input_norm, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for b in clt.b_enc:
+            b.copy_(0.3 * torch.randn(b.shape, generator=gen))
+        clt.b_dec.copy_(torch.randn(clt.b_dec.shape, generator=gen))
+        clt.source_mean.copy_(0.2 * torch.randn(clt.source_mean.shape, generator=gen))
+        clt.source_scale.copy_(torch.rand(n_layers, generator=gen) + 0.5)
+        clt.target_scale.copy_(torch.rand(n_layers, generator=gen) + 0.5)
+        clt.threshold.copy_(torch.rand(n_layers, generator=gen) * 0.5)
+        clt.threshold[0] = -0.1
+    clt.save(run_dir)
+    write_config(run_dir, {"name": "clt", "kind": "clt"}, completed=True)
+    return run_dir
+
+
+def _llama_norms_dir(path, n_layers: int = 3, d_model: int = 8):
+    """A model directory with just what the export reads: the config and each MLP's RMSNorm weight."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    (path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": n_layers})
+    )
+    gen = torch.Generator().manual_seed(7)
+    norms = {
+        f"model.layers.{i}.post_attention_layernorm.weight": torch.rand(d_model, generator=gen) + 0.5
+        for i in range(n_layers)
+    }
+    save_file(norms, str(path / "model.safetensors"))
+    return path, [norms[f"model.layers.{i}.post_attention_layernorm.weight"] for i in range(n_layers)]
+
+
+def _circuit_tracer_clt_by_hand(clt_dir, hook_in_BLD):
+    """What circuit-tracer's CrossLayerTranscoder computes from its input hook's activations, read
+    from the exported files: ``pre * (pre > threshold)``, then every layer's decoders summed."""
+    n_layers = hook_in_BLD.shape[1]
+    out = torch.stack(
+        [load_file(str(clt_dir / f"W_enc_{j}.safetensors"))[f"b_dec_{j}"] for j in range(n_layers)]
+    )
+    out = out.expand_as(hook_in_BLD).clone()
+    for i in range(n_layers):
+        enc = load_file(str(clt_dir / f"W_enc_{i}.safetensors"))
+        W_dec = load_file(str(clt_dir / f"W_dec_{i}.safetensors"))[f"W_dec_{i}"]  # [F, L - i, d]
+        pre = hook_in_BLD[:, i] @ enc[f"W_enc_{i}"].T + enc[f"b_enc_{i}"]
+        codes = pre * (pre > enc[f"threshold_{i}"])
+        out[:, i:] += torch.einsum("bf,ftd->btd", codes, W_dec)
+    return out
+
+
+@pytest.mark.parametrize("input_norm", ["token", "global"])
+@pytest.mark.parametrize("n_groups", [None, 1])
+def test_an_exported_clt_applied_to_circuit_tracers_input_hook_is_the_clt_on_raw_resid_mid(
+    tmp_path, input_norm, n_groups
+):
+    from mtc.clt import MatryoshkaCLT
+
+    run_dir = _finished_clt_run(tmp_path / "run", input_norm)
+    model_dir, gammas = _llama_norms_dir(tmp_path / "model")
+    out = export_circuit_tracer([run_dir], tmp_path / "ct", n_groups=n_groups, model_dir=model_dir)
+    config = yaml.safe_load((out / SET_CONFIG).read_text())
+    assert config["model_kind"] == "cross_layer_transcoder"
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == (
+        INPUT_HOOKS[input_norm],
+        "hook_mlp_out",
+    )
+    n_features = 4 if n_groups == 1 else 16
+    assert load_file(str(out / "W_dec_1.safetensors"))["W_dec_1"].shape == (n_features, 2, 8)
+    assert load_file(str(out / "W_enc_2.safetensors"))["threshold_2"].shape == (n_features,)
+
+    clt = MatryoshkaCLT.load(run_dir)
+    x_BLD = 3 * torch.randn(64, 3, 8, generator=torch.Generator().manual_seed(3))
+    if input_norm == "token":  # mlp.hook_in: the MLP's RMSNorm, gamma * x / rms(x)
+        rms = x_BLD.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        hook_in = torch.stack(gammas)[None] * x_BLD / rms
+    else:  # hook_resid_mid: the raw residual stream
+        hook_in = x_BLD
+    with torch.no_grad():
+        ours = clt(x_BLD, n_groups)
+    theirs = _circuit_tracer_clt_by_hand(out, hook_in)
+    assert ours.abs().max() > 1 and (ours != clt.output_bias()).any(), "features fire"
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_a_clt_that_does_not_cover_the_models_layers_is_refused(tmp_path):
+    from mtc.clt import MatryoshkaCLT
+    from mtc.results import write_config
+
+    run_dir = _finished_clt_run(tmp_path / "run", "global", n_layers=2)
+    model_dir, _ = _llama_norms_dir(tmp_path / "model", n_layers=3)
+    with pytest.raises(ConfigError, match="a CLT over 2 layers; the model in .* has 3"):
+        export_circuit_tracer([run_dir], tmp_path / "ct", model_dir=model_dir)
+    late = tmp_path / "late"
+    MatryoshkaCLT(8, 3, [4, 12], 3, input_norm="global", first_layer=1).save(late)
+    write_config(late, {"name": "late"}, completed=True)
+    with pytest.raises(ConfigError, match="a CLT from layer 1; circuit-tracer needs every layer from 0"):
+        export_circuit_tracer([late], tmp_path / "ct")
+    with pytest.raises(ConfigError, match="exported alone; got 2 run directories"):
+        export_circuit_tracer([run_dir, late], tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_a_clt_export_replaces_an_earlier_export_of_mtcs_whole_and_nothing_else(tmp_path):
+    run_dir = _finished_clt_run(tmp_path / "run", "global")
+    out = export_circuit_tracer([run_dir], tmp_path / "ct")
+    export_circuit_tracer([run_dir], out, n_groups=1)
+    assert set(_files(out)) == {"config.yaml"} | {
+        f"W_{kind}_{i}.safetensors" for kind in ("dec", "enc") for i in range(3)
+    }
+    assert load_file(str(out / "W_enc_0.safetensors"))["b_enc_0"].shape == (4,)
+    sets = [_finished_transcoder_run(tmp_path / f"L{i}", i, [4, 4]) for i in range(3)]
+    export_circuit_tracer(sets, out)  # a set may replace the CLT in its place, and back
+    assert sorted(_files(out)) == [
+        "config.yaml",
+        "layer_0.safetensors",
+        "layer_1.safetensors",
+        "layer_2.safetensors",
+    ]
+    export_circuit_tracer([run_dir], out)
+    foreign = tmp_path / "foreign"  # circuit-tracer's own CLT layout, not written by mtc
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("model_kind: cross_layer_transcoder\n")
+    (foreign / "W_enc_0.safetensors").write_bytes(b"theirs")
+    with pytest.raises(ConfigError, match="a directory holding other files"):
+        export_circuit_tracer([run_dir], foreign)
+    assert _files(foreign) == {
+        "config.yaml": b"model_kind: cross_layer_transcoder\n",
+        "W_enc_0.safetensors": b"theirs",
+    }

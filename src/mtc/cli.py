@@ -8,6 +8,7 @@ mtc samples RUN_DIR [--feature F]                                          (show
 mtc browse RUN_DIR [--out DIR]                                             (static HTML browser)
 mtc export RUN_DIR OUT --format saelens [--groups N]                       (SAELens v6 directory)
 mtc export RUN_DIR... OUT --format circuit-tracer                          (a per-layer transcoder set)
+mtc export CLT_RUN_DIR OUT --format circuit-tracer                         (a cross-layer transcoder)
 mtc import DIR --format saelens --name NAME                                (a SAELens dictionary)
 mtc summarize-set                                                          (FVU per layer of a set)
 mtc attribute SET "prompt" [--out DIR]                                     (circuit-tracer graph)
@@ -281,7 +282,9 @@ def browse(
 @app.command()
 def export(
     paths: list[Path] = typer.Argument(
-        ..., help="RUN_DIR OUT (saelens), or RUN_DIR... OUT (circuit-tracer: one transcoder per layer)."
+        ...,
+        help="RUN_DIR OUT (saelens), or RUN_DIR... OUT (circuit-tracer: one transcoder per layer, "
+        "or one cross-layer transcoder).",
     ),
     format: str = typer.Option("saelens", "--format", help="saelens | circuit-tracer"),
     groups: Optional[int] = typer.Option(None, "--groups", help="Export the prefix of the first N groups."),
@@ -293,7 +296,8 @@ def export(
     params: Path = ParamsOption,
 ) -> None:
     """Write trained dictionaries in another tool's format: a SAELens v6 directory
-    (SAE.load_from_disk), or a circuit-tracer transcoder set (ReplacementModel.from_pretrained)."""
+    (SAE.load_from_disk), or a circuit-tracer transcoder set or cross-layer transcoder
+    (ReplacementModel.from_pretrained)."""
     if len(paths) < 2:
         _fail("export: give RUN_DIR... and OUT")
     *run_dirs, out = paths
