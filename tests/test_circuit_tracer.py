@@ -401,3 +401,90 @@ def test_a_clt_export_replaces_an_earlier_export_of_mtcs_whole_and_nothing_else(
         "config.yaml": b"model_kind: cross_layer_transcoder\n",
         "W_enc_0.safetensors": b"theirs",
     }
+
+
+def _stories_resid_mid(model_dir, text: str) -> torch.Tensor:
+    """Raw resid_mid [T, L, d] of every layer on ``text`` (what the MLPs' norms read)."""
+    from mtc.models import load_hf_model, load_tokenizer
+
+    model, tokenizer = load_hf_model(model_dir), load_tokenizer(model_dir)
+    seen, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(
+            layer.post_attention_layernorm.register_forward_pre_hook(
+                lambda m, a, i=i: seen.__setitem__(i, a[0][0].detach().clone())
+            )
+        )
+    with torch.no_grad():
+        model(tokenizer(text, return_tensors="pt").input_ids)
+    for hook in hooks:
+        hook.remove()
+    return torch.stack([seen[i] for i in range(len(seen))], dim=1)
+
+
+@pytest.fixture(scope="module")
+def stories_clts(tmp_path_factory, stories_model_dir):
+    """A random (untrained) CLT over every layer of stories260K per input_norm, its means, scales
+    and thresholds set from the model's own activations (about 8 codes per token and layer), saved
+    as a finished run and exported. Returns, per input_norm, the run and the export."""
+    from mtc.clt import MatryoshkaCLT
+    from mtc.results import write_config
+
+    root = tmp_path_factory.mktemp("clt")
+    text = "One day, a little boy named Tim went to the park with his mom. They saw a big dog. " * 4
+    x_TLD = _stories_resid_mid(stories_model_dir, text)
+    exports = {}
+    for norm in ("token", "global"):
+        clt = MatryoshkaCLT(64, N_LAYERS, [32, 96], 8, input_norm=norm, seed=1)
+        with torch.no_grad():
+            clt.set_scales(x_TLD.norm(dim=-1).mean(0).tolist(), [8.0 * (i + 1) for i in range(N_LAYERS)])
+            clt.init_means(x_TLD, torch.zeros_like(x_TLD))
+            clt.b_dec.normal_(generator=torch.Generator().manual_seed(2))
+            clt.calibrate_threshold([x_TLD])
+        run_dir = root / f"run-{norm}"
+        clt.save(run_dir)
+        write_config(run_dir, {"name": f"clt-{norm}"}, completed=True)
+        exports[norm] = (
+            run_dir,
+            export_circuit_tracer([run_dir], root / f"ct-{norm}", model_dir=stories_model_dir),
+        )
+    return exports
+
+
+@needs_circuit_tracer
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["token", "global"])
+def test_circuit_tracer_loads_the_clt_and_reproduces_the_logits_and_our_reconstruction(
+    stories_model_dir, stories_clts, norm, tmp_path
+):
+    from mtc.clt import MatryoshkaCLT
+
+    run_dir, clt_dir = stories_clts[norm]
+    result = subprocess.run(
+        [
+            str(CT_PYTHON),
+            str(REPO / "tests" / "circuit_tracer_check.py"),
+            str(stories_model_dir),
+            str(clt_dir),
+            str(tmp_path),
+            PROMPT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "result.json").read_text())
+    print("circuit-tracer:", report)
+    assert report["max_abs_logit_difference"] < 1e-4 * max(1.0, report["logit_scale"]), report
+
+    # the error term is mlp_out minus circuit-tracer's reconstruction: that is ours, at every layer
+    acts = load_file(str(tmp_path / "activations.safetensors"))
+    clt = MatryoshkaCLT.load(run_dir)
+    x_TLD = acts["resid_mid"][:, 1:].transpose(0, 1)  # circuit-tracer zeroes the BOS position
+    with torch.no_grad():
+        ours = clt(x_TLD)
+        codes = torch.stack([clt.encode(i, x_TLD[:, i]) for i in range(N_LAYERS)])
+    assert 2 < float((codes > 0).sum(-1).float().mean()) < 32, "features fire, sparsely"
+    theirs = (acts["mlp_out"][:, 1:] - acts["error"][:, 1:]).transpose(0, 1)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
