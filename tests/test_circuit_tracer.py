@@ -488,3 +488,43 @@ def test_circuit_tracer_loads_the_clt_and_reproduces_the_logits_and_our_reconstr
     assert 2 < float((codes > 0).sum(-1).float().mean()) < 32, "features fire, sparsely"
     theirs = (acts["mlp_out"][:, 1:] - acts["error"][:, 1:]).transpose(0, 1)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+
+
+@needs_circuit_tracer
+@pytest.mark.slow
+def test_graph_scores_of_a_clt_over_a_prompt_file(stories_model_dir, stories_clts, tmp_path):
+    from mtc.circuit_tracer import graph_scores
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\nOnce upon a time, there was a\n\nThe little girl was very\n")
+    out = tmp_path / "scores" / "clt.json"
+    scores = graph_scores(stories_clts["token"][1], stories_model_dir, prompts, out, CT_PYTHON)
+    print("graph scores:", scores["mean"])
+    assert json.loads(out.read_text()) == scores
+    assert [p["prompt"] for p in scores["prompts"]] == [
+        "Once upon a time, there was a",
+        "The little girl was very",
+    ]
+    for p in scores["prompts"]:
+        assert 0 < p["replacement_score"] < 1 and 0 < p["completeness_score"] < 1, p
+        assert p["pruned_feature_nodes"] > 0 and 0 < p["pruned_error_nodes"] <= N_LAYERS * p["n_tokens"], p
+    for key, mean in scores["mean"].items():
+        assert mean == pytest.approx(sum(p[key] for p in scores["prompts"]) / 2)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["clt.json"], "no temporaries"
+    graph_scores(stories_clts["token"][1], stories_model_dir, prompts, out, CT_PYTHON)  # its own: replaced
+
+
+def test_graph_scores_needs_an_export_and_replaces_only_its_own_file(stories_model_dir, tmp_path):
+    from mtc.circuit_tracer import GRAPH_PROMPTS, graph_scores
+
+    prompts = [line for line in GRAPH_PROMPTS.read_text().splitlines() if line and not line.startswith("#")]
+    assert len(prompts) >= 20 and "The capital of France is" in prompts
+    with pytest.raises(ConfigError, match="not a circuit-tracer export"):
+        graph_scores(tmp_path, stories_model_dir, GRAPH_PROMPTS, tmp_path / "s.json")
+    run_dir = _finished_clt_run(tmp_path / "run", "global")
+    export = export_circuit_tracer([run_dir], tmp_path / "ct")
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"mine": 1}')
+    with pytest.raises(ConfigError, match="a file mtc graph-scores did not write is there"):
+        graph_scores(export, stories_model_dir, GRAPH_PROMPTS, mine)
+    assert mine.read_text() == '{"mine": 1}'

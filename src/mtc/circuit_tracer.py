@@ -37,6 +37,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -61,6 +62,9 @@ SET_CONFIG = "config.yaml"
 LAYER_FILE = re.compile(r"layer_\d+\.safetensors")  # layer_{i}.safetensors
 CLT_FILE = re.compile(r"W_(enc|dec)_\d+\.safetensors")  # W_enc_{i}.safetensors, W_dec_{i}.safetensors
 GRAPH_SCRIPT = Path(__file__).parent / "external" / "circuit_tracer_graph.py"
+SCORES_SCRIPT = Path(__file__).parent / "external" / "circuit_tracer_scores.py"
+GRAPH_PROMPTS = Path(__file__).parent / "external" / "graph_prompts.txt"  # mtc graph-scores' fixed set
+SCORES_KIND = "mtc graph scores"  # the "kind" of the JSON it writes
 # circuit-tracer needs an older transformers than mtc: it lives in a virtualenv of its own
 # (MTC_WITH_CIRCUIT_TRACER=1 bash scripts/setup.sh), found here unless MTC_CIRCUIT_TRACER_PYTHON says.
 DEFAULT_PYTHON = Path(".venv-circuit-tracer") / "bin" / "python"
@@ -356,3 +360,54 @@ def attribute(
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         raise ConfigError(f"circuit-tracer failed: {lines[-1] if lines else f'exit {result.returncode}'}")
     return json.loads((out / "summary.json").read_text())
+
+
+def graph_scores(
+    export_dir: str | Path,
+    model_dir: str | Path,
+    prompts_file: str | Path = GRAPH_PROMPTS,
+    out_json: str | Path = "graph_scores.json",
+    python: str | Path | None = None,
+) -> dict:
+    """circuit-tracer's graph scores of an exported set or CLT over a fixed prompt set, in
+    circuit-tracer's own virtualenv: per prompt and their means, the replacement and completeness
+    scores and the feature and error nodes of the pruned graph, with fixed attribution and pruning
+    settings (``external/circuit_tracer_scores.py``). Written to ``out_json`` (new, or an earlier
+    one of these) and returned."""
+    export_dir, model_dir, out_json = Path(export_dir), Path(model_dir), Path(out_json)
+    prompts_file = Path(prompts_file)
+    if not (export_dir / SET_CONFIG).is_file():
+        raise ConfigError(
+            f"{export_dir}: not a circuit-tracer export (no {SET_CONFIG}); write one with "
+            "mtc export RUN_DIR... OUT --format circuit-tracer"
+        )
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"{model_dir}: not a model directory (no config.json); run mtc prepare-model")
+    if not prompts_file.is_file():
+        raise ConfigError(f"{prompts_file}: no prompt file there")
+    if out_json.exists() and not _is_graph_scores(out_json):
+        raise ConfigError(f"{out_json}: a file mtc graph-scores did not write is there; give a new path")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_json.parent, prefix=".graph-scores-") as work:
+        written = Path(work) / "scores.json"
+        command = [
+            str(circuit_tracer_python(python)),
+            str(SCORES_SCRIPT),
+            "--",
+            *(str(p.resolve()) for p in (model_dir, export_dir, prompts_file)),
+            str(written),
+        ]
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
+            raise ConfigError(f"circuit-tracer failed: {lines[-1] if lines else f'exit {result.returncode}'}")
+        scores = json.loads(written.read_text())
+    atomic_write_text(out_json, json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+def _is_graph_scores(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("kind") == SCORES_KIND
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False

@@ -12,6 +12,7 @@ mtc export CLT_RUN_DIR OUT --format circuit-tracer                         (a cr
 mtc import DIR --format saelens --name NAME                                (a SAELens dictionary)
 mtc summarize-set                                                          (FVU per layer of a set)
 mtc attribute SET "prompt" [--out DIR]                                     (circuit-tracer graph)
+mtc graph-scores EXPORT_DIR [--out FILE]                                   (scores over fixed prompts)
 """
 
 from __future__ import annotations
@@ -360,6 +361,37 @@ def attribute(
         f"wrote {summary['picture']} and {out / 'graph_files'} (view: .venv-circuit-tracer/bin/"
         f"circuit-tracer start-server --graph_file_dir {out / 'graph_files'}; needs internet for its JS)"
     )
+
+
+@app.command("graph-scores")
+def graph_scores(
+    export_dir: Path = typer.Argument(
+        ..., help="A set or CLT written by `mtc export ... --format circuit-tracer`."
+    ),
+    out: Path = typer.Option(Path("graph_scores.json"), "--out", help="Where the scores go (JSON)."),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help="One prompt a line (default: mtc's fixed set, external/graph_prompts.txt)."
+    ),
+    python: Optional[Path] = typer.Option(
+        None, "--python", help="circuit-tracer's interpreter (default: .venv-circuit-tracer/bin/python)."
+    ),
+    params: Path = ParamsOption,
+) -> None:
+    """circuit-tracer's replacement and completeness scores, and the pruned graph's feature and error
+    nodes, of every prompt of a fixed set and their means, for the model params.yaml's prepare_model
+    wrote."""
+    from mtc.circuit_tracer import GRAPH_PROMPTS
+    from mtc.circuit_tracer import graph_scores as scores_of
+
+    cfg = _load(params)
+    scores = scores_of(export_dir, cfg.model_dir, prompts or GRAPH_PROMPTS, out, python)
+    mean = scores["mean"]
+    typer.echo(
+        f"{len(scores['prompts'])} prompts: replacement score {mean['replacement_score']:.4f}, completeness "
+        f"{mean['completeness_score']:.4f}; pruned graphs: {mean['pruned_feature_nodes']:.1f} feature and "
+        f"{mean['pruned_error_nodes']:.1f} error nodes; {mean['seconds']:.1f} s a prompt"
+    )
+    typer.echo(f"wrote {out}")
 
 
 @app.command("import")
