@@ -263,3 +263,268 @@ def test_a_set_replaces_an_earlier_set_whole_and_nothing_else(tmp_path):
         export_circuit_tracer(runs, notes)
     assert _files(notes) == {"todo.txt": b"mine"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["L0", "L1", "L2", "notes", "set"], "no temporaries"
+
+
+# ---------------------------------------------------------------------------- cross-layer transcoders
+def _finished_clt_run(run_dir, input_norm: str, n_layers: int = 3, d_model: int = 8, seed: int = 0):
+    """A finished (untrained) MatryoshkaCLT run with random biases, means, scales and thresholds
+    (layer 0's negative, which circuit-tracer's encoder, with no ReLU of its own, must not see)."""
+    from mtc.clt import MatryoshkaCLT
+    from mtc.results import write_config
+
+    clt = MatryoshkaCLT(d_model, n_layers, [4, 12], 3, input_norm=input_norm, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for b in clt.b_enc:
+            b.copy_(0.3 * torch.randn(b.shape, generator=gen))
+        clt.b_dec.copy_(torch.randn(clt.b_dec.shape, generator=gen))
+        clt.source_mean.copy_(0.2 * torch.randn(clt.source_mean.shape, generator=gen))
+        clt.source_scale.copy_(torch.rand(n_layers, generator=gen) + 0.5)
+        clt.target_scale.copy_(torch.rand(n_layers, generator=gen) + 0.5)
+        clt.threshold.copy_(torch.rand(n_layers, generator=gen) * 0.5)
+        clt.threshold[0] = -0.1
+    clt.save(run_dir)
+    write_config(run_dir, {"name": "clt", "kind": "clt"}, completed=True)
+    return run_dir
+
+
+def _llama_norms_dir(path, n_layers: int = 3, d_model: int = 8):
+    """A model directory with just what the export reads: the config and each MLP's RMSNorm weight."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    (path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": n_layers})
+    )
+    gen = torch.Generator().manual_seed(7)
+    norms = {
+        f"model.layers.{i}.post_attention_layernorm.weight": torch.rand(d_model, generator=gen) + 0.5
+        for i in range(n_layers)
+    }
+    save_file(norms, str(path / "model.safetensors"))
+    return path, [norms[f"model.layers.{i}.post_attention_layernorm.weight"] for i in range(n_layers)]
+
+
+def _circuit_tracer_clt_by_hand(clt_dir, hook_in_BLD):
+    """What circuit-tracer's CrossLayerTranscoder computes from its input hook's activations, read
+    from the exported files: ``pre * (pre > threshold)``, then every layer's decoders summed."""
+    n_layers = hook_in_BLD.shape[1]
+    out = torch.stack(
+        [load_file(str(clt_dir / f"W_enc_{j}.safetensors"))[f"b_dec_{j}"] for j in range(n_layers)]
+    )
+    out = out.expand_as(hook_in_BLD).clone()
+    for i in range(n_layers):
+        enc = load_file(str(clt_dir / f"W_enc_{i}.safetensors"))
+        W_dec = load_file(str(clt_dir / f"W_dec_{i}.safetensors"))[f"W_dec_{i}"]  # [F, L - i, d]
+        pre = hook_in_BLD[:, i] @ enc[f"W_enc_{i}"].T + enc[f"b_enc_{i}"]
+        codes = pre * (pre > enc[f"threshold_{i}"])
+        out[:, i:] += torch.einsum("bf,ftd->btd", codes, W_dec)
+    return out
+
+
+@pytest.mark.parametrize("input_norm", ["token", "global"])
+@pytest.mark.parametrize("n_groups", [None, 1])
+def test_an_exported_clt_applied_to_circuit_tracers_input_hook_is_the_clt_on_raw_resid_mid(
+    tmp_path, input_norm, n_groups
+):
+    from mtc.clt import MatryoshkaCLT
+
+    run_dir = _finished_clt_run(tmp_path / "run", input_norm)
+    model_dir, gammas = _llama_norms_dir(tmp_path / "model")
+    out = export_circuit_tracer([run_dir], tmp_path / "ct", n_groups=n_groups, model_dir=model_dir)
+    config = yaml.safe_load((out / SET_CONFIG).read_text())
+    assert config["model_kind"] == "cross_layer_transcoder"
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == (
+        INPUT_HOOKS[input_norm],
+        "hook_mlp_out",
+    )
+    n_features = 4 if n_groups == 1 else 16
+    assert load_file(str(out / "W_dec_1.safetensors"))["W_dec_1"].shape == (n_features, 2, 8)
+    assert load_file(str(out / "W_enc_2.safetensors"))["threshold_2"].shape == (n_features,)
+
+    clt = MatryoshkaCLT.load(run_dir)
+    x_BLD = 3 * torch.randn(64, 3, 8, generator=torch.Generator().manual_seed(3))
+    if input_norm == "token":  # mlp.hook_in: the MLP's RMSNorm, gamma * x / rms(x)
+        rms = x_BLD.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        hook_in = torch.stack(gammas)[None] * x_BLD / rms
+    else:  # hook_resid_mid: the raw residual stream
+        hook_in = x_BLD
+    with torch.no_grad():
+        ours = clt(x_BLD, n_groups)
+    theirs = _circuit_tracer_clt_by_hand(out, hook_in)
+    assert ours.abs().max() > 1 and (ours != clt.output_bias()).any(), "features fire"
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_a_clt_that_does_not_cover_the_models_layers_is_refused(tmp_path):
+    from mtc.clt import MatryoshkaCLT
+    from mtc.results import write_config
+
+    run_dir = _finished_clt_run(tmp_path / "run", "global", n_layers=2)
+    model_dir, _ = _llama_norms_dir(tmp_path / "model", n_layers=3)
+    with pytest.raises(ConfigError, match="a CLT over 2 layers; the model in .* has 3"):
+        export_circuit_tracer([run_dir], tmp_path / "ct", model_dir=model_dir)
+    late = tmp_path / "late"
+    MatryoshkaCLT(8, 3, [4, 12], 3, input_norm="global", first_layer=1).save(late)
+    write_config(late, {"name": "late"}, completed=True)
+    with pytest.raises(ConfigError, match="a CLT from layer 1; circuit-tracer needs every layer from 0"):
+        export_circuit_tracer([late], tmp_path / "ct")
+    with pytest.raises(ConfigError, match="exported alone; got 2 run directories"):
+        export_circuit_tracer([run_dir, late], tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_a_clt_export_replaces_an_earlier_export_of_mtcs_whole_and_nothing_else(tmp_path):
+    run_dir = _finished_clt_run(tmp_path / "run", "global")
+    out = export_circuit_tracer([run_dir], tmp_path / "ct")
+    export_circuit_tracer([run_dir], out, n_groups=1)
+    assert set(_files(out)) == {"config.yaml"} | {
+        f"W_{kind}_{i}.safetensors" for kind in ("dec", "enc") for i in range(3)
+    }
+    assert load_file(str(out / "W_enc_0.safetensors"))["b_enc_0"].shape == (4,)
+    sets = [_finished_transcoder_run(tmp_path / f"L{i}", i, [4, 4]) for i in range(3)]
+    export_circuit_tracer(sets, out)  # a set may replace the CLT in its place, and back
+    assert sorted(_files(out)) == [
+        "config.yaml",
+        "layer_0.safetensors",
+        "layer_1.safetensors",
+        "layer_2.safetensors",
+    ]
+    export_circuit_tracer([run_dir], out)
+    foreign = tmp_path / "foreign"  # circuit-tracer's own CLT layout, not written by mtc
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("model_kind: cross_layer_transcoder\n")
+    (foreign / "W_enc_0.safetensors").write_bytes(b"theirs")
+    with pytest.raises(ConfigError, match="a directory holding other files"):
+        export_circuit_tracer([run_dir], foreign)
+    assert _files(foreign) == {
+        "config.yaml": b"model_kind: cross_layer_transcoder\n",
+        "W_enc_0.safetensors": b"theirs",
+    }
+
+
+def _stories_resid_mid(model_dir, text: str) -> torch.Tensor:
+    """Raw resid_mid [T, L, d] of every layer on ``text`` (what the MLPs' norms read)."""
+    from mtc.models import load_hf_model, load_tokenizer
+
+    model, tokenizer = load_hf_model(model_dir), load_tokenizer(model_dir)
+    seen, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(
+            layer.post_attention_layernorm.register_forward_pre_hook(
+                lambda m, a, i=i: seen.__setitem__(i, a[0][0].detach().clone())
+            )
+        )
+    with torch.no_grad():
+        model(tokenizer(text, return_tensors="pt").input_ids)
+    for hook in hooks:
+        hook.remove()
+    return torch.stack([seen[i] for i in range(len(seen))], dim=1)
+
+
+@pytest.fixture(scope="module")
+def stories_clts(tmp_path_factory, stories_model_dir):
+    """A random (untrained) CLT over every layer of stories260K per input_norm, its means, scales
+    and thresholds set from the model's own activations (about 8 codes per token and layer), saved
+    as a finished run and exported. Returns, per input_norm, the run and the export."""
+    from mtc.clt import MatryoshkaCLT
+    from mtc.results import write_config
+
+    root = tmp_path_factory.mktemp("clt")
+    text = "One day, a little boy named Tim went to the park with his mom. They saw a big dog. " * 4
+    x_TLD = _stories_resid_mid(stories_model_dir, text)
+    exports = {}
+    for norm in ("token", "global"):
+        clt = MatryoshkaCLT(64, N_LAYERS, [32, 96], 8, input_norm=norm, seed=1)
+        with torch.no_grad():
+            clt.set_scales(x_TLD.norm(dim=-1).mean(0).tolist(), [8.0 * (i + 1) for i in range(N_LAYERS)])
+            clt.init_means(x_TLD, torch.zeros_like(x_TLD))
+            clt.b_dec.normal_(generator=torch.Generator().manual_seed(2))
+            clt.calibrate_threshold([x_TLD])
+        run_dir = root / f"run-{norm}"
+        clt.save(run_dir)
+        write_config(run_dir, {"name": f"clt-{norm}"}, completed=True)
+        exports[norm] = (
+            run_dir,
+            export_circuit_tracer([run_dir], root / f"ct-{norm}", model_dir=stories_model_dir),
+        )
+    return exports
+
+
+@needs_circuit_tracer
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["token", "global"])
+def test_circuit_tracer_loads_the_clt_and_reproduces_the_logits_and_our_reconstruction(
+    stories_model_dir, stories_clts, norm, tmp_path
+):
+    from mtc.clt import MatryoshkaCLT
+
+    run_dir, clt_dir = stories_clts[norm]
+    result = subprocess.run(
+        [
+            str(CT_PYTHON),
+            str(REPO / "tests" / "circuit_tracer_check.py"),
+            str(stories_model_dir),
+            str(clt_dir),
+            str(tmp_path),
+            PROMPT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "result.json").read_text())
+    print("circuit-tracer:", report)
+    assert report["max_abs_logit_difference"] < 1e-4 * max(1.0, report["logit_scale"]), report
+
+    # the error term is mlp_out minus circuit-tracer's reconstruction: that is ours, at every layer
+    acts = load_file(str(tmp_path / "activations.safetensors"))
+    clt = MatryoshkaCLT.load(run_dir)
+    x_TLD = acts["resid_mid"][:, 1:].transpose(0, 1)  # circuit-tracer zeroes the BOS position
+    with torch.no_grad():
+        ours = clt(x_TLD)
+        codes = torch.stack([clt.encode(i, x_TLD[:, i]) for i in range(N_LAYERS)])
+    assert 2 < float((codes > 0).sum(-1).float().mean()) < 32, "features fire, sparsely"
+    theirs = (acts["mlp_out"][:, 1:] - acts["error"][:, 1:]).transpose(0, 1)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+
+
+@needs_circuit_tracer
+@pytest.mark.slow
+def test_graph_scores_of_a_clt_over_a_prompt_file(stories_model_dir, stories_clts, tmp_path):
+    from mtc.circuit_tracer import graph_scores
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\nOnce upon a time, there was a\n\nThe little girl was very\n")
+    out = tmp_path / "scores" / "clt.json"
+    scores = graph_scores(stories_clts["token"][1], stories_model_dir, prompts, out, CT_PYTHON)
+    print("graph scores:", scores["mean"])
+    assert json.loads(out.read_text()) == scores
+    assert [p["prompt"] for p in scores["prompts"]] == [
+        "Once upon a time, there was a",
+        "The little girl was very",
+    ]
+    for p in scores["prompts"]:
+        assert 0 < p["replacement_score"] < 1 and 0 < p["completeness_score"] < 1, p
+        assert p["pruned_feature_nodes"] > 0 and 0 < p["pruned_error_nodes"] <= N_LAYERS * p["n_tokens"], p
+    for key, mean in scores["mean"].items():
+        assert mean == pytest.approx(sum(p[key] for p in scores["prompts"]) / 2)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["clt.json"], "no temporaries"
+    graph_scores(stories_clts["token"][1], stories_model_dir, prompts, out, CT_PYTHON)  # its own: replaced
+
+
+def test_graph_scores_needs_an_export_and_replaces_only_its_own_file(stories_model_dir, tmp_path):
+    from mtc.circuit_tracer import GRAPH_PROMPTS, graph_scores
+
+    prompts = [line for line in GRAPH_PROMPTS.read_text().splitlines() if line and not line.startswith("#")]
+    assert len(prompts) >= 20 and "The capital of France is" in prompts
+    with pytest.raises(ConfigError, match="not a circuit-tracer export"):
+        graph_scores(tmp_path, stories_model_dir, GRAPH_PROMPTS, tmp_path / "s.json")
+    run_dir = _finished_clt_run(tmp_path / "run", "global")
+    export = export_circuit_tracer([run_dir], tmp_path / "ct")
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"mine": 1}')
+    with pytest.raises(ConfigError, match="a file mtc graph-scores did not write is there"):
+        graph_scores(export, stories_model_dir, GRAPH_PROMPTS, mine)
+    assert mine.read_text() == '{"mine": 1}'

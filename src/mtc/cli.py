@@ -8,10 +8,12 @@ mtc samples RUN_DIR [--feature F]                                          (show
 mtc browse RUN_DIR [--out DIR]                                             (static HTML browser)
 mtc export RUN_DIR OUT --format saelens [--groups N]                       (SAELens v6 directory)
 mtc export RUN_DIR... OUT --format circuit-tracer                          (a per-layer transcoder set)
+mtc export CLT_RUN_DIR OUT --format circuit-tracer                         (a cross-layer transcoder)
 mtc import DIR --format saelens --name NAME                                (a SAELens dictionary)
 mtc summarize-set                                                          (FVU per layer of a set)
 mtc replacement-set                                                        (a set's replacement model)
 mtc attribute SET "prompt" [--out DIR]                                     (circuit-tracer graph)
+mtc graph-scores EXPORT_DIR [--out FILE]                                   (scores over fixed prompts)
 """
 
 from __future__ import annotations
@@ -299,7 +301,9 @@ def browse(
 @app.command()
 def export(
     paths: list[Path] = typer.Argument(
-        ..., help="RUN_DIR OUT (saelens), or RUN_DIR... OUT (circuit-tracer: one transcoder per layer)."
+        ...,
+        help="RUN_DIR OUT (saelens), or RUN_DIR... OUT (circuit-tracer: one transcoder per layer, "
+        "or one cross-layer transcoder).",
     ),
     format: str = typer.Option("saelens", "--format", help="saelens | circuit-tracer"),
     groups: Optional[int] = typer.Option(None, "--groups", help="Export the prefix of the first N groups."),
@@ -311,7 +315,8 @@ def export(
     params: Path = ParamsOption,
 ) -> None:
     """Write trained dictionaries in another tool's format: a SAELens v6 directory
-    (SAE.load_from_disk), or a circuit-tracer transcoder set (ReplacementModel.from_pretrained)."""
+    (SAE.load_from_disk), or a circuit-tracer transcoder set or cross-layer transcoder
+    (ReplacementModel.from_pretrained)."""
     if len(paths) < 2:
         _fail("export: give RUN_DIR... and OUT")
     *run_dirs, out = paths
@@ -374,6 +379,37 @@ def attribute(
         f"wrote {summary['picture']} and {out / 'graph_files'} (view: .venv-circuit-tracer/bin/"
         f"circuit-tracer start-server --graph_file_dir {out / 'graph_files'}; needs internet for its JS)"
     )
+
+
+@app.command("graph-scores")
+def graph_scores(
+    export_dir: Path = typer.Argument(
+        ..., help="A set or CLT written by `mtc export ... --format circuit-tracer`."
+    ),
+    out: Path = typer.Option(Path("graph_scores.json"), "--out", help="Where the scores go (JSON)."),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help="One prompt a line (default: mtc's fixed set, external/graph_prompts.txt)."
+    ),
+    python: Optional[Path] = typer.Option(
+        None, "--python", help="circuit-tracer's interpreter (default: .venv-circuit-tracer/bin/python)."
+    ),
+    params: Path = ParamsOption,
+) -> None:
+    """circuit-tracer's replacement and completeness scores, and the pruned graph's feature and error
+    nodes, of every prompt of a fixed set and their means, for the model params.yaml's prepare_model
+    wrote."""
+    from mtc.circuit_tracer import GRAPH_PROMPTS
+    from mtc.circuit_tracer import graph_scores as scores_of
+
+    cfg = _load(params)
+    scores = scores_of(export_dir, cfg.model_dir, prompts or GRAPH_PROMPTS, out, python)
+    mean = scores["mean"]
+    typer.echo(
+        f"{len(scores['prompts'])} prompts: replacement score {mean['replacement_score']:.4f}, completeness "
+        f"{mean['completeness_score']:.4f}; pruned graphs: {mean['pruned_feature_nodes']:.1f} feature and "
+        f"{mean['pruned_error_nodes']:.1f} error nodes; {mean['seconds']:.1f} s a prompt"
+    )
+    typer.echo(f"wrote {out}")
 
 
 @app.command("import")
