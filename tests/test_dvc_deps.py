@@ -23,6 +23,9 @@ SCRIPT_OF = {
     **{s: s for s in STAGES},
     **{f"{s}_set": s for s in ("train", "evaluate", "mine", "browse")},
     "summarize_set": "summarize_set",
+    "train_clt": "train",
+    "evaluate_clt": "evaluate",
+    "replace_set": "replace_set",
 }
 
 

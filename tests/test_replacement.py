@@ -229,7 +229,7 @@ def test_mtc_replacement_set_measures_every_prefix_against_ablating_the_sets_mlp
 
 def test_without_a_set_or_its_trained_transcoders_it_fails_in_one_line(tiny_pipeline, tmp_path):
     with pytest.raises(ConfigError, match="transcoder_set.layers: lists none"):
-        set_replacement_metrics(dataclasses.replace(tiny_pipeline, transcoder_set=None))
+        set_replacement_metrics(dataclasses.replace(tiny_pipeline, transcoder_set=None), None)
     with pytest.raises(ConfigError, match="train it first .mtc train tcs-L2") as e:
-        set_replacement_metrics(set_config(tiny_pipeline, tmp_path, [2]))
+        set_replacement_metrics(set_config(tiny_pipeline, tmp_path, [2]), None)
     assert "\n" not in str(e.value)

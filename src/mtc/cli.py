@@ -84,15 +84,16 @@ def replacement_set(params: Path = ParamsOption) -> None:
     """The replacement model of params.yaml's transcoder_set: every MLP replaced by its layer's
     transcoder at once, against the clean model and ablating those MLPs
     (results/sets/{model}/{set}/replacement.json)."""
-    from mtc.evaluate import finite
-    from mtc.replacement import replacement_table, set_replacement_metrics
-    from mtc.results import REPLACEMENT_FILE, atomic_write_json, set_dir_of
+    from mtc.replacement import replace_set, replacement_table
+    from mtc.results import read_json
 
     cfg = _load(params)
-    metrics = set_replacement_metrics(cfg)
-    out = set_dir_of(cfg.model.type, metrics["set"], cfg.results_root) / REPLACEMENT_FILE
-    atomic_write_json(out, finite(metrics))
-    typer.echo(replacement_table(metrics))
+    if cfg.transcoder_set is None or not cfg.transcoder_set.layers:
+        raise ConfigError(
+            f"transcoder_set.layers: {params} lists none, so there is no replacement model to measure"
+        )
+    out = replace_set(cfg, pipeline.open_store(cfg))
+    typer.echo(replacement_table(read_json(out)))
     typer.echo(f"wrote {out}")
 
 

@@ -770,10 +770,6 @@ def _clt_section(section: Any, model_type: str, extract: ExtractConfig) -> dict[
         check_value(f"{p}.layers", layers, Annotated[list[Index], Expect("a list of layer indices")])
         if not layers:
             _fail(f"{p}.layers", layers, "a non-empty list of consecutive layers")
-        clt_entry = {"skip_connection": False, "feature_init": "random", **entry, "kind": "clt"}
-        clts[name] = _dictionary_entry(
-            {**clt_entry, "name": name, "layer": layers[0]}, model_type, extract, p
-        )
         for i, layer in enumerate(layers):
             if layer not in extract.layers:
                 _fail(
@@ -781,6 +777,10 @@ def _clt_section(section: Any, model_type: str, extract: ExtractConfig) -> dict[
                     layer,
                     f"one of the extracted layers {extract.layers} (extract.layers)",
                 )
+        clt_entry = {"skip_connection": False, "feature_init": "random", **entry, "kind": "clt"}
+        clts[name] = _dictionary_entry(
+            {**clt_entry, "name": name, "layer": layers[0]}, model_type, extract, p
+        )
     return clts
 
 

@@ -96,8 +96,18 @@ def train(cfg: PipelineConfig, names: list[str] | str) -> list[Path]:
 
 def evaluate(cfg: PipelineConfig, name: str) -> Path:
     from mtc.evaluate import evaluate_run
+    from mtc.replacement import evaluate_clt_run
 
-    return evaluate_run(cfg, *resolve_run(cfg, name), open_store(cfg))
+    d, run_dir = resolve_run(cfg, name)
+    if d.is_clt:  # its layers' FVU and the replacement model (mtc.replacement)
+        return evaluate_clt_run(cfg, run_dir, open_store(cfg))
+    return evaluate_run(cfg, d, run_dir, open_store(cfg))
+
+
+def replace_set(cfg: PipelineConfig) -> Path:
+    from mtc.replacement import replace_set
+
+    return replace_set(cfg, open_store(cfg))
 
 
 def summarize_set(cfg: PipelineConfig) -> Path:
@@ -142,7 +152,8 @@ def stage_dictionary(cfg: PipelineConfig, argv: list[str], dvc_stage: str | None
     it is named on the command line (``python stages/train.py tc``). Under DVC the command line holds
     nothing from params.yaml (DVC would paste a name into a shell command before anything checks it):
     the stage's own name says which, in ``DVC_STAGE``: ``train@NAME`` for a ``dictionaries`` entry,
-    ``train_set@LAYER`` for that layer's transcoder of ``transcoder_set``."""
+    ``train_set@LAYER`` for that layer's transcoder of ``transcoder_set``, ``train_clt@NAME`` for a
+    ``clt`` entry."""
     if len(argv) > 1:
         raise ConfigError(f"one dictionary name expected; got {len(argv)}: {' '.join(argv)}")
     if argv:

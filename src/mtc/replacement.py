@@ -13,15 +13,17 @@ With ``skip_bos`` the BOS position keeps the model's own MLP outputs and is not 
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 
 from mtc import progress
+from mtc.clt import MatryoshkaCLT
 from mtc.config import PipelineConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import ConfigError
-from mtc.metrics import ce_and_kl_sums, ce_loss_recovered, top1_agreements
+from mtc.metrics import FVUAccumulator, ce_and_kl_sums, ce_loss_recovered, top1_agreements
 from mtc.models import hook_name
 from mtc.spliced import bos_masks
 
@@ -60,6 +62,28 @@ class SetReplacement:
         B, T, d = resid_mid_BTD.shape
         out = self.dictionaries[layer](resid_mid_BTD.reshape(B * T, d).float(), self.n_groups)
         return out.reshape(B, T, -1)
+
+
+class CLTReplacement:
+    """A cross-layer transcoder (its first ``n_groups`` groups at every layer): layer l's features
+    read resid_mid at l and add to the outputs of l and every later layer, so each pass accumulates
+    the outputs as it goes (reset by ``start``)."""
+
+    def __init__(self, clt: MatryoshkaCLT, n_groups: int | None = None):
+        self.clt, self.layers, self.n_groups = clt, clt.layers, n_groups
+        self._out: torch.Tensor | None = None
+
+    def start(self) -> None:
+        self._out = None
+
+    def mlp_out(self, layer: int, resid_mid_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, d = resid_mid_BTD.shape
+        i = layer - self.layers[0]
+        if i == 0:
+            self._out = self.clt.output_bias().expand(B * T, -1, -1).clone()
+        codes = self.clt.encode(i, resid_mid_BTD.reshape(B * T, d).float())
+        self._out[:, i:] += self.clt.decode(i, codes, self.n_groups)
+        return self._out[:, i].reshape(B, T, d)
 
 
 class ZeroAblation:
@@ -180,14 +204,71 @@ def mean_training_rows(store: Any, keys: list[tuple[int, str]]) -> dict[tuple[in
     return {key: (s / n).float() for key, s in sums.items()}
 
 
-def set_replacement_metrics(cfg: PipelineConfig) -> dict[str, Any]:
+@torch.no_grad()
+def open_loop_fvu(
+    store: Any, layers: list[int], reconstruct: Callable[[torch.Tensor], torch.Tensor], batch_rows: int
+) -> list[float]:
+    """Held-out FVU of every layer's mlp_out, each layer's input the clean resid_mid from the
+    store: ``reconstruct`` maps resid_mid [B, L, d] of ``layers`` to their mlp_out [B, L, d]."""
+    keys = [(layer, site) for layer in layers for site in ("resid_mid", "mlp_out")]
+    fvu = [FVUAccumulator(1) for _ in layers]
+    for xs, _ in store.iter_holdout(keys, batch_rows):
+        x, y = torch.stack(xs[0::2], dim=1), torch.stack(xs[1::2], dim=1)
+        recon = reconstruct(x)
+        for i, acc in enumerate(fvu):
+            acc.update(y[:, i], [recon[:, i]])
+    return [acc.fvus()[0] for acc in fvu]
+
+
+def _measure(
+    cfg: PipelineConfig,
+    store: Any,
+    layers: list[int],
+    reconstruct: Callable[[torch.Tensor], torch.Tensor],
+    prefixes: Callable[[torch.device], dict[str, LayerReplacement]],
+) -> dict[str, Any]:
+    """(a) held-out FVU per layer, (b) the replacement model at every prefix against ablating the
+    same MLPs; the headline keys (``fvu_mean``, ``ce_replaced``, ``kl``, ``top1_agreement``,
+    ``ce_recovered_vs_zero`` / ``_vs_mean``) are the full dictionary's, the same for sets and CLTs."""
+    from mtc.evaluate import heldout_windows
+    from mtc.models import load_bridge, read_architecture
+
+    n_model_layers = read_architecture(cfg.model_dir).n_layers  # one line if the model is missing
+    e = cfg.evaluate
+    fvus = open_loop_fvu(store, layers, reconstruct, e.batch_size)
+    means = mean_training_rows(store, [(layer, "mlp_out") for layer in layers])
+    bridge = load_bridge(cfg.model_dir, e.dtype, e.device)
+    device = next(bridge.parameters()).device
+    replacements: dict[str, LayerReplacement] = {
+        ZERO: ZeroAblation(layers),
+        MEAN: MeanAblation({layer: means[layer, "mlp_out"].to(device) for layer, _ in means}),
+        **prefixes(device),
+    }
+    windows = heldout_windows(store, min(e.n_ce_sequences or DEFAULT_N_SEQUENCES, store.n_holdout_sequences))
+    result = replacement_metrics(
+        bridge, windows, replacements, batch_size=e.ce_batch_size, skip_bos=store.skip_bos
+    )
+    full = result["replacements"][list(replacements)[-1]]
+    return {
+        "layers": layers,
+        "n_model_layers": n_model_layers,
+        "fvu_mean": sum(fvus) / len(fvus),
+        "fvu_max": max(fvus),
+        "fvu_per_layer": fvus,
+        "ce_replaced": full["ce"],
+        "kl": full["kl"],
+        "top1_agreement": full["top1_agreement"],
+        "ce_recovered_vs_zero": full.get("ce_recovered_vs_zero"),
+        "ce_recovered_vs_mean": full.get("ce_recovered_vs_mean"),
+        **result,
+    }
+
+
+def set_replacement_metrics(cfg: PipelineConfig, store: Any) -> dict[str, Any]:
     """The replacement model of ``cfg.transcoder_set``: every layer's finished transcoder in place
     of its MLP at once, at every Matryoshka prefix (``prefix_g``: each transcoder's first g groups),
     against ablating the same MLPs; on ``evaluate.n_ce_sequences`` held-out windows (32 when 0)."""
     from mtc.dictionary import load_finished_run
-    from mtc.evaluate import heldout_windows
-    from mtc.models import load_bridge, read_architecture
-    from mtc.pipeline import open_store
     from mtc.results import run_dir_of
 
     the_set = cfg.transcoder_set
@@ -202,9 +283,10 @@ def set_replacement_metrics(cfg: PipelineConfig) -> dict[str, Any]:
                 f"of one layer; layer {layer}'s reads {d.source_site} and writes {d.target_site} at layer "
                 f"{d.resolved_target_layer}"
             )
-    n_model_layers = read_architecture(cfg.model_dir).n_layers  # one line if the model is missing
     dictionaries = {
-        layer: load_finished_run(run_dir_of(cfg.dictionary(the_set.member(layer)), cfg.results_root))[1]
+        layer: load_finished_run(run_dir_of(cfg.dictionary(the_set.member(layer)), cfg.results_root))[
+            1
+        ].eval()
         for layer in layers
     }
     n_groups = {len(d.group_sizes) for d in dictionaries.values()}
@@ -213,22 +295,67 @@ def set_replacement_metrics(cfg: PipelineConfig) -> dict[str, Any]:
             f"transcoder_set: its transcoders have different numbers of groups ({sorted(n_groups)}); "
             "retrain them with the set's current dictionary settings"
         )
-    store = open_store(cfg)
-    means = mean_training_rows(store, [(layer, "mlp_out") for layer in layers])
-    e = cfg.evaluate
-    bridge = load_bridge(cfg.model_dir, e.dtype, e.device)
-    device = next(bridge.parameters()).device
-    dictionaries = {layer: d.to(device).eval() for layer, d in dictionaries.items()}
-    replacements: dict[str, LayerReplacement] = {
-        ZERO: ZeroAblation(layers),
-        MEAN: MeanAblation({layer: means[layer, "mlp_out"].to(device) for layer, _ in means}),
-        **{f"prefix_{g}": SetReplacement(dictionaries, g) for g in range(1, n_groups.pop() + 1)},
-    }
-    windows = heldout_windows(store, min(e.n_ce_sequences or DEFAULT_N_SEQUENCES, store.n_holdout_sequences))
-    result = replacement_metrics(
-        bridge, windows, replacements, batch_size=e.ce_batch_size, skip_bos=store.skip_bos
+    G = n_groups.pop()
+
+    def reconstruct(x_BLD: torch.Tensor) -> torch.Tensor:
+        return torch.stack([dictionaries[layer](x_BLD[:, i]) for i, layer in enumerate(layers)], dim=1)
+
+    def prefixes(device: torch.device) -> dict[str, LayerReplacement]:
+        on_device = {layer: d.to(device) for layer, d in dictionaries.items()}
+        return {f"prefix_{g}": SetReplacement(on_device, g) for g in range(1, G + 1)}
+
+    return {"set": the_set.name, **_measure(cfg, store, layers, reconstruct, prefixes)}
+
+
+def clt_replacement_metrics(cfg: PipelineConfig, store: Any, clt: MatryoshkaCLT) -> dict[str, Any]:
+    """The replacement model of a cross-layer transcoder, measured as ``set_replacement_metrics``
+    measures a set (prefix g: the first g groups of every layer)."""
+
+    def prefixes(device: torch.device) -> dict[str, LayerReplacement]:
+        on_device = clt.to(device)
+        return {f"prefix_{g}": CLTReplacement(on_device, g) for g in range(1, len(clt.group_sizes) + 1)}
+
+    return _measure(cfg, store, clt.layers, clt.eval(), prefixes)
+
+
+def replace_set(cfg: PipelineConfig, store: Any) -> Path:
+    """DVC stage ``replace_set`` / ``mtc replacement-set``: the set's replacement model into
+    ``results/sets/{model}/{set}/replacement.json`` (a DVC metric) and ``fvu_by_layer`` plot rows
+    beside it; with no set, a file that says so (the stage runs in every pipeline)."""
+    from mtc.evaluate import finite
+    from mtc.results import REPLACEMENT_FILE, REPLACEMENT_PLOT_FILE, atomic_write_json, set_dir_of
+
+    the_set = cfg.transcoder_set
+    out = set_dir_of(cfg.model.type, the_set.name if the_set else "none", cfg.results_root)
+    metrics = set_replacement_metrics(cfg, store) if the_set and the_set.layers else {"layers": []}
+    rows = [
+        {"layer": layer, "fvu": f} for layer, f in zip(metrics["layers"], metrics.get("fvu_per_layer", []))
+    ]
+    atomic_write_json(out / REPLACEMENT_PLOT_FILE, rows)
+    atomic_write_json(out / REPLACEMENT_FILE, finite(metrics))
+    return out / REPLACEMENT_FILE
+
+
+def evaluate_clt_run(cfg: PipelineConfig, run_dir: Path, store: Any) -> Path:
+    """The evaluate stage of a cross-layer transcoder: ``metrics.json`` (held-out FVU per layer,
+    L0, the replacement model as for a set) and ``plots/fvu_by_layer.json``."""
+    from mtc.clt import MatryoshkaCLT
+    from mtc.evaluate import finite
+    from mtc.results import (
+        METRICS_FILE,
+        PLOTS_DIR,
+        REPLACEMENT_PLOT_FILE,
+        atomic_write_json,
+        finished_run_record,
     )
-    return {"set": the_set.name, "layers": layers, "n_model_layers": n_model_layers, **result}
+
+    finished_run_record(run_dir)  # a missing or unfinished run: one line naming what to run
+    clt = MatryoshkaCLT.load(run_dir)
+    metrics = clt_replacement_metrics(cfg, store, clt)
+    rows = [{"layer": layer, "fvu": f} for layer, f in zip(metrics["layers"], metrics["fvu_per_layer"])]
+    atomic_write_json(run_dir / PLOTS_DIR / REPLACEMENT_PLOT_FILE, rows)
+    atomic_write_json(run_dir / METRICS_FILE, finite(metrics))
+    return run_dir / METRICS_FILE
 
 
 def replacement_table(metrics: dict[str, Any]) -> str:

@@ -39,6 +39,7 @@ BROWSER_DIR = "browser"
 SETS_DIR = "sets"  # results/sets/{model_type}/{set name}/: what a transcoder set gives across layers
 SET_PLOT_FILE = "fvu_by_layer.json"  # DVC plot data: held-out FVU per layer
 REPLACEMENT_FILE = "replacement.json"  # mtc replacement-set: every MLP replaced at once
+REPLACEMENT_PLOT_FILE = "replacement_by_layer.json"  # DVC plot data: held-out FVU per layer (sets and CLTs)
 
 
 def run_dir_path(
