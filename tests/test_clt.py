@@ -37,8 +37,11 @@ def grads(m):
 
 @pytest.mark.parametrize("input_norm", ["token", "global"])
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(input_norm, with_dead):
-    m = make(input_norm)
+@pytest.mark.parametrize("topk_scope", ["layer", "shared"])
+def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(
+    input_norm, with_dead, topk_scope
+):
+    m = make(input_norm, topk_scope=topk_scope)
     x, y = batch()
     if with_dead:  # layer 0 and 2 have dead features: the auxiliary loss is on
         m.inactive_batches[0, [1, 5, 9, 15]] = 10
@@ -149,6 +152,19 @@ def test_calibrated_thresholds_give_top_k_codes_per_token_and_layer():
     m.calibrate_threshold([x[:100], x[100:]])
     for i in range(L):
         assert (m.encode(i, x[:, i]) > 0).sum().item() == pytest.approx(3 * 200, abs=3)
+
+
+def test_a_shared_budget_keeps_top_k_per_layer_on_average_and_one_threshold():
+    m = make(topk_scope="shared")
+    x, y = batch(B=200)
+    with torch.no_grad():
+        m.b_enc[0].add_(3.0)  # layer 0 fires more: with a shared budget it takes more of the codes
+    out = m.training_forward(x, y)
+    per_layer = torch.bincount(out.codes.rows % L, minlength=L)
+    assert per_layer.sum() == 3 * L * 200 and per_layer[0] > per_layer[1:].max()
+    m.calibrate_threshold([x])
+    assert len(set(m.threshold.tolist())) == 1
+    assert sum((m.encode(i, x[:, i]) > 0).sum().item() for i in range(L)) == pytest.approx(3 * L * 200, abs=3)
 
 
 def test_save_and_load_give_the_same_function(tmp_path):

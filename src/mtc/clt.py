@@ -51,6 +51,7 @@ from mtc.errors import in_brief
 from mtc.results import DICTIONARY_FILE, WEIGHTS_FILE
 
 DECODER_INITS = ("random", "own_layer")
+TOPK_SCOPES = ("layer", "shared")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class CLTShape:
     decoder_init: str = "random"
     first_layer: int = 0  # the model layer of source layer 0
     kind: str = "clt"
+    topk_scope: str = "layer"
+    """``layer``: each layer's BatchTopK keeps ``top_k * B`` codes of its own; ``shared``: one
+    BatchTopK over every layer's features keeps ``top_k * L * B`` (layers compete for the budget)."""
 
     def __post_init__(self):
         if not self.group_sizes or any(g <= 0 for g in self.group_sizes):
@@ -83,6 +87,8 @@ class CLTShape:
             raise ValueError(f"decoder_init must be one of {DECODER_INITS}, got {self.decoder_init!r}")
         if self.kind != "clt":
             raise ValueError(f"kind must be 'clt', got {self.kind!r}")
+        if self.topk_scope not in TOPK_SCOPES:
+            raise ValueError(f"topk_scope must be one of {TOPK_SCOPES}, got {self.topk_scope!r}")
 
 
 class _CrossLayerPrefixLoss(torch.autograd.Function):
@@ -166,6 +172,7 @@ class MatryoshkaCLT(nn.Module):
         decoder_init: str = "random",
         first_layer: int = 0,
         kind: str = "clt",
+        topk_scope: str = "layer",
         seed: int = 0,
     ):
         super().__init__()
@@ -182,6 +189,7 @@ class MatryoshkaCLT(nn.Module):
             decoder_init,
             first_layer,
             kind,
+            topk_scope,
         )
         L, d, Fn = n_layers, d_model, sum(group_sizes)
         self.n_layers, self.d_model, self.dict_size, self.top_k = L, d, Fn, top_k
@@ -265,16 +273,7 @@ class MatryoshkaCLT(nn.Module):
         B, L = x_BLD.shape[0], self.n_layers
         plan, vals, fired_rows = [], [], []
         xs = [self._normalised_source(i, x_BLD[:, i]) for i in range(L)]
-        for i in range(L):
-            with torch.no_grad():
-                mm = torch.mm(
-                    xs[i].to(matmul_dtype),
-                    self.W_encT[i].t().to(matmul_dtype),
-                    out=_workspace("mm", (B, self.dict_size), matmul_dtype, x_BLD.device, self._scratch[L]),
-                )
-            rows, feats, pre_vals = batch_topk_pairs(
-                mm, self.b_enc[i].detach(), self.top_k * B, self.boundaries, self._generator(x_BLD.device)
-            )
+        for i, (rows, feats, pre_vals) in enumerate(self._select(xs, matmul_dtype)):
             by_feat = _FeatureOrder.of(feats, self.dict_size)
             vals.append(
                 _SparsePreActs.apply(
@@ -313,6 +312,34 @@ class MatryoshkaCLT(nn.Module):
         self._update_stats(plan, vals)
         return TrainOutput(prefix_mse.mean() + aux, prefix_mse.detach(), aux.detach(), codes)
 
+    @torch.no_grad()
+    def _select(self, xs: list[torch.Tensor], matmul_dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+        """Each layer's (rows, features, pre-activations) of the batch's codes, sorted by group then
+        row: a BatchTopK per layer, or one over all layers' features side by side (``shared``)."""
+        B, L, Fn = xs[0].shape[0], self.n_layers, self.dict_size
+        gen = self._generator(xs[0].device)
+
+        def mm(i: int, out: torch.Tensor) -> torch.Tensor:
+            return torch.mm(xs[i].to(matmul_dtype), self.W_encT[i].t().to(matmul_dtype), out=out)
+
+        if self.shape.topk_scope == "layer":
+            work = _workspace("mm", (B, Fn), matmul_dtype, xs[0].device, self._scratch[L])
+            return [
+                batch_topk_pairs(mm(i, work), self.b_enc[i].detach(), self.top_k * B, self.boundaries, gen)
+                for i in range(L)
+            ]
+        work = _workspace("mm_all", (B, L * Fn), matmul_dtype, xs[0].device, self._scratch[L])
+        part = _workspace("mm", (B, Fn), matmul_dtype, xs[0].device, self._scratch[L])
+        for i in range(L):
+            work[:, i * Fn : (i + 1) * Fn] = mm(i, part)
+        bias = torch.cat([b.detach() for b in self.b_enc])
+        boundaries = [i * Fn + b for i in range(L) for b in self.boundaries]  # (layer, group) blocks
+        rows, feats, pre = batch_topk_pairs(work, bias, self.top_k * L * B, boundaries, gen)
+        starts = torch.searchsorted(feats, torch.arange(L + 1, device=feats.device) * Fn).tolist()
+        return [
+            (rows[a:b], feats[a:b] - i * Fn, pre[a:b]) for i, (a, b) in enumerate(zip(starts, starts[1:]))
+        ]
+
     def _decoder_plan(self, rows, feats, by_feat, B: int) -> dict[str, Any]:
         """Where one layer's codes go in ``_CrossLayerPrefixLoss``: per group, its slice of the
         triples (``ptr``); each triple's (group, row) bag and the bags' CSR row pointers."""
@@ -334,10 +361,12 @@ class MatryoshkaCLT(nn.Module):
         """(loss, prefix_mse) of ``training_forward`` the straightforward way (tests only)."""
         L, d = self.n_layers, self.d_model
         y = self._targets(y_BLD)
-        acts = []
-        for i in range(L):
-            pre = self.pre_acts(i, x_BLD[:, i])
-            acts.append(pre * (pre >= batch_topk_threshold(pre.detach(), self.top_k)))
+        pres = [self.pre_acts(i, x_BLD[:, i]) for i in range(L)]
+        if self.shape.topk_scope == "shared":
+            t = batch_topk_threshold(torch.cat(pres, dim=1).detach(), self.top_k * L)
+            acts = [pre * (pre >= t) for pre in pres]
+        else:
+            acts = [pre * (pre >= batch_topk_threshold(pre.detach(), self.top_k)) for pre in pres]
         prefix_mse, recon = [], self.b_dec.expand_as(y)
         start = 0
         for end in self.boundaries:
@@ -375,16 +404,19 @@ class MatryoshkaCLT(nn.Module):
 
     @torch.no_grad()
     def _update_stats(self, plan: list[dict[str, Any]], vals: list[torch.Tensor]) -> None:
+        """Dead counters per layer; each layer's threshold follows the smallest code it kept (the
+        smallest over all layers with a shared budget: one threshold for all)."""
+        smallest = [v.detach().min() if v.numel() else None for v in vals]
+        if self.shape.topk_scope == "shared":
+            kept = [t for t in smallest if t is not None]
+            smallest = [torch.stack(kept).min() if kept else None] * self.n_layers
         m = self.shape.threshold_momentum
-        for i, (p, v) in enumerate(zip(plan, vals)):
+        for i, p in enumerate(plan):
             fired = torch.bincount(p["feats"], minlength=self.dict_size) > 0
             self.inactive_batches[i].add_(1).masked_fill_(fired, 0)
-            if v.numel():
-                smallest = v.detach().min()
-                if self.threshold[i] == 0:
-                    self.threshold[i] = smallest
-                else:
-                    self.threshold[i] = (1 - m) * self.threshold[i] + m * smallest
+            if smallest[i] is not None:
+                first = self.threshold[i] == 0  # start the average at the first value, not at 0
+                self.threshold[i] = smallest[i] if first else (1 - m) * self.threshold[i] + m * smallest[i]
 
     @torch.no_grad()
     def calibrate_threshold(self, sources: Iterable[torch.Tensor]) -> list[float]:
@@ -401,7 +433,16 @@ class MatryoshkaCLT(nn.Module):
                     pre.topk(min(2 * self.top_k * x.shape[0], pre.numel()), sorted=False).values
                 )
             n_rows += x.shape[0]
-        for i in range(self.n_layers if n_rows else 0):
+        if not n_rows:
+            return self.threshold.tolist()
+        if self.shape.topk_scope == "shared":  # one threshold: top_k * L codes per token over all layers
+            values = torch.cat([c for layer in candidates for c in layer])
+            kth = values.topk(
+                min(self.top_k * self.n_layers * n_rows, values.numel()), sorted=False
+            ).values.min()
+            self.threshold.fill_(float(kth.clamp_min(torch.finfo(kth.dtype).tiny)))
+            return self.threshold.tolist()
+        for i in range(self.n_layers):
             values = torch.cat(candidates[i])
             kth = values.topk(min(self.top_k * n_rows, values.numel()), sorted=False).values.min()
             self.threshold[i] = kth.clamp_min(torch.finfo(kth.dtype).tiny)

@@ -24,6 +24,7 @@ Kind = Literal["transcoder", "sae", "clt"]
 InputNorm = Literal["token", "global"]
 FeatureInit = Literal["data", "random"]
 DecoderInit = Literal["random", "own_layer"]
+TopkScope = Literal["layer", "shared"]
 MatmulDType = Literal["float32", "bfloat16"]
 SITES, DTYPES, KINDS, INPUT_NORMS, MATMUL_DTYPES = map(get_args, (Site, DType, Kind, InputNorm, MatmulDType))
 
@@ -354,12 +355,18 @@ class DictionaryConfig:
     decoder_init: DecoderInit = "random"
     """How a cross-layer transcoder's decoders start: ``random`` over all the layers a feature
     writes to, or ``own_layer`` (its own layer only, zero beyond)."""
+    topk_scope: TopkScope = "layer"
+    """A cross-layer transcoder's BatchTopK budget: ``layer`` (``top_k`` codes per token at every
+    layer) or ``shared`` (``top_k`` times its layer count per token, over all layers at once)."""
 
     def validate(self, p: str) -> None:
         if self.kind == "clt":
             self._validate_clt(p)
         elif self.layers is not None:
             _fail(f"{p}.layers", self.layers, "left out (only a cross-layer transcoder, in clt:, has layers)")
+        elif self.topk_scope != "layer" or self.decoder_init != "random":
+            key = "topk_scope" if self.topk_scope != "layer" else "decoder_init"
+            _fail(f"{p}.{key}", getattr(self, key), "left out (a cross-layer transcoder's setting, in clt:)")
         if self.source_layer is not None and self.source_layer != self.layer:
             _fail(
                 f"{p}.source_layer", self.source_layer, f"the same as {p}.layer ({self.layer}), or left out"

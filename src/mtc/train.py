@@ -210,6 +210,7 @@ def _new_model(cfg: DictionaryConfig, store: ActivationStore) -> MatryoshkaBatch
             cfg.group_sizes,
             cfg.k,
             decoder_init=cfg.decoder_init,
+            topk_scope=cfg.topk_scope,
             first_layer=cfg.layers[0],
             **common,
         )
