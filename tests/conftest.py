@@ -44,6 +44,7 @@ def tiny_params(model_name: str | None = None, **dictionary) -> dict:
         "extract": {"layers": [2], "sites": ["resid_mid", "mlp_out"], "chunk_rows": 1024},
         "dictionaries": {"tc": entry},
         "transcoder_set": {"name": "tcs", "layers": [], "steps": 100, "dictionary": {}},  # dvc.yaml reads it
+        "clt": {},  # dvc.yaml reads it too
         "evaluate": {"batch_size": 1024, "n_ce_sequences": 8, "ce_batch_size": 8},
         "mine": {"max_samples_per_feature": 5, "sample_context_size": 12, "batch_size": 1024},
         "browse": {"max_feature_pages": 24},  # dvc.yaml's browse stage depends on the section

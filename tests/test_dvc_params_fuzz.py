@@ -33,6 +33,7 @@ FIXED_COMMANDS = {
         "mine",
         "browse",
         "summarize_set",
+        "replace_set",
     )
 }
 HOSTILE = [
@@ -69,11 +70,16 @@ def project(tmp_path_factory, stories_model_dir):
     return root, str(stories_model_dir)
 
 
-def hostile_params(model_dir, model_type, name, dict_layer, steps, set_name, set_layers) -> dict:
+def hostile_params(
+    model_dir, model_type, name, dict_layer, steps, set_name, set_layers, clt_name, clt_layers, clt_steps
+) -> dict:
     params = tiny_params(model_dir)
     params["model"]["type"] = model_type
     params["dictionaries"] = {name: {**params["dictionaries"]["tc"], "layer": dict_layer, "steps": steps}}
     params["transcoder_set"].update(name=set_name, layers=set_layers)
+    # a CLT's outputs hold its name, its first layer (${item.layers[0]}) and its steps
+    settings = {k: v for k, v in params["dictionaries"][name].items() if k not in ("kind", "layer", "steps")}
+    params["clt"] = {clt_name: {**settings, "layers": clt_layers, "steps": clt_steps}}
     return params
 
 
@@ -134,12 +140,17 @@ def test_the_plan_of_valid_params_is_read(project):
     steps=st.one_of(st.integers(-1, 10**6), text),
     set_name=st.one_of(st.just("tcs"), text),
     set_layers=st.lists(layer, max_size=2, unique_by=str),
+    clt_name=st.one_of(st.just("c"), text),
+    clt_layers=st.one_of(st.just([2]), st.lists(layer, min_size=1, max_size=2)),
+    clt_steps=st.one_of(st.integers(-1, 10**6), text),
 )
 def test_no_params_value_reaches_a_command_or_an_output_outside_the_project(
-    project, model_type, name, dict_layer, steps, set_name, set_layers
+    project, model_type, name, dict_layer, steps, set_name, set_layers, clt_name, clt_layers, clt_steps
 ):
     root, model_dir = project
-    params = hostile_params(model_dir, model_type, name, dict_layer, steps, set_name, set_layers)
+    params = hostile_params(
+        model_dir, model_type, name, dict_layer, steps, set_name, set_layers, clt_name, clt_layers, clt_steps
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     plan = dvc_plan(root)
     if plan is None:
@@ -161,6 +172,7 @@ def test_no_params_value_reaches_a_command_or_an_output_outside_the_project(
         lambda p: p["dictionaries"].update({"a;touch PWNED;#": p["dictionaries"]["tc"]}),
         lambda p: p["transcoder_set"].update(name="$(touch PWNED)", layers=[2]),
         lambda p: p["dictionaries"]["tc"].update(layer="../../../x"),
+        lambda p: p["clt"].update({"$(touch PWNED)": {"layers": ["../../x"], "steps": 1}}),
     ],
 )
 def test_dvc_repro_dry_prints_only_fixed_commands(project, change):

@@ -13,6 +13,7 @@ from tests.conftest import copy_project, tiny_params
 
 pytestmark = pytest.mark.slow
 SUMMARY_STAGE = "Running stage 'summarize_set':"
+REPLACE_STAGE = "Running stage 'replace_set':"  # reads results/{model} too
 CHECK_STAGE = "Running stage 'check_params':"  # reruns (in seconds) whenever params.yaml changes
 
 
@@ -94,8 +95,9 @@ def test_adding_a_cross_layer_transcoder_runs_only_its_own_stages_where_dvc_expe
         [f"Running stage '{s}@tc-to-L3':" for s in ("train", "evaluate", "mine", "browse")]
         + [
             SUMMARY_STAGE,
+            REPLACE_STAGE,
             CHECK_STAGE,
-        ]  # summarize_set reads results/{model}: it reruns when anything there does
+        ]  # summarize_set and replace_set read results/{model}: they rerun when anything there does
     ), out
     run_dir = project / "results" / "stories260K" / "2" / "40" / "tc-to-L3"
     config = json.loads((run_dir / "config.json").read_text())
@@ -113,7 +115,7 @@ def test_a_layer_added_to_the_transcoder_set_runs_only_its_own_stages(project):
     ran = sorted(line for line in out.splitlines() if line.startswith("Running stage"))
     assert ran == sorted(
         [f"Running stage '{s}_set@3':" for s in ("train", "evaluate", "mine", "browse")]
-        + [SUMMARY_STAGE, CHECK_STAGE]
+        + [SUMMARY_STAGE, REPLACE_STAGE, CHECK_STAGE]
     ), out
     assert (project / "results" / "stories260K" / "3" / "30" / "tcs-L3" / "browser" / "index.html").is_file()
     rows = json.loads(
@@ -129,6 +131,26 @@ def test_a_layer_added_to_the_transcoder_set_runs_only_its_own_stages(project):
     plots = json.loads(dvc(project, "plots", "show", "--json"))
     [spec] = plots["data"]["results/sets/stories260K/tcs/fvu_by_layer.json"]
     assert [v["layer"] for v in spec["content"]["data"]["values"]] == [2, 3]
+
+
+def test_a_clt_entry_runs_its_own_two_stages_and_dvc_metrics_set_it_beside_the_set(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    tiny = {k: params["transcoder_set"]["dictionary"][k] for k in ("dict_size", "group_sizes", "top_k", "lr")}
+    params["clt"] = {"c": {**tiny, "layers": [2, 3], "steps": 20, "save_every": 20, "batch_size": 256}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc(project, "repro")
+    ran = sorted(line for line in out.splitlines() if line.startswith("Running stage"))
+    assert ran == sorted(
+        ["Running stage 'train_clt@c':", "Running stage 'evaluate_clt@c':"]
+        + [SUMMARY_STAGE, REPLACE_STAGE, CHECK_STAGE]
+    ), out
+    shown = json.loads(dvc(project, "metrics", "show", "--json"))
+    files = next(iter(shown.values()))["data"]
+    clt = files["results/stories260K/2/20/c/metrics.json"]["data"]
+    the_set = files["results/sets/stories260K/tcs/replacement.json"]["data"]
+    for headline in ("fvu_mean", "kl", "top1_agreement", "ce_recovered_vs_zero", "ce_recovered_vs_mean"):
+        assert isinstance(clt[headline], float) and isinstance(the_set[headline], float), headline
+    assert "Running stage" not in dvc(project, "repro"), "a second repro runs nothing"
 
 
 def test_a_teammate_pulls_the_store_and_trains_without_the_model(project, tmp_path):
@@ -172,7 +194,7 @@ def test_a_teammate_pulls_the_store_and_trains_without_the_model(project, tmp_pa
     out = dvc(clone, "repro")
     ran = sorted(line for line in out.splitlines() if line.startswith("Running stage"))
     assert ran == sorted(
-        [f"Running stage '{s}@tc2':" for s in ("evaluate", "mine", "browse")] + [SUMMARY_STAGE]
+        [f"Running stage '{s}@tc2':" for s in ("evaluate", "mine", "browse")] + [SUMMARY_STAGE, REPLACE_STAGE]
     )
     metrics = json.loads(
         (clone / "results" / "stories260K" / "2" / "20" / "tc2" / "metrics.json").read_text()

@@ -48,7 +48,12 @@ def load_replacement(model_dir: Path, set_dir: Path, work: Path):
     from circuit_tracer import ReplacementModel
 
     model = readable_model_copy(model_dir, work / "model")
-    return ReplacementModel.from_pretrained(str(model), str(set_dir.resolve()), backend="nnsight"), model
+    # Decoders in memory: read lazily, a CLT's are fetched from disk row by row while attributing
+    # (on SmolLM2 most of a graph's time).
+    replacement = ReplacementModel.from_pretrained(
+        str(model), str(set_dir.resolve()), backend="nnsight", lazy_decoder=False
+    )
+    return replacement, model
 
 
 def attribution_graph(replacement, prompt: str, out: Path, slug: str, max_feature_nodes: int) -> dict:
