@@ -869,12 +869,15 @@ class ActivationStore:
                     parts.append(carry)
                 xs = [torch.cat([p[0][j] for p in parts]) for j in range(len(keys))]
                 rows = torch.cat([p[1] for p in parts])
+                del parts  # one copy of the window in memory, not three (a CLT reads every layer)
                 perm = torch.randperm(rows.shape[0], generator=gen)
-                xs, rows = [x[perm] for x in xs], rows[perm]
                 n_full = rows.shape[0] // batch_size * batch_size
-                for b in range(0, n_full, batch_size):
-                    yield [x[b : b + batch_size] for x in xs], rows[b : b + batch_size]
-                carry = ([x[n_full:] for x in xs], rows[n_full:])
+                for b in range(0, n_full, batch_size):  # each batch gathered on its own
+                    take = perm[b : b + batch_size]
+                    yield [x[take] for x in xs], rows[take]
+                take = perm[n_full:]
+                carry = ([x[take] for x in xs], rows[take])
+                del xs
 
 
 class Prefetcher:
