@@ -36,7 +36,7 @@ def rows(store_dir: str | None, n_layers: int, d: int, batch: int) -> tuple[torc
         g = torch.Generator().manual_seed(0)
         return torch.randn(batch, n_layers, d, generator=g), torch.randn(batch, n_layers, d, generator=g)
     store = ActivationStore(store_dir)
-    layers = sorted({layer for layer, site in store.keys if site == "resid_mid"})[:n_layers]
+    layers = range(n_layers)  # layers 0 .. n_layers - 1, each with resid_mid and mlp_out
     keys = [(layer, site) for layer in layers for site in ("resid_mid", "mlp_out")]
     xs, _ = next(store.iter_training_batches(keys, batch, seed=0, shuffle_chunks=1))
     return torch.stack(xs[0::2], dim=1), torch.stack(xs[1::2], dim=1)
