@@ -65,6 +65,25 @@ def transcoder_sets(tmp_path_factory, stories_model_dir):
 INPUT_HOOKS = {"token": "mlp.hook_in", "global": "hook_resid_mid"}
 
 
+def circuit_tracer_check(model_dir, export_dir, out) -> dict:
+    """Run tests/circuit_tracer_check.py in circuit-tracer's venv; its report (result.json in ``out``)."""
+    result = subprocess.run(
+        [
+            str(CT_PYTHON),
+            str(REPO / "tests" / "circuit_tracer_check.py"),
+            str(model_dir),
+            str(export_dir),
+            str(out),
+            PROMPT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "result.json").read_text())  # out: a Path (tmp_path)
+
+
 def test_each_set_has_every_layer_in_circuit_tracers_layout_read_at_its_input(transcoder_sets):
     _, sets = transcoder_sets
     for norm, (_, set_dir) in sets.items():
@@ -112,21 +131,7 @@ def test_circuit_tracer_loads_the_set_and_reproduces_the_logits_and_our_reconstr
 ):
     cfg, sets = transcoder_sets
     run_dirs, set_dir = sets[norm]
-    result = subprocess.run(
-        [
-            str(CT_PYTHON),
-            str(REPO / "tests" / "circuit_tracer_check.py"),
-            str(cfg.model_dir),
-            str(set_dir),
-            str(tmp_path),
-            PROMPT,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "result.json").read_text())
+    report = circuit_tracer_check(cfg.model_dir, set_dir, tmp_path)
     print("circuit-tracer:", report)  # which one ran: name, version, source, home page
     assert report["circuit_tracer"]["name"] == "circuit-tracer", report
     assert report["max_abs_logit_difference"] < 1e-4 * max(1.0, report["logit_scale"]), report
@@ -460,21 +465,7 @@ def test_circuit_tracer_loads_the_clt_and_reproduces_the_logits_and_our_reconstr
     from mtc.clt import MatryoshkaCLT
 
     run_dir, clt_dir = stories_clts[norm]
-    result = subprocess.run(
-        [
-            str(CT_PYTHON),
-            str(REPO / "tests" / "circuit_tracer_check.py"),
-            str(stories_model_dir),
-            str(clt_dir),
-            str(tmp_path),
-            PROMPT,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "result.json").read_text())
+    report = circuit_tracer_check(stories_model_dir, clt_dir, tmp_path)
     print("circuit-tracer:", report)
     assert report["max_abs_logit_difference"] < 1e-4 * max(1.0, report["logit_scale"]), report
 

@@ -345,13 +345,7 @@ def attribute(
     --format circuit-tracer``) in circuit-tracer's own virtualenv; returns its summary (see
     ``external/circuit_tracer_graph.py`` for what ``out`` then holds)."""
     set_dir, model_dir, out = Path(set_dir), Path(model_dir), Path(out)
-    if not (set_dir / SET_CONFIG).is_file():
-        raise ConfigError(
-            f"{set_dir}: not a transcoder set (no {SET_CONFIG}); write one with "
-            "mtc export RUN_DIR... OUT --format circuit-tracer"
-        )
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"{model_dir}: not a model directory (no config.json); run mtc prepare-model")
+    _check_export_and_model(set_dir, model_dir, "a transcoder set")
     command = graph_command(
         circuit_tracer_python(python), model_dir, set_dir, out, prompt, slug, max_feature_nodes
     )
@@ -360,6 +354,17 @@ def attribute(
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         raise ConfigError(f"circuit-tracer failed: {lines[-1] if lines else f'exit {result.returncode}'}")
     return json.loads((out / "summary.json").read_text())
+
+
+def _check_export_and_model(export_dir: Path, model_dir: Path, what: str) -> None:
+    """What circuit-tracer's virtualenv is about to read: an export (its config.yaml) and a model."""
+    if not (export_dir / SET_CONFIG).is_file():
+        raise ConfigError(
+            f"{export_dir}: not {what} (no {SET_CONFIG}); write one with "
+            "mtc export RUN_DIR... OUT --format circuit-tracer"
+        )
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"{model_dir}: not a model directory (no config.json); run mtc prepare-model")
 
 
 def graph_scores(
@@ -376,13 +381,7 @@ def graph_scores(
     one of these) and returned."""
     export_dir, model_dir, out_json = Path(export_dir), Path(model_dir), Path(out_json)
     prompts_file = Path(prompts_file)
-    if not (export_dir / SET_CONFIG).is_file():
-        raise ConfigError(
-            f"{export_dir}: not a circuit-tracer export (no {SET_CONFIG}); write one with "
-            "mtc export RUN_DIR... OUT --format circuit-tracer"
-        )
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"{model_dir}: not a model directory (no config.json); run mtc prepare-model")
+    _check_export_and_model(export_dir, model_dir, "a circuit-tracer export")
     if not prompts_file.is_file():
         raise ConfigError(f"{prompts_file}: no prompt file there")
     if out_json.exists() and not _is_graph_scores(out_json):
