@@ -36,12 +36,13 @@ def grads(m):
 
 
 @pytest.mark.parametrize("input_norm", ["token", "global"])
-@pytest.mark.parametrize("with_dead", [False, True])
+@pytest.mark.parametrize("with_dead", [False, True, "aux on every row"])
 @pytest.mark.parametrize("topk_scope", ["layer", "shared"])
 def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(
     input_norm, with_dead, topk_scope
 ):
-    m = make(input_norm, topk_scope=topk_scope)
+    # aux_budget 0.15 reads 2 of the 20 rows at layer 0, 1 at layer 2; 100 reads them all
+    m = make(input_norm, topk_scope=topk_scope, aux_budget=100 if with_dead == "aux on every row" else 0.15)
     x, y = batch()
     if with_dead:  # layer 0 and 2 have dead features: the auxiliary loss is on
         m.inactive_batches[0, [1, 5, 9, 15]] = 10
@@ -58,7 +59,7 @@ def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(
     assert set(got) == set(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
-    assert (out.aux_loss > 0) == with_dead
+    assert (out.aux_loss > 0) == bool(with_dead)
 
 
 def test_prefix_losses_follow_the_hand_computed_cross_layer_reconstruction():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtc.dictionary import MatryoshkaBatchTopK, batch_topk_pairs
+from mtc.dictionary import MatryoshkaBatchTopK, aux_loss, aux_row_step, batch_topk_pairs
 
 GROUPS = [8, 16, 40]
 
@@ -84,7 +84,7 @@ def test_prefix_loss_is_the_mean_of_each_prefix_reconstruction_error(kind, input
 
 @pytest.mark.parametrize("kind", ["transcoder", "sae", "skip transcoder"])
 @pytest.mark.parametrize("groups", [[64], [16, 48], [8, 16, 40], [4, 4, 8, 16, 32], [1, 2, 5, 8, 16, 32]])
-@pytest.mark.parametrize("with_dead", [False, True, "fewer than top_k_aux"])
+@pytest.mark.parametrize("with_dead", [False, True, "fewer than top_k_aux", "aux on every row"])
 @pytest.mark.parametrize("input_norm", ["token", "global"])
 def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(
     kind, groups, with_dead, input_norm
@@ -99,6 +99,7 @@ def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(
         top_k_aux=6,
         input_norm=input_norm,
         skip_connection=kind.startswith("skip"),
+        aux_budget=100 if with_dead == "aux on every row" else 0.15,  # 0.15: 2 of the 30 rows
     )
     with torch.no_grad():
         if m.W_skip is not None:
@@ -110,7 +111,7 @@ def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(
         m.source_mean.normal_()
     dead = torch.zeros(64, dtype=torch.long)
     if with_dead:  # a third of the features feed the auxiliary loss, or only four (all of them kept)
-        dead[:: 3 if with_dead is True else 16] = 100
+        dead[:: 16 if with_dead == "fewer than top_k_aux" else 3] = 100
     x, y = torch.randn(30, 12) * torch.rand(30, 1) * 5, torch.randn(30, 12)
     results = []
     for sparse in (True, False):
@@ -203,6 +204,34 @@ def test_aux_loss_uses_only_dead_features():
     m.zero_grad()
     out.loss.backward()
     assert m.W_dec.grad[30:].abs().sum() > 0 and m.W_encT.grad[:30].abs().sum() > 0
+
+
+def test_aux_loss_reads_every_row_while_few_features_are_dead_and_a_bounded_share_of_them_after():
+    B, F = 4096, 9216
+    assert aux_row_step(B, 276, F, 0.15) == 1, "5 * 276 / 9216 < 0.15: exact, every row"
+    for n_dead in (1000, 4000, 8000, F):
+        rows = -(-B // aux_row_step(B, n_dead, F, 0.15))
+        cost = 5 * rows * n_dead / (B * F)  # its five products against one encoder matmul
+        assert 0.1 < cost <= 0.15, (n_dead, rows)
+    assert aux_row_step(8, 64, 64, 0.15) == 8, "at least one row, whatever the budget"
+
+
+def test_aux_loss_on_every_row_is_the_mean_over_the_batch_and_on_fewer_rows_their_mean():
+    torch.manual_seed(0)
+    x, residual, dead = torch.randn(40, 12), torch.randn(40, 12), torch.arange(0, 64, 2)
+    m = make(input_norm="token")
+    per_row = []
+    for r in range(40):
+        pre = torch.relu(x[r] @ m.W_encT[dead].t() + m.b_enc[dead]).detach()
+        kept = torch.zeros_like(pre).scatter(0, pre.topk(5).indices, pre.topk(5).values)
+        per_row.append((kept @ m.W_dec[dead].detach() + residual[r]).pow(2).mean())
+    args = (x, m.W_encT, m.b_enc, m.W_dec, dead, residual, 5, 0.5)
+    exact = aux_loss(*args, budget=100, gradients=m._aux_gradients)
+    torch.testing.assert_close(exact.detach(), 0.5 * torch.stack(per_row).mean())
+    sampled = aux_loss(*args, budget=0.15, gradients=m._aux_gradients)
+    step = aux_row_step(40, 32, 64, 0.15)
+    assert step > 1
+    torch.testing.assert_close(sampled.detach(), 0.5 * torch.stack(per_row[::step]).mean())
 
 
 def test_decoder_rows_stay_unit_norm_and_parallel_grad_is_removed():

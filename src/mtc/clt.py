@@ -35,6 +35,7 @@ from torch import nn
 
 from mtc.config import INPUT_NORMS
 from mtc.dictionary import (
+    AuxGradients,
     SparseCodes,
     TrainOutput,
     _csr,
@@ -44,6 +45,7 @@ from mtc.dictionary import (
     _SparsePreActs,
     _workspace,
     aux_loss,
+    aux_row_step,
     batch_topk_pairs,
     batch_topk_threshold,
 )
@@ -73,6 +75,7 @@ class CLTShape:
     topk_scope: str = "layer"
     """``layer``: each layer's BatchTopK keeps ``top_k * B`` codes of its own; ``shared``: one
     BatchTopK over every layer's features keeps ``top_k * L * B`` (layers compete for the budget)."""
+    aux_budget: float = 0.15  # each layer's auxiliary loss, as a share of its encoder matmul
 
     def __post_init__(self):
         if not self.group_sizes or any(g <= 0 for g in self.group_sizes):
@@ -173,6 +176,7 @@ class MatryoshkaCLT(nn.Module):
         first_layer: int = 0,
         kind: str = "clt",
         topk_scope: str = "layer",
+        aux_budget: float = 0.15,
         seed: int = 0,
     ):
         super().__init__()
@@ -190,6 +194,7 @@ class MatryoshkaCLT(nn.Module):
             first_layer,
             kind,
             topk_scope,
+            aux_budget,
         )
         L, d, Fn = n_layers, d_model, sum(group_sizes)
         self.n_layers, self.d_model, self.dict_size, self.top_k = L, d, Fn, top_k
@@ -210,6 +215,9 @@ class MatryoshkaCLT(nn.Module):
         self.register_buffer("source_mean", torch.zeros(L, d))
         self.register_buffer("inactive_batches", torch.zeros(L, Fn, dtype=torch.long))
         self._scratch: list[dict[tuple, torch.Tensor]] = [{} for _ in range(L + 1)]  # per layer, + shared
+        self._aux_gradients = [  # each layer's auxiliary loss trains its own-layer decoder slice
+            AuxGradients(self.W_encT[i], self.b_enc[i], self.W_dec[i], lambda W: W[:, 0]) for i in range(L)
+        ]
 
     def _initial_decoder(self, n_targets: int, gen: torch.Generator) -> torch.Tensor:
         """[F, n_targets, d], each feature's whole decoder of unit norm: a random direction over
@@ -293,11 +301,13 @@ class MatryoshkaCLT(nn.Module):
                     xs[i],
                     self.W_encT[i],
                     self.b_enc[i],
-                    self.W_dec[i][:, 0],
+                    self.W_dec[i],
                     self.dead_features(i),
                     residual[:, i],
                     self.shape.top_k_aux,
                     self.shape.aux_penalty,
+                    self.shape.aux_budget,
+                    self._aux_gradients[i],
                 )
                 for i in range(L)
             ),
@@ -381,11 +391,12 @@ class MatryoshkaCLT(nn.Module):
         for i in range(L):
             dead = self.dead_features(i)
             if dead.numel() and self.shape.aux_penalty:
-                x = self._normalised_source(i, x_BLD[:, i])
+                step = aux_row_step(len(x_BLD), dead.numel(), self.dict_size, self.shape.aux_budget)
+                x = self._normalised_source(i, x_BLD[::step, i])
                 pre = torch.relu(x @ self.W_encT[i].t() + self.b_enc[i])
                 values, idx = pre[:, dead].topk(min(self.shape.top_k_aux, dead.numel()), dim=1)
                 aux_acts = torch.zeros_like(pre).scatter(1, dead[idx], values)
-                error = aux_acts @ self.W_dec[i][:, 0] - residual[:, i]
+                error = aux_acts @ self.W_dec[i][:, 0] - residual[::step, i]
                 loss = loss + self.shape.aux_penalty * error.pow(2).mean()
         return loss, torch.stack(prefix_mse).detach()
 

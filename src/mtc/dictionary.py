@@ -285,6 +285,70 @@ class _PrefixLoss(torch.autograd.Function):
         return grad_vals, grad_W, grad_initial, None, None, None, None, None
 
 
+def aux_row_step(n_rows: int, n_dead: int, dict_size: int, budget: float) -> int:
+    """Every how many rows of a batch the auxiliary loss reads. Its five dense products over R rows
+    and the ``n_dead`` columns cost ``5 R n_dead / (n_rows dict_size)`` of the encoder matmul; R is
+    as many evenly spaced rows as keep that within ``budget``: every row while few features are
+    dead, about 3 % of them at budget 0.15 once the whole dictionary is."""
+    if n_dead == 0:
+        return 1
+    rows = max(1, math.floor(budget * n_rows * dict_size / (5 * n_dead)))
+    return -(-n_rows // min(rows, n_rows))
+
+
+class _AuxLoss(torch.autograd.Function):
+    """``penalty * mean((codes @ W_dec[dead] + residual)^2)``, ``codes`` the top ``k_aux`` of
+    ``relu(x @ W_encT[dead].T + b_enc[dead])`` per row, with the five dense products written out.
+
+    The gradients of the dead rows are small ([n_dead, d]); autograd would widen each to a
+    zero-filled copy of its whole parameter and add that to the gradient the main loss already
+    produced (four full passes over two matrices, more than the products themselves). Instead the
+    backward leaves them in ``AuxGradients``, which adds them in place into the accumulated
+    gradients (``index_add_``) once autograd has finished with each parameter."""
+
+    @staticmethod
+    def forward(ctx, W_encT, b_enc, W_dec, x, residual, dead, k_aux, penalty, pending):
+        W_enc_dead, W_dec_dead = W_encT.index_select(0, dead), pending.dec_view(W_dec).index_select(0, dead)
+        pre = torch.addmm(b_enc[dead], x, W_enc_dead.t()).relu_()  # [R, n_dead]
+        if k_aux < dead.numel():
+            top = pre.topk(k_aux, dim=1, sorted=False)
+            pre = torch.zeros_like(pre).scatter_(1, top.indices, top.values)
+        error = torch.addmm(residual, pre, W_dec_dead)
+        ctx.save_for_backward(x, W_dec_dead, pre, error, dead)
+        ctx.penalty, ctx.pending = penalty, pending
+        return penalty * error.pow(2).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, W_dec_dead, codes, error, dead = ctx.saved_tensors
+        grad_error = error * (grad * ctx.penalty * 2 / error.numel())
+        grad_pre = (grad_error @ W_dec_dead.t()).mul_(codes > 0)
+        ctx.pending.add(dead, grad_pre.t() @ x, grad_pre.sum(0), codes.t() @ grad_error)
+        return None, None, None, None, None, None, None, None, None
+
+
+class AuxGradients:
+    """Hands the auxiliary loss's gradients of the dead rows to one dictionary's (or one CLT
+    layer's) parameters: each is added into ``param.grad`` right after autograd accumulates it (a
+    post-accumulate hook), so nothing depends on the order of the backward. ``dec_view`` picks the
+    decoder rows the auxiliary loss trains (a CLT's own-layer slice)."""
+
+    def __init__(self, W_encT: nn.Parameter, b_enc: nn.Parameter, W_dec: nn.Parameter, dec_view=None):
+        self.dec_view = dec_view or (lambda W: W)
+        self.waiting: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for param, slot in ((W_encT, 0), (b_enc, 1), (W_dec, 2)):
+            param.register_post_accumulate_grad_hook(lambda p, slot=slot: self._apply(p, slot))
+
+    def add(self, dead, grad_W_enc, grad_b_enc, grad_W_dec) -> None:
+        for slot, g in enumerate((grad_W_enc, grad_b_enc, grad_W_dec)):
+            self.waiting.setdefault(slot, []).append((dead, g))
+
+    def _apply(self, param: torch.Tensor, slot: int) -> None:
+        for dead, g in self.waiting.pop(slot, []):
+            target = self.dec_view(param.grad) if slot == 2 else param.grad
+            target.index_add_(0, dead, g.to(target.dtype))
+
+
 def aux_loss(
     x_BD: torch.Tensor,
     W_encT: torch.Tensor,
@@ -294,25 +358,24 @@ def aux_loss(
     residual_BD: torch.Tensor,
     k_aux: int,
     penalty: float,
+    budget: float,
+    gradients: AuxGradients,
 ) -> torch.Tensor:
     """The auxiliary loss that revives dead features: reconstruct what the live features miss
     (``-residual_BD``) with each token's top ``k_aux`` dead features (``dead``: their indices).
-    Dense over the dead features alone: their pre-activations are recomputed for those columns
-    (B x n_dead x d, with autograd), so each of its five products costs n_dead / F of the encoder
-    matmul; cheaper than a sparse path once a row keeps a fair share of the dead features, and
-    training keeps few of them dead. Shared by every dictionary kind (a cross-layer transcoder
-    calls it per layer)."""
+    Dense over the dead features alone, on evenly spaced rows of the batch (``aux_row_step``):
+    batches come shuffled, so the mean over those rows estimates the mean over the batch, at a
+    cost bounded by ``budget`` (a share of one encoder matmul) whatever the dead count; exact when
+    the budget covers every row (``budget >= 5 n_dead / F``). Its gradients reach the parameters
+    through ``gradients`` (see ``_AuxLoss``). Shared by every dictionary kind (a cross-layer
+    transcoder calls it per layer). ``x_BD`` must not need a gradient."""
     if dead.numel() == 0 or penalty == 0:
         return residual_BD.new_zeros(())
-    pre = torch.addmm(b_enc[dead], x_BD, W_encT.index_select(0, dead).t())  # [B, n_dead]
-    codes = torch.relu(pre)
-    if k_aux < dead.numel():
-        keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(
-            1, pre.detach().topk(k_aux, dim=1, sorted=False).indices, True
-        )
-        codes = codes * keep
-    error = torch.addmm(residual_BD, codes, W_dec.index_select(0, dead))
-    return penalty * error.pow(2).mean()
+    if x_BD.requires_grad:
+        raise ValueError("aux_loss: the source rows must not need a gradient (it would be dropped)")
+    step = aux_row_step(x_BD.shape[0], dead.numel(), W_encT.shape[0], budget)
+    x, residual = x_BD[::step], residual_BD.detach()[::step]
+    return _AuxLoss.apply(W_encT, b_enc, W_dec, x, residual, dead, k_aux, penalty, gradients)
 
 
 def _save_W_enc_input_major(module, state_dict, prefix, local_metadata) -> None:
@@ -348,6 +411,8 @@ class DictionaryShape:
     feature; ``topk``: the ``top_k`` largest per token; ``jumprelu``: a threshold per feature;
     ``relu``: every positive pre-activation. The last three are for dictionaries trained elsewhere
     (``mtc import``); only ``batchtopk`` trains."""
+    aux_budget: float = 0.15
+    """The auxiliary loss's cost as a share of one encoder matmul (``aux_row_step``)."""
 
     def __post_init__(self):
         if not self.group_sizes or any(g <= 0 for g in self.group_sizes):
@@ -383,6 +448,7 @@ class MatryoshkaBatchTopK(nn.Module):
         input_norm: str = "token",
         skip_connection: bool = False,
         activation: str = "batchtopk",
+        aux_budget: float = 0.15,
         seed: int = 0,
     ):
         super().__init__()
@@ -399,6 +465,7 @@ class MatryoshkaBatchTopK(nn.Module):
             input_norm,
             skip_connection,
             activation,
+            aux_budget,
         )
         dict_size = sum(group_sizes)
         self.group_sizes = list(group_sizes)
@@ -434,6 +501,7 @@ class MatryoshkaBatchTopK(nn.Module):
         # from the mean rather than all firing on it (the role b_dec plays in a classic SAE).
         self.register_buffer("source_mean", torch.zeros(d_in))
         self._scratch: dict[tuple, torch.Tensor] = {}  # training buffers reused from step to step
+        self._aux_gradients = AuxGradients(self.W_encT, self.b_enc, self.W_dec)
 
     @property
     def W_enc(self) -> torch.Tensor:
@@ -572,9 +640,10 @@ class MatryoshkaBatchTopK(nn.Module):
         loss = prefix_mse.mean()
         dead = self.dead_features()
         if dead.numel() and self.shape.aux_penalty:
+            step = aux_row_step(len(pre), dead.numel(), self.dict_size, self.shape.aux_budget)
+            pre, residual = pre[::step], (y - acts @ self.W_dec - self.b_dec).detach()[::step]
             values, idx = pre[:, dead].topk(min(self.shape.top_k_aux, dead.numel()), dim=1)
             aux_acts = torch.zeros_like(pre).scatter(1, dead[idx], values)
-            residual = (y - acts @ self.W_dec - self.b_dec).detach()
             loss = loss + self.shape.aux_penalty * (aux_acts @ self.W_dec - residual).pow(2).mean()
         return loss, prefix_mse.detach()
 
@@ -615,6 +684,8 @@ class MatryoshkaBatchTopK(nn.Module):
             residual_BD,
             self.shape.top_k_aux,
             self.shape.aux_penalty,
+            self.shape.aux_budget,
+            self._aux_gradients,
         )
 
     @torch.no_grad()

@@ -196,6 +196,7 @@ def _new_model(cfg: DictionaryConfig, store: ActivationStore) -> MatryoshkaBatch
     common = dict(
         top_k_aux=cfg.top_k_aux,
         aux_penalty=cfg.aux_penalty,
+        aux_budget=cfg.aux_budget,
         n_batches_to_dead=cfg.n_batches_to_dead,
         threshold_momentum=cfg.threshold_momentum,
         input_norm=cfg.input_norm,
