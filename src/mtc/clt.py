@@ -148,7 +148,10 @@ class _CrossLayerPrefixLoss(torch.autograd.Function):
         grad_vals, grad_decs = [], []
         for i, p in enumerate(ctx.plan):
             W = W_decs[i].detach().view(W_decs[i].shape[0], -1)  # [F, (L - i) d]
-            reached = grads[:, :, i * d :].reshape(G * B, LD - i * d)  # a view: row stride L * d
+            # Both sparse products below want contiguous rows and would each copy this strided
+            # view (row stride L * d) on their own: copy it once.
+            reached = _workspace("reached", (G * B, LD - i * d), grads.dtype, grads.device, ctx.scratch)
+            reached.view(G, B, -1).copy_(grads[:, :, i * d :])
             pattern = _csr(p["crow"], p["feats"], vals[i].detach(), (G * B, W.shape[0]))
             grad_vals.append(torch.sparse.sampled_addmm(pattern, reached, W.t(), beta=0).values())
             out = _grad_buffer(W_decs[i], f"grad_W_dec_{i}", ctx.scratch).view(W.shape)
