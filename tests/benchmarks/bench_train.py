@@ -26,7 +26,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from mtc.dictionary import MatryoshkaBatchTopK
@@ -86,31 +85,34 @@ def dense_step(m, opt, x, y):
     m.normalize_decoder()
 
 
+def write_random_store(path, keys: list[tuple[int, str]], d: int, n_seq: int, ctx: int = 128):
+    """A store as extraction writes one (StoreWriter, bf16, the default chunk size), of random rows.
+    Its windows hold token ids as packed text does, each starting with BOS: an all-zero tokens array
+    is nothing but zarr's fill value, whose shard a zarr that skips empty chunks never writes, and the
+    store then (rightly) refuses to open."""
+    g = torch.Generator().manual_seed(0)
+    bos, vocab = 1, 512
+    tokens = torch.randint(3, vocab, (n_seq, ctx), generator=g, dtype=torch.int32)
+    tokens[:, 0] = bos
+    provenance = {"prepend_bos": True, "bos_token_id": bos, "n_holdout_sequences": 1, "context_size": ctx}
+    with StoreWriter(path, provenance, tokens.numpy(), keys, d, "bfloat16", 4096) as writer:
+        for s in range(0, n_seq, 32):
+            x = torch.randn(min(32, n_seq - s), ctx, d, generator=g)
+            writer.add({key: x for key in keys})
+        writer.close()
+    return ActivationStore(path)
+
+
 def loader_rows_per_s(d: int, batch: int, n_batches: int) -> float:
     """Shuffled bf16 rows read from a zarr store (two sites, as a transcoder reads them)."""
+    keys = [(0, "resid_mid"), (0, "mlp_out")]
     with tempfile.TemporaryDirectory() as tmp:
-        ctx, n_seq = 128, max(64, (n_batches + 2) * batch // 128)
-        tokens = np.zeros((n_seq, ctx), dtype=np.int32)
-        writer = StoreWriter(
-            tmp,
-            {"prepend_bos": True, "n_holdout_sequences": 1},
-            tokens,
-            [(0, "resid_mid"), (0, "mlp_out")],
-            d,
-            "bfloat16",
-            4096,
-        )
-        for s in range(0, n_seq, 32):
-            x = torch.randn(min(32, n_seq - s), ctx, d)
-            writer.add({(0, "resid_mid"): x, (0, "mlp_out"): x})
-        writer.close()
-        store = ActivationStore(tmp)
+        n_seq = max(64, (n_batches + 2) * batch // 128)
+        store = write_random_store(tmp, keys, d, n_seq)
         # Timed from the start: batches come from chunks read, decompressed and shuffled on the way
         # (the store holds about n_batches + 2 batches, so each row is read once).
         t = time.perf_counter()
-        batches = store.iter_training_batches(
-            [(0, "resid_mid"), (0, "mlp_out")], batch, seed=0, shuffle_chunks=4
-        )
+        batches = store.iter_training_batches(keys, batch, seed=0, shuffle_chunks=4)
         for _ in range(n_batches):
             next(batches)
         return n_batches * batch / (time.perf_counter() - t)
