@@ -7,7 +7,8 @@ loss runs), and the peak memory of training.
         # examples/smollm2-clt.params.yaml extracts), 30 layers x 1,152 features, k 16, batch 512
     python tests/benchmarks/bench_clt.py --quick     # tiny random shape, seconds (the test suite runs it)
 
-Prints the machine, a table of medians and one JSON line (step_over_matmuls, dense_over_step, ...).
+Prints the machine, a table of medians and one JSON line (machine, step_over_matmuls,
+dense_over_step, ...).
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def main() -> None:
         times["dense"].append(timed(dense))
     med = {name: statistics.median(t) for name, t in times.items()}
     decoder = sum(w.numel() for w in clt.W_dec)
-    print(f"machine: {cpu_description()}")
+    machine = cpu_description()
+    print(f"machine: {machine}")
     print(
         f"shape: {a.layers} layers x {a.dict_size} features, d {d}, k {a.k}/layer, batch {a.batch}, "
         f"{dead} dead per layer, {decoder / 1e6:.0f}M decoder parameters, rows: {a.store or 'random'}"
@@ -119,6 +121,7 @@ def main() -> None:
     for name, label in (("ours", "our step"), ("matmuls", "encoder matmuls (sum)"), ("dense", "dense step")):
         print(f"{label:<26}{med[name]:>10.3f}")
     result = {
+        "machine": machine,
         "step_over_matmuls": med["ours"] / med["matmuls"],
         "dense_over_step": med["dense"] / med["ours"],
         "step_seconds": med["ours"],

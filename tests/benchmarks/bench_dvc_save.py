@@ -9,7 +9,8 @@ The store is written by StoreWriter (the extract stage's writer) from the real r
 ``--source`` repeated until ``--tokens`` (zstd sees the same data, so sizes are realistic; running
 the model for 2M tokens would take ~9 min here and is not what is measured). Then, in a fresh git +
 DVC repository with this project's cache settings, ``dvc add`` saves the store exactly as a stage
-output is saved. Prints one JSON line.
+output is saved. Prints the machine (CPU model, vector extensions, threads) and one JSON line, which
+has it too. The test suite runs it on a tiny store with ``--tokens 1024`` (seconds).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from pathlib import Path
 
 import torch
 
-from mtc.store import ActivationStore, StoreWriter, decode
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import cpu_description  # noqa: E402
+
+from mtc.store import ActivationStore, StoreWriter, decode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,9 +89,12 @@ def main() -> None:
     save_s = time.perf_counter() - t
     store_kib, extra_cache_kib = du_kib(store, work / ".dvc" / "cache")
     links = {p.stat().st_nlink for p in store.rglob("*") if p.is_file()}
+    machine = cpu_description()
+    print(f"machine: {machine}")
     print(
         json.dumps(
             {
+                "machine": machine,
                 "tokens": n_seq * ctx,
                 "sites": len(keys),
                 "files": len(files),

@@ -10,6 +10,8 @@
 
     python tests/benchmarks/bench_extract.py --quick     # 8192 tokens, 7 repeats (< 3 min)
     python tests/benchmarks/bench_extract.py             # 32768 tokens, 7 repeats
+    python tests/benchmarks/bench_extract.py --model ../shared/assets/models/stories260K --layer 2 \
+        --tokens 1024 --repeats 1 --batch 4              # seconds: the test suite's smoke run
 
 Each pair is interleaved (a, b, b, a, ...), so drift on a shared machine hits both alike; ratios are
 medians of the per-repeat ratios (runs seconds apart), times are medians. The store uses the default
@@ -20,7 +22,8 @@ bytes_per_value (stored, before compression), compression_ratio (on these real a
 tokens/s, and extract_over_forward_cpu_time (CPU seconds of all threads: immune to other processes
 competing for the cores, and an upper bound on the writer's cost, as if nothing overlapped). On a busy
 shared machine wall-clock ratios swing both ways (a process with more runnable threads gets a larger
-share of the cores); compare the CPU-time ratio. Not part of the test run.
+share of the cores); compare the CPU-time ratio. Prints the machine (CPU model, vector extensions,
+threads) first; the JSON line has it too.
 """
 
 from __future__ import annotations
@@ -29,21 +32,24 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from mtc import models
-from mtc.config import DatasetConfig
-from mtc.data import iter_pieces, pack_tokens
-from mtc.extract import fill
-from mtc.store import ActivationStore, StoreWriter
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import cpu_description  # noqa: E402
+
+from mtc import models  # noqa: E402
+from mtc.config import DatasetConfig  # noqa: E402
+from mtc.data import iter_pieces, pack_tokens  # noqa: E402
+from mtc.extract import fill  # noqa: E402
+from mtc.store import ActivationStore, StoreWriter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "data" / "models" / "SmolLM2-135M-Instruct"
-WANTED = [(8, "resid_mid"), (8, "mlp_out")]
 
 
 def interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
@@ -70,17 +76,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default="float32", help="forward dtype (params.yaml model.dtype)")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--model", type=Path, default=MODEL_DIR, help="a prepared model directory")
+    ap.add_argument(
+        "--layer", type=int, default=8, help="the layer whose resid_mid and mlp_out are extracted"
+    )
+    ap.add_argument("--tokens", type=int, default=None, help="default 32768 (--quick 8192)")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved pairs")
     args = ap.parse_args()
-    n_tokens, repeats = (8192, 7) if args.quick else (32768, 7)
-    if not (MODEL_DIR / "config.json").is_file():
-        raise SystemExit(f"{MODEL_DIR}: run `dvc repro prepare_model` (or mtc prepare-model) first")
+    n_tokens, repeats = args.tokens or (8192 if args.quick else 32768), args.repeats
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"{args.model}: run `dvc repro prepare_model` (or mtc prepare-model) first")
+    wanted = [(args.layer, "resid_mid"), (args.layer, "mlp_out")]
 
-    tokenizer = models.load_tokenizer(MODEL_DIR)
+    tokenizer = models.load_tokenizer(args.model)
     ds = DatasetConfig(n_tokens=n_tokens, context_size=128)
     tokens = pack_tokens(iter_pieces(ds), tokenizer, ds)
-    bridge = models.load_bridge(MODEL_DIR, args.dtype, "cpu")
-    d_model = models.read_architecture(MODEL_DIR).d_model
-    last = max(layer for layer, _ in WANTED)
+    bridge = models.load_bridge(args.model, args.dtype, "cpu")
+    d_model = models.read_architecture(args.model).d_model
+    last = max(layer for layer, _ in wanted)
     batches = [
         torch.from_numpy(tokens[s : s + args.batch]).long() for s in range(0, tokens.shape[0], args.batch)
     ]
@@ -93,13 +106,13 @@ def main() -> None:
             store,
             {"prepend_bos": True, "n_holdout_sequences": 1},
             tokens,
-            WANTED,
+            wanted,
             d_model,
             "bfloat16",
             chunk_rows=4096,
         )
         with writer:
-            fill(writer, bridge, tokens, WANTED, args.batch, "cpu")
+            fill(writer, bridge, tokens, wanted, args.batch, "cpu")
             writer.close()
 
     def timed_extract() -> None:
@@ -115,9 +128,9 @@ def main() -> None:
     extract(work / "first")
     store = ActivationStore(work / "first")
     on_disk = sum(p.stat().st_size for p in (work / "first").glob("L*/*.zarr/c/*/*"))
-    raw = sum(store.site(*k).array.nbytes for k in WANTED)
+    raw = sum(store.site(*k).array.nbytes for k in wanted)
     stats.update(
-        bytes_per_value=store.site(*WANTED[0]).array.dtype.itemsize, compression_ratio=round(raw / on_disk, 3)
+        bytes_per_value=store.site(*wanted[0]).array.dtype.itemsize, compression_ratio=round(raw / on_disk, 3)
     )
 
     # extract vs a bare forward to the same last layer: all tokens. Full depth vs early stop: one batch.
@@ -128,7 +141,12 @@ def main() -> None:
     )
     shutil.rmtree(work, ignore_errors=True)
     n = tokens.size
-    print(f"{n} tokens, batch {args.batch}, forward dtype {args.dtype}, interleaved repeats (median):")
+    machine = cpu_description()
+    print(f"machine: {machine}")
+    print(
+        f"{n} tokens of {args.model.name} layer {args.layer}, batch {args.batch}, forward dtype "
+        f"{args.dtype}, interleaved repeats (median):"
+    )
     for label, times, count in (
         ("extract", a["extract"], n),
         ("forward", a["forward"], n),
@@ -143,12 +161,16 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "machine": machine,
+                "model": args.model.name,
+                "layer": args.layer,
+                "repeats": repeats,
                 "extract_over_forward": ratio(a, "extract", "forward"),
                 "early_stop_speedup": ratio(b, "full", "forward"),
                 "extract_over_forward_cpu_time": ratio(a, "extract_cpu", "forward_cpu"),
                 **stats,
                 "tokens": n,
-                "sites": len(WANTED),
+                "sites": len(wanted),
                 "forward_dtype": args.dtype,
                 "extract_tokens_per_s": round(n / statistics.median(a["extract"])),
                 "forward_tokens_per_s": round(n / statistics.median(a["forward"])),

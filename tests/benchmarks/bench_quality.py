@@ -25,7 +25,12 @@ maps back with them, which no transcoder can do at inference: its transcoder fig
 Its inference threshold is a moving average started at 0, so it is only comparable near the full
 budget (after 100 steps it holds 63 % of its value). Dense: about 6 s a step here.
 
-Prints a table and ends with one JSON line. Not part of the test run.
+    python tests/benchmarks/bench_quality.py --quick --model ../shared/assets/models/stories260K --layer 2 \
+        --corpus ../shared/assets/corpora/tinyshakespeare/input.txt --reference
+        # seconds, the whole path at tiny sizes (the test suite runs it)
+
+Prints the machine (CPU model, vector extensions, threads), a table, and ends with one JSON line
+(which has the machine too).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +49,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import cpu_description  # noqa: E402
+
 from mtc import pipeline
+from mtc.cli import model_type_of as model_type
 from mtc.config import DictionaryConfig, EvaluateConfig, check_config, parse_params
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.evaluate import heldout_windows, reconstruction
@@ -56,7 +66,11 @@ from mtc.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO.parent / "shared" / "assets" / "corpora" / "english-mix" / "train.jsonl"
-SOURCE, TARGET = (8, "resid_mid"), (8, "mlp_out")
+
+
+def sites(args) -> tuple[tuple[int, str], tuple[int, str]]:
+    """(source, target): the layer's resid_mid and mlp_out."""
+    return (args.layer, "resid_mid"), (args.layer, "mlp_out")
 
 
 def store_params(args) -> dict:
@@ -65,8 +79,8 @@ def store_params(args) -> dict:
     n_windows = n_train_windows + n_holdout_windows
     return {
         "model": {
-            "name": "packaged:SmolLM2-135M-Instruct",
-            "type": "SmolLM2-135M-Instruct",
+            "name": args.model,
+            "type": model_type(args.model),
             "dtype": args.model_dtype,
             "device": "auto",
         },
@@ -80,7 +94,7 @@ def store_params(args) -> dict:
             # the corpus is sorted by source: shuffled, training and held-out rows share its mixture
             "shuffle_seed": args.shuffle_seed,
         },
-        "extract": {"layers": [8], "sites": ["resid_mid", "mlp_out"], "dtype": "bfloat16"},
+        "extract": {"layers": [args.layer], "sites": ["resid_mid", "mlp_out"], "dtype": "bfloat16"},
         "dictionaries": {},
         "evaluate": {},
         "mine": {},
@@ -107,7 +121,7 @@ def dictionary_config(args, kind: str, overrides: dict) -> DictionaryConfig:
     base = DictionaryConfig(
         name=kind,
         kind=kind,
-        layer=8,
+        layer=args.layer,
         source_site="resid_mid",
         target_site="resid_mid" if kind == "sae" else "mlp_out",
         dict_size=sum(args.groups),
@@ -118,7 +132,7 @@ def dictionary_config(args, kind: str, overrides: dict) -> DictionaryConfig:
         steps=args.steps,
         save_every=10**9,
         seed=args.seed,
-        model_type="SmolLM2-135M-Instruct",
+        model_type=model_type(args.model),
     )
     cfg = replace(base, **overrides)
     check_config(cfg, f"variant {kind}")
@@ -233,8 +247,9 @@ class ReferenceRecipe(torch.nn.Module):
 
 
 def train_reference(args, kind: str, store: ActivationStore) -> tuple[ReferenceRecipe, float]:
-    keys = [SOURCE] if kind == "sae" else [SOURCE, TARGET]
-    d = store.site(*SOURCE).d_model
+    source, target = sites(args)
+    keys = [source] if kind == "sae" else [source, target]
+    d = store.site(*source).d_model
     ref = ReferenceRecipe(d, d, args.groups, args.top_k, kind, args.seed)
     opt = torch.optim.Adam(ref.parameters(), lr=args.lr, betas=(0.9, 0.99))
     times = []
@@ -254,8 +269,8 @@ def train_reference(args, kind: str, store: ActivationStore) -> tuple[ReferenceR
 class _OracleTarget:
     """Hands the reference transcoder the held-out target rows its decode maps back with."""
 
-    def __init__(self, ref: ReferenceRecipe, store: ActivationStore):
-        self.ref, self.targets = ref, store.iter_holdout([SOURCE, TARGET], 4096)
+    def __init__(self, ref: ReferenceRecipe, store: ActivationStore, keys: list[tuple[int, str]]):
+        self.ref, self.targets = ref, store.iter_holdout(keys, 4096)
         self.group_sizes, self.dict_size, self.boundaries = ref.group_sizes, ref.dict_size, ref.boundaries
 
     def to(self, device):
@@ -275,29 +290,31 @@ class _OracleTarget:
 
 # ----------------------------------------------------------------------------- measuring
 def heldout_metrics(dictionary, store, kind, args, cfg, with_ce: bool) -> dict:
-    target = SOURCE if kind == "sae" else TARGET
+    source, target = sites(args)
+    target = source if kind == "sae" else target
     ecfg = EvaluateConfig(batch_size=4096, n_ce_sequences=args.ce_windows)
     with torch.no_grad():
-        metrics, _, mean_target = reconstruction(dictionary, store, SOURCE, target, ecfg)
+        metrics, _, mean_target = reconstruction(dictionary, store, source, target, ecfg)
     out = {
         "fvu_per_prefix": [round(f, 4) for f in metrics["fvu_per_prefix"]],
         "l0": round(metrics["l0"], 2),
         "dead_fraction": round(metrics["dead_fraction"], 4),
     }
     if with_ce and kind == "transcoder" and args.ce_windows:
-        out.update(ce_in_blocks(dictionary, store, mean_target, cfg.model_dir, args.ce_windows))
+        out.update(ce_in_blocks(dictionary, store, mean_target, cfg.model_dir, args.ce_windows, sites(args)))
     return out
 
 
-def ce_in_blocks(dictionary, store, mean_target, model_dir, n_windows: int, block: int = 64) -> dict:
-    """CE loss recovered at full size on the first ``n_windows`` held-out windows, and how much it
-    moves between blocks of ``block`` windows (the figure's noise: a few documents decide a block)."""
+def ce_in_blocks(dictionary, store, mean_target, model_dir, n_windows: int, keys, block: int = 64) -> dict:
+    """CE loss recovered at full size on the first ``n_windows`` held-out windows (``keys``: the
+    source and target spliced), and how much it moves between blocks of ``block`` windows (the
+    figure's noise: a few documents decide a block)."""
     bridge = load_bridge(model_dir, "float32", "auto")
     device = next(bridge.parameters()).device
     replacements = Replacements(dictionary.to(device).eval(), mean_target.to(device))
     windows = heldout_windows(store, min(n_windows, store.n_holdout_sequences))
     blocks = [
-        spliced_loss(bridge, w, replacements, SOURCE, TARGET, batch_size=8, skip_bos=store.skip_bos)
+        spliced_loss(bridge, w, replacements, *keys, batch_size=8, skip_bos=store.skip_bos)
         for w in windows.split(block)
     ]
     tokens = sum(b["ce_n_tokens"] for b in blocks)
@@ -341,7 +358,7 @@ def run_reference(args, cfg, store, kind: str) -> dict:
     t = time.time()
     ref, step = train_reference(args, kind, store)
     seconds = time.time() - t
-    dictionary = ref.eval() if kind == "sae" else _OracleTarget(ref, store)
+    dictionary = ref.eval() if kind == "sae" else _OracleTarget(ref, store, list(sites(args)))
     return {
         "recipe": "reference",
         "kind": kind,
@@ -354,7 +371,18 @@ def run_reference(args, cfg, store, kind: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", type=Path, default=CORPUS)
-    p.add_argument("--workdir", type=Path, default=REPO / "data" / "bench_quality")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the store and runs go (default data/bench_quality; --quick: a temporary directory)",
+    )
+    p.add_argument(
+        "--model",
+        default="packaged:SmolLM2-135M-Instruct",
+        help="the model whose activations are stored (params.yaml's model.name)",
+    )
+    p.add_argument("--layer", type=int, default=8, help="its layer: resid_mid (source) and mlp_out (target)")
     p.add_argument("--train-tokens", type=int, default=2_000_000)
     p.add_argument("--heldout-tokens", type=int, default=200_000)
     p.add_argument("--context", type=int, default=128)
@@ -385,7 +413,22 @@ def main() -> None:
         "block's figure, which moves by a few hundredths from block to block",
     )
     p.add_argument("--no-ce", action="store_true", help="skip the spliced loss")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="seconds on a tiny model (--model DIR --layer L): 16,384 training and 2,048 held-out tokens, "
+        "20 steps of 256 rows, groups 16 16 32, k 8, 8 CE windows, in a temporary --workdir",
+    )
     args = p.parse_args()
+    if args.quick:
+        args.train_tokens, args.heldout_tokens, args.steps, args.batch_size = 16384, 2048, 20, 256
+        args.groups, args.top_k, args.ce_windows = [16, 16, 32], 8, 8
+    with tempfile.TemporaryDirectory() as tmp:
+        args.workdir = args.workdir or (Path(tmp) if args.quick else REPO / "data" / "bench_quality")
+        run(args)
+
+
+def run(args) -> None:
     args.steps = args.steps or args.train_tokens // args.batch_size
     args.shuffle_seed = None if args.shuffle_seed < 0 else args.shuffle_seed
 
@@ -400,9 +443,11 @@ def main() -> None:
             results.append(run_reference(args, cfg, store, kind))
             print(json.dumps(results[-1]), file=sys.stderr)
 
+    machine = cpu_description()
+    print(f"\nmachine: {machine}")
     print(
-        f"\n{args.steps} steps x {args.batch_size} rows, k {args.top_k}, lr {args.lr}, groups {args.groups}; "
-        f"held-out: {args.heldout_tokens} tokens"
+        f"{model_type(args.model)} layer {args.layer}; {args.steps} steps x {args.batch_size} rows, "
+        f"k {args.top_k}, lr {args.lr}, groups {args.groups}; held-out: {args.heldout_tokens} tokens"
     )
     print(
         f"{'recipe':<16} {'kind':<11} {'FVU per prefix':<32} {'L0':>6} {'dead':>6} "
@@ -422,7 +467,15 @@ def main() -> None:
         )
     print(
         json.dumps(
-            {"steps": args.steps, "batch_size": args.batch_size, "top_k": args.top_k, "results": results}
+            {
+                "machine": machine,
+                "model": model_type(args.model),
+                "layer": args.layer,
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "top_k": args.top_k,
+                "results": results,
+            }
         )
     )
 
