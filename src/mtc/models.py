@@ -27,8 +27,9 @@ from mtc.errors import ModelError, in_brief
 
 # --------------------------------------------------------------------------------- hook names
 # TransformerBridge names the four residual-stream sites alike for every architecture.
-# Gemma-2's mlp_out is the MLP output *after* its post-feedforward RMSNorm, i.e. exactly what is
-# added to the residual stream, so resid_mid + mlp_out == resid_post holds there too.
+# Gemma-2's and Gemma-3's mlp_out is the MLP output *after* the block's post-feedforward RMSNorm, i.e.
+# exactly what is added to the residual stream, so resid_mid + mlp_out == resid_post holds there too
+# (tests/test_gemma.py checks it on the real Gemma 3 270M at every layer).
 _SITE_HOOK = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
     "resid_mid": "blocks.{layer}.hook_resid_mid",
