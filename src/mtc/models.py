@@ -182,7 +182,7 @@ def _packaged_dir(name: str) -> tuple[Path, PackagedModel]:
 @contextmanager
 def packaged_gguf(name: str, scratch: Path) -> Iterator[tuple[Path, PackagedModel]]:
     """The GGUF file of ``packaged:<name>``: in its package, or (chunked) assembled into ``scratch``
-    (a directory removed afterwards) and checked against the package's SHA-256."""
+    (a directory removed afterwards) and checked against the SHA-256 mtc knows (``sha256``)."""
     directory, pm = _packaged_dir(name)
     if not pm.chunked:
         yield directory / pm.gguf_file, pm
