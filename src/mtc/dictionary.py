@@ -346,7 +346,18 @@ class AuxGradients:
     def _apply(self, param: torch.Tensor, slot: int) -> None:
         for dead, g in self.waiting.pop(slot, []):
             target = self.dec_view(param.grad) if slot == 2 else param.grad
-            target.index_add_(0, dead, g.to(target.dtype))
+            g = g.to(target.dtype)
+            if target.dim() == 1 or not target.is_contiguous():  # b_enc; a CLT's decoder slice
+                target.index_add_(0, dead, g)
+                continue
+            # A [F, n_dead] selection matrix times the rows: MKL's sparse product, several times
+            # faster here than index_add_'s scatter over an expanded [n_dead, d] index.
+            n = dead.numel()
+            starts = torch.zeros(len(target) + 1, dtype=torch.long, device=dead.device)
+            starts[dead + 1] = 1
+            cols = torch.arange(n, device=dead.device)
+            select = _csr(starts.cumsum_(0), cols, g.new_ones(n), (len(target), n))
+            torch.addmm(target, select, g, out=target)
 
 
 def aux_loss(
