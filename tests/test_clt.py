@@ -41,8 +41,8 @@ def grads(m):
 def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(
     input_norm, with_dead, topk_scope
 ):
-    # aux_budget 0.15 reads 2 of the 20 rows at layer 0, 1 at layer 2; 100 reads them all
-    m = make(input_norm, topk_scope=topk_scope, aux_budget=100 if with_dead == "aux on every row" else 0.15)
+    # aux_budget 0.15 reads 2 of the 20 rows at layer 0, 1 at layer 2; None (the default) all
+    m = make(input_norm, topk_scope=topk_scope, aux_budget=None if with_dead == "aux on every row" else 0.15)
     x, y = batch()
     if with_dead:  # layer 0 and 2 have dead features: the auxiliary loss is on
         m.inactive_batches[0, [1, 5, 9, 15]] = 10

@@ -99,7 +99,7 @@ def test_sparse_training_step_equals_the_dense_step_loss_and_every_gradient(
         top_k_aux=6,
         input_norm=input_norm,
         skip_connection=kind.startswith("skip"),
-        aux_budget=100 if with_dead == "aux on every row" else 0.15,  # 0.15: 2 of the 30 rows
+        aux_budget=None if with_dead == "aux on every row" else 0.15,  # 0.15: 2 of the 30 rows
     )
     with torch.no_grad():
         if m.W_skip is not None:
@@ -214,6 +214,7 @@ def test_aux_loss_reads_every_row_while_few_features_are_dead_and_a_bounded_shar
         cost = 5 * rows * n_dead / (B * F)  # its five products against one encoder matmul
         assert 0.1 < cost <= 0.15, (n_dead, rows)
     assert aux_row_step(8, 64, 64, 0.15) == 8, "at least one row, whatever the budget"
+    assert aux_row_step(B, F, F, None) == 1, "no budget (the default): every row"
 
 
 def test_aux_loss_on_every_row_is_the_mean_over_the_batch_and_on_fewer_rows_their_mean():
@@ -226,7 +227,7 @@ def test_aux_loss_on_every_row_is_the_mean_over_the_batch_and_on_fewer_rows_thei
         kept = torch.zeros_like(pre).scatter(0, pre.topk(5).indices, pre.topk(5).values)
         per_row.append((kept @ m.W_dec[dead].detach() + residual[r]).pow(2).mean())
     args = (x, m.W_encT, m.b_enc, m.W_dec, dead, residual, 5, 0.5)
-    exact = aux_loss(*args, budget=100, gradients=m._aux_gradients)
+    exact = aux_loss(*args, budget=None, gradients=m._aux_gradients)
     torch.testing.assert_close(exact.detach(), 0.5 * torch.stack(per_row).mean())
     sampled = aux_loss(*args, budget=0.15, gradients=m._aux_gradients)
     step = aux_row_step(40, 32, 64, 0.15)

@@ -75,7 +75,7 @@ class CLTShape:
     topk_scope: str = "layer"
     """``layer``: each layer's BatchTopK keeps ``top_k * B`` codes of its own; ``shared``: one
     BatchTopK over every layer's features keeps ``top_k * L * B`` (layers compete for the budget)."""
-    aux_budget: float = 0.15  # each layer's auxiliary loss, as a share of its encoder matmul
+    aux_budget: float | None = None  # each layer's auxiliary loss's cost bound (None: every row)
 
     def __post_init__(self):
         if not self.group_sizes or any(g <= 0 for g in self.group_sizes):
@@ -179,7 +179,7 @@ class MatryoshkaCLT(nn.Module):
         first_layer: int = 0,
         kind: str = "clt",
         topk_scope: str = "layer",
-        aux_budget: float = 0.15,
+        aux_budget: float | None = None,
         seed: int = 0,
     ):
         super().__init__()

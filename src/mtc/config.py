@@ -305,10 +305,10 @@ class DictionaryConfig:
     aux_penalty: Annotated[float, Between(0.0, 1e3, low_open=False)] = 1 / 32
     """Weight of the auxiliary loss that revives dead features."""
     top_k_aux: Count = 512
-    aux_budget: Annotated[float, Between(0.0, 1e3)] = 0.15
-    """The auxiliary loss's cost as a share of one encoder matmul: it reads as many evenly spaced
-    rows of the batch as keep its products within this (every row while few features are dead;
-    a larger value, e.g. 100, always reads them all)."""
+    aux_budget: Annotated[float, Between(0.0, 1e3)] | None = None
+    """null: the auxiliary loss reads every row of the batch (its cost grows with the dead count).
+    A number bounds its cost as a share of one encoder matmul (0.15: at most 0.15): it then reads
+    as many evenly spaced rows as that allows once many features are dead (docs/training.md)."""
     n_batches_to_dead: Count = 5
     """A feature that stays silent this many batches counts as dead for the auxiliary loss."""
     threshold_momentum: Annotated[float, Between(0.0, 1.0)] = 0.01

@@ -285,12 +285,12 @@ class _PrefixLoss(torch.autograd.Function):
         return grad_vals, grad_W, grad_initial, None, None, None, None, None
 
 
-def aux_row_step(n_rows: int, n_dead: int, dict_size: int, budget: float) -> int:
+def aux_row_step(n_rows: int, n_dead: int, dict_size: int, budget: float | None) -> int:
     """Every how many rows of a batch the auxiliary loss reads. Its five dense products over R rows
     and the ``n_dead`` columns cost ``5 R n_dead / (n_rows dict_size)`` of the encoder matmul; R is
     as many evenly spaced rows as keep that within ``budget``: every row while few features are
-    dead, about 3 % of them at budget 0.15 once the whole dictionary is."""
-    if n_dead == 0:
+    dead, about 3 % of them at budget 0.15 once the whole dictionary is. ``None``: every row."""
+    if n_dead == 0 or budget is None:
         return 1
     rows = max(1, math.floor(budget * n_rows * dict_size / (5 * n_dead)))
     return -(-n_rows // min(rows, n_rows))
@@ -369,17 +369,18 @@ def aux_loss(
     residual_BD: torch.Tensor,
     k_aux: int,
     penalty: float,
-    budget: float,
+    budget: float | None,
     gradients: AuxGradients,
 ) -> torch.Tensor:
     """The auxiliary loss that revives dead features: reconstruct what the live features miss
     (``-residual_BD``) with each token's top ``k_aux`` dead features (``dead``: their indices).
     Dense over the dead features alone, on evenly spaced rows of the batch (``aux_row_step``):
     batches come shuffled, so the mean over those rows estimates the mean over the batch, at a
-    cost bounded by ``budget`` (a share of one encoder matmul) whatever the dead count; exact when
-    the budget covers every row (``budget >= 5 n_dead / F``). Its gradients reach the parameters
-    through ``gradients`` (see ``_AuxLoss``). Shared by every dictionary kind (a cross-layer
-    transcoder calls it per layer). ``x_BD`` must not need a gradient."""
+    cost bounded by ``budget`` (a share of one encoder matmul) whatever the dead count; every row
+    when ``budget`` is None (the default) or covers them all (``budget >= 5 n_dead / F``). Its
+    gradients reach the parameters through ``gradients`` (see ``_AuxLoss``). Shared by every
+    dictionary kind (a cross-layer transcoder calls it per layer). ``x_BD`` must not need a
+    gradient."""
     if dead.numel() == 0 or penalty == 0:
         return residual_BD.new_zeros(())
     if x_BD.requires_grad:
@@ -422,8 +423,8 @@ class DictionaryShape:
     feature; ``topk``: the ``top_k`` largest per token; ``jumprelu``: a threshold per feature;
     ``relu``: every positive pre-activation. The last three are for dictionaries trained elsewhere
     (``mtc import``); only ``batchtopk`` trains."""
-    aux_budget: float = 0.15
-    """The auxiliary loss's cost as a share of one encoder matmul (``aux_row_step``)."""
+    aux_budget: float | None = None
+    """The auxiliary loss's cost as a share of one encoder matmul (``aux_row_step``; None: every row)."""
 
     def __post_init__(self):
         if not self.group_sizes or any(g <= 0 for g in self.group_sizes):
@@ -459,7 +460,7 @@ class MatryoshkaBatchTopK(nn.Module):
         input_norm: str = "token",
         skip_connection: bool = False,
         activation: str = "batchtopk",
-        aux_budget: float = 0.15,
+        aux_budget: float | None = None,
         seed: int = 0,
     ):
         super().__init__()
