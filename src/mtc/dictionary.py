@@ -304,7 +304,7 @@ class _AuxLoss(torch.autograd.Function):
     zero-filled copy of its whole parameter and add that to the gradient the main loss already
     produced (four full passes over two matrices, more than the products themselves). Instead the
     backward leaves them in ``AuxGradients``, which adds them in place into the accumulated
-    gradients (``index_add_``) once autograd has finished with each parameter."""
+    gradients once autograd has finished with each parameter."""
 
     @staticmethod
     def forward(ctx, W_encT, b_enc, W_dec, x, residual, dead, k_aux, penalty, pending):
