@@ -76,3 +76,21 @@ def test_a_large_vocabulary_is_read_in_tiles_of_8192_tokens_by_2048_rows():
     rows, tokens = Readout(Big()).tiles(3000)
     assert rows == [slice(0, 2048), slice(2048, 3000)]
     assert len(tokens) == 32 and tokens[-1] == slice(253_952, 262_144)
+
+
+def test_a_model_that_unembeds_flattened_rows_is_refused_in_one_line():
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = torch.nn.Linear(8, 16)
+
+        def get_output_embeddings(self):
+            return self.lm
+
+        def forward(self, h):
+            return self.lm(h.reshape(-1, 8))
+
+    model = Flat()
+    with pytest.raises(ModelError, match=r"Flat: its unembedding was not given the hidden state \[batch"):
+        with unembedding_reads(model):
+            model(torch.zeros(2, 3, 8))

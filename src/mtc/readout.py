@@ -65,8 +65,11 @@ def unembedding_reads(model: Any, positions: torch.Tensor | None = None) -> Iter
     seen: dict[str, Any] = {}
 
     def only_positions(module, args, kwargs):
-        if not args:
-            raise ModelError(f"{type(module).__name__}: the unembedding was not given the hidden state first")
+        if not args or args[0].dim() != 3:
+            raise ModelError(
+                f"{type(causal_lm(model)).__name__}: its unembedding was not given the hidden state "
+                "[batch, positions, d] first; mtc cannot read its logits in pieces"
+            )
         hidden = seen["hidden"] = args[0]
         B, T, d = hidden.shape
         where = positions if positions is not None else torch.arange(1, B + 1) * T - 1
