@@ -69,3 +69,32 @@ def copy_data(src: Path, dest: Path) -> Path:
     from mtc.store import READERS_DIR
 
     return Path(shutil.copytree(src, dest, symlinks=True, ignore=shutil.ignore_patterns(READERS_DIR)))
+
+
+class LargestLastDim:
+    """Context manager recording, for every tensor an operation makes whose last dimension is
+    ``size`` (a vocabulary: logits, or a transposed unembedding), the largest number of elements."""
+
+    def __init__(self, size: int):
+        self.size, self.largest = size, 0
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        watch = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == watch.size:
+                        watch.largest = max(watch.largest, t.numel())
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)

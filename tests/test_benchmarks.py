@@ -108,3 +108,15 @@ def test_bench_quality_quick_trains_evaluates_and_splices_both_recipes(stories_m
     assert rows["mtc", "sae"]["fvu_per_prefix"][-1] < 1, "20 steps already reconstruct some of the rows"
     spliced = rows["mtc", "transcoder"]
     assert spliced["ce_windows"] == 8 and spliced["ce_clean"] > 0 and "ce_recovered_vs_mean" in spliced
+
+
+def test_bench_stages_quick_measures_every_stage_beside_the_models_own_forward(stories_model_dir):
+    result = run("bench_stages.py", "--quick", "--model", stories_model_dir, "--layer", 2)
+    assert result["quick"] and result["layer"] == 2 and result["tokens"] == 4096
+    stages = result["stages"]
+    assert list(stages) == ["extract", "forward", "forward_no_logits", "train", "evaluate", "mine"]
+    assert stages["extract"]["tokens"] == stages["forward"]["tokens"] >= 4096, "every window extracted"
+    assert stages["forward_no_logits"]["peak_over_floor"] == 1, "the floor is the forward without logits"
+    for r in stages.values():
+        assert r["peak_GB"] > 0 and r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["peak_over_floor"] > 0
+    assert len(result["load_average"]["before"]) == 3

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtc import model_check, models
+from mtc import model_check, models, readout
 from mtc.config import ConfigError
 from mtc.models import Architecture, ModelError
 from tests.helpers import SMALL_DECODER as SMALL
+from tests.helpers import LargestLastDim
 
 
 def tiny(name: str):
@@ -52,12 +53,12 @@ def saved(name: str, tmp_path):
     return model_dir
 
 
-def check(model_dir, wanted, perturb=None):
+def check(model_dir, wanted, perturb=None, batch=2):
     from transformers import AutoConfig
 
     arch = Architecture.from_hf_config(AutoConfig.from_pretrained(model_dir))
     hf = models.load_hf_model(model_dir)
-    ids = torch.randint(3, 98, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 98, (batch, 16), generator=torch.Generator().manual_seed(0))
     if perturb is not None:  # a wrapper that gets the model wrong: edited after the reference ran
         real = model_check.load_bridge
 
@@ -117,3 +118,51 @@ def test_an_architecture_the_wrapper_cannot_run_is_one_line(tmp_path):
         ModelError, match="codegen: transformer_lens's TransformerBridge cannot run this model"
     ):
         check(saved("codegen", tmp_path), [(1, "resid_pre")])
+
+
+def test_the_reference_gives_the_forwards_own_logits_at_the_positions_asked_and_the_hidden_state_everywhere(
+    tmp_path,
+):
+    hf = models.load_hf_model(saved("llama", tmp_path))
+    ids = torch.randint(3, 98, (2, 16), generator=torch.Generator().manual_seed(0))
+    structure = model_check.Structure.of(hf, 3)
+    with torch.no_grad():
+        out = hf(ids, output_hidden_states=True)
+    for positions in (torch.arange(32), torch.tensor([0, 5, 17, 31])):
+        logits, hidden, sites = model_check.reference_sites(hf, structure, ids, [(1, "resid_pre")], positions)
+        torch.testing.assert_close(logits, out.logits.reshape(32, -1)[positions], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(hidden, out.hidden_states[-1], rtol=0, atol=0)
+        torch.testing.assert_close(sites[1, "resid_pre"], out.hidden_states[1], rtol=0, atol=0)
+
+
+def test_logits_fitting_the_budget_are_compared_at_every_position_else_spread_over_the_batch():
+    assert model_check.logit_positions(32, 512).tolist() == list(range(32))
+    assert model_check.logit_positions(2048, 262_144).tolist()[:3] == [0, 32, 65]
+    assert len(model_check.logit_positions(2048, 262_144)) == readout.LOGITS_BUDGET // 262_144 == 64
+    assert model_check.logit_positions(2048, 262_144)[-1] == 2047
+    assert model_check.logit_positions(32, 512, budget=4 * 512).tolist() == [0, 10, 21, 31]
+
+
+def test_with_few_positions_logits_compared_a_wrong_hidden_state_elsewhere_is_still_refused(
+    tmp_path, monkeypatch
+):
+    """The logits of four of the batch's 64 positions fit the budget (0, 21, 42, 63); the wrapper's
+    final norm is wrong at position 5 only, which none of those logits see: the hidden state,
+    compared everywhere, does. No tensor as large as the batch's logits is made."""
+    monkeypatch.setattr(readout, "LOGITS_BUDGET", 4 * 512)
+
+    def wrong_at_5(hf):
+        def hook(module, args, out):
+            out = out.clone()
+            out[0, 5] += 1
+            return out
+
+        hf.model.norm.register_forward_hook(hook)
+
+    model_dir = saved("llama", tmp_path)
+    with LargestLastDim(512) as watch:
+        errors = check(model_dir, [(1, "resid_pre")], batch=4)
+    assert max(errors.values()) < 1e-5, errors
+    assert watch.largest <= max(4 * 512, 512 * 32) < 4 * 16 * 512, "the unembedding [d, vocab], no logits"
+    with pytest.raises(ModelError, match=r"llama: transformer_lens's wrapper disagrees .* at final_hidden"):
+        check(model_dir, [(1, "resid_pre")], perturb=wrong_at_5, batch=4)

@@ -63,6 +63,23 @@ def test_parallel_attention_has_no_resid_mid_and_says_what_to_use(bridges):
     assert acts[(1, "mlp_out")].shape == acts[(1, "resid_post")].shape
 
 
+def test_the_bridge_keeps_the_tokenizer_mtc_loads_for_it(stories_model_dir, monkeypatch):
+    """Given a tokenizer that does not add BOS, the bridge would load a second one that does (for
+    Gemma 3's vocabulary 0.3 GB and 5 s): mtc hands it one that does."""
+    from transformer_lens.model_bridge.sources import transformers as source
+
+    kept, real = [], source.setup_tokenizer
+
+    def setup(tokenizer, **kwargs):
+        out = real(tokenizer, **kwargs)
+        kept.append(out is tokenizer)
+        return out
+
+    monkeypatch.setattr(source, "setup_tokenizer", setup)
+    bridge = models.load_bridge(stories_model_dir, hf_model=copy.deepcopy(HF["llama"]).eval())
+    assert kept == [True] and bridge.tokenizer.add_bos_token
+
+
 def test_layer_out_of_range_is_named():
     arch = models.Architecture.from_hf_config(HF["llama"].config)
     with pytest.raises(ConfigError, match="layer 3 is out of range; the model has layers 0..2"):

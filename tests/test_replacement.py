@@ -13,7 +13,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from mtc import pipeline
+from mtc import pipeline, readout
 from mtc.config import parse_params
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import ConfigError
@@ -30,6 +30,7 @@ from mtc.replacement import (
     set_replacement_metrics,
 )
 from tests.conftest import tiny_params
+from tests.helpers import LargestLastDim
 
 N_LAYERS = 5  # stories260K
 
@@ -135,6 +136,32 @@ def test_a_transcoder_set_gives_the_ce_kl_and_top1_of_replacing_every_mlp_by_han
     assert r["replacements"]["set"] == pytest.approx(expected, rel=1e-4)
     assert r["replacements"]["set"]["kl"] > 0.01, "random transcoders change the model"
     assert r["n_tokens"] == 8 * 62, "BOS position and last position are not scored"
+
+
+@pytest.mark.parametrize("vocab_tile", [8192, 100])
+def test_in_tiles_of_a_few_rows_and_tokens_the_metrics_are_the_whole_logits_ones(
+    model, vocab_tile, monkeypatch
+):
+    """Five rows of logits at a time (pieces that do not divide the batch's 248 rows), on the whole
+    vocabulary or 100 tokens at a time: the same CE, KL and top-1 as by hand from the batch's whole
+    logits, and no [B, T, vocab] tensor made."""
+    monkeypatch.setattr(readout, "VOCAB_TILE", vocab_tile)
+    bridge, _, windows, skip_bos = model
+    vocab, d = bridge.original_model.get_output_embeddings().weight.shape
+    transcoders = random_transcoders()
+    budget = 5 * min(vocab, vocab_tile)
+    with LargestLastDim(vocab) as watch:
+        r = replacement_metrics(
+            bridge,
+            windows,
+            {"set": SetReplacement(transcoders)},
+            batch_size=4,
+            skip_bos=skip_bos,
+            logits_budget=budget,
+        )
+    expected = hand_metrics(model, lambda layer, x, _: transcoders[layer](x.flatten(0, 1)).view_as(x))
+    assert r["replacements"]["set"] == pytest.approx(expected, rel=1e-4)
+    assert watch.largest <= max(vocab * d, 4 * vocab, budget) < 4 * 64 * vocab
 
 
 def test_a_prefix_of_the_transcoders_is_their_first_groups(model):

@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtc import pipeline
+from mtc import pipeline, readout
 from mtc.config import ConfigError
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.evaluate import heldout_windows
 from mtc.models import hook_name, load_bridge
-from mtc.spliced import Replacements, check_splice_order, splice_hooks, spliced_loss
+from mtc.spliced import Replacements, bos_masks, check_splice_order, splice_hooks, spliced_loss
+from tests.helpers import LargestLastDim
 
 LAYER = 2
 RESID_MID, MLP_OUT = (LAYER, "resid_mid"), (LAYER, "mlp_out")
@@ -26,7 +27,7 @@ def model(tiny_pipeline):
     return bridge, store, heldout_windows(store, 16), y.mean(dim=0)
 
 
-def splice(model, dictionary, source, target):
+def splice(model, dictionary, source, target, **kwargs):
     bridge, store, windows, mean = model
     return spliced_loss(
         bridge,
@@ -36,7 +37,37 @@ def splice(model, dictionary, source, target):
         target,
         batch_size=16,
         skip_bos=store.skip_bos,
+        **kwargs,
     )
+
+
+@torch.no_grad()
+def full_logits_loss(model, dictionary, source, target, batch_size=16):
+    """The spliced loss as mtc computed it before it read the logits in pieces: each forward pass's
+    whole [B, T, vocab] logits. Returns summed CE per replacement ("clean" too), summed KL, tokens."""
+    bridge, store, windows, mean = model
+    replacements = Replacements(dictionary, mean)
+    ce, kl, n = {}, {}, 0
+    for tokens in windows.split(batch_size):
+        keep_BT, scored_BT = bos_masks(tokens, store.skip_bos)
+        targets_N = tokens[:, 1:][scored_BT]
+        seen = {}
+
+        def capture(x, hook):
+            seen["source"] = x
+            return x
+
+        logits = bridge.run_with_hooks(tokens, fwd_hooks=[(hook_name(source[1], source[0]), capture)])
+        clean = torch.log_softmax(logits[:, :-1][scored_BT].float(), dim=-1)
+        ce["clean"] = ce.get("clean", 0.0) + float(-clean.gather(1, targets_N[:, None]).sum())
+        n += targets_N.numel()
+        for name, value in replacements.build(seen["source"], dictionary.shape.d_out).items():
+            logits = bridge.run_with_hooks(tokens, fwd_hooks=splice_hooks(target, value, keep_BT))
+            logp = torch.log_softmax(logits[:, :-1][scored_BT].float(), dim=-1)
+            c = float(-logp.gather(1, targets_N[:, None]).sum())
+            k = float((clean.exp() * (clean - logp)).sum())
+            ce[name], kl[name] = ce.get(name, 0.0) + c, kl.get(name, 0.0) + k
+    return ce, kl, n
 
 
 def identity_sae(d: int) -> MatryoshkaBatchTopK:
@@ -128,3 +159,30 @@ def test_a_target_before_its_source_cannot_be_spliced():
     with pytest.raises(ConfigError, match="resid_mid at layer 2 comes before the source mlp_out at layer 2"):
         check_splice_order(MLP_OUT, RESID_MID)
     check_splice_order(RESID_MID, (3, "resid_pre"))
+
+
+@pytest.mark.parametrize("vocab_tile", [8192, 100])
+def test_the_loss_from_hidden_states_in_tiles_is_the_loss_from_the_whole_logits(
+    model, vocab_tile, monkeypatch
+):
+    """Read seven rows of logits at a time (pieces that do not divide the batch's 992 rows), on the
+    whole vocabulary or 100 tokens at a time (the last tile 12), the spliced loss is what the batch's
+    whole logits gave, up to float rounding; no [B, T, vocab] tensor is ever made: the largest with
+    the vocabulary as last dimension is the unembedding's."""
+    monkeypatch.setattr(readout, "VOCAB_TILE", vocab_tile)
+    bridge, _, windows, _ = model
+    vocab, d = bridge.original_model.get_output_embeddings().weight.shape
+    tc = MatryoshkaBatchTopK(64, 64, [32, 32], top_k=4, seed=0)
+    budget = 7 * min(vocab, vocab_tile)
+    with LargestLastDim(vocab) as watch:
+        r = splice(model, tc, RESID_MID, MLP_OUT, logits_budget=budget)
+    ce, kl, n = full_logits_loss(model, tc, RESID_MID, MLP_OUT)
+    assert r["ce_n_tokens"] == n
+    got = [r["ce_clean"], r["ce_zero_ablation"], r["ce_mean_ablation"], *r["ce_spliced_per_prefix"]]
+    expected = [ce[k] / n for k in ("clean", "zero_ablation", "mean_ablation", "prefix_1", "prefix_2")]
+    assert got == pytest.approx(expected, rel=1e-6)
+    got = [r["kl_zero_ablation"], r["kl_mean_ablation"], *r["kl_per_prefix"]]
+    expected = [kl[k] / n for k in ("zero_ablation", "mean_ablation", "prefix_1", "prefix_2")]
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert r["kl_per_prefix"][0] > 1e-3, "the random transcoder changes the model"
+    assert watch.largest <= max(vocab * d, 16 * vocab, budget) < 16 * 64 * vocab

@@ -55,22 +55,6 @@ def ce_loss_recovered(clean: float, spliced: float, ablated: float) -> float:
     return (ablated - spliced) / (ablated - clean)
 
 
-def ce_and_kl_sums(
-    clean_logp_NV: torch.Tensor, logits_NV: torch.Tensor, targets_N: torch.Tensor
-) -> tuple[float, float]:
-    """Summed cross-entropy of ``logits_NV`` on ``targets_N`` and summed KL(clean || softmax(logits))
-    over N predictions; ``clean_logp_NV`` are the clean model's log-probabilities."""
-    logp = torch.log_softmax(logits_NV.float(), dim=-1)
-    ce = -logp.gather(1, targets_N[:, None]).sum()
-    kl = (clean_logp_NV.exp() * (clean_logp_NV - logp)).sum()
-    return float(ce), float(kl)
-
-
-def top1_agreements(clean_logp_NV: torch.Tensor, logits_NV: torch.Tensor) -> int:
-    """How many of N predictions have the clean model's most likely next token as their own."""
-    return int((logits_NV.argmax(dim=-1) == clean_logp_NV.argmax(dim=-1)).sum())
-
-
 # ----------------------------------------------------------------------------- feature statistics
 DENSE_FREQUENCY = 0.1
 """A feature firing on more than this share of tokens counts as dense."""

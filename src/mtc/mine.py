@@ -19,6 +19,7 @@ from mtc.config import DictionaryConfig, MineConfig, PipelineConfig
 from mtc.dictionary import MatryoshkaBatchTopK, load_finished_run
 from mtc.metrics import log10_frequency
 from mtc.models import resolve_device
+from mtc.readout import rows_per_piece
 from mtc.results import MINED_SAMPLES_DIR, atomic_write_bytes, atomic_write_json
 from mtc.samples import FEATURES_FILE, META_FILE, QUANTILE_FILE, SAMPLES_FILE, TopActivations, context_rows
 from mtc.store import ActivationStore
@@ -58,23 +59,47 @@ def quantile_bands(values_DR: torch.Tensor, n_bands: int) -> tuple[torch.Tensor,
     return order, band
 
 
+VOCAB_PIECE = 8192
+"""Tokens scored at a time by ``logit_effects``: pieces of [features, tokens] small enough for the
+matmul to reuse what it reads (one feature at a time against the whole vocabulary would read all of
+W_U per few features)."""
+
+
 @torch.no_grad()
 def logit_effects(
-    dictionary: MatryoshkaBatchTopK, unembedding: Any, k: int, chunk: int = 1024
+    dictionary: MatryoshkaBatchTopK, unembedding: Any, k: int, logits_budget: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """The ``k`` tokens each decoder direction promotes and suppresses most through the unembedding."""
+    """The ``k`` tokens each decoder direction promotes and suppresses most through the unembedding,
+    scored in pieces of ``VOCAB_PIECE`` tokens by as many features as ``logits_budget`` elements
+    allow (``mtc.readout.LOGITS_BUDGET``), keeping only the top ``k`` of what each piece adds."""
     W = (dictionary.W_dec / dictionary.target_scale).detach().float().cpu()
-    k = min(k, unembedding.W_U.shape[1])
-    parts: dict[str, list[torch.Tensor]] = {n: [] for n in ("promoted", "suppressed")}
-    for start in range(0, W.shape[0], chunk):
-        scores = unembedding.scores(W[start : start + chunk])  # [chunk, vocab]
-        parts["promoted"].append(scores.topk(k, dim=1))
-        parts["suppressed"].append(scores.topk(k, dim=1, largest=False))
-    out = {}
-    for name, results in parts.items():
-        out[f"{name}_scores"] = torch.cat([r.values for r in results])
-        out[f"{name}_ids"] = torch.cat([r.indices for r in results])
-    return out
+    vocab = unembedding.W_U.shape[1]
+    k, cols = min(k, vocab), min(vocab, VOCAB_PIECE)
+    rows = rows_per_piece(cols, logits_budget)
+    parts: dict[str, list[torch.Tensor]] = {
+        f"{n}_{w}": [] for n in ("promoted", "suppressed") for w in ("scores", "ids")
+    }
+    for start in range(0, W.shape[0], rows):
+        best: dict[bool, tuple[torch.Tensor, torch.Tensor] | None] = {True: None, False: None}
+        for first in range(0, vocab, cols):
+            scores = unembedding.scores(W[start : start + rows], slice(first, first + cols))
+            for largest in (True, False):
+                best[largest] = _top_k(best[largest], scores, first, k, largest)
+        for name, largest in (("promoted", True), ("suppressed", False)):
+            parts[f"{name}_scores"].append(best[largest][0])
+            parts[f"{name}_ids"].append(best[largest][1])
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _top_k(kept, scores_NC: torch.Tensor, first: int, k: int, largest: bool):
+    """(values, token ids) [N, k] of the top ``k`` of ``kept`` and the scores of tokens ``first`` ..."""
+    top = scores_NC.topk(min(k, scores_NC.shape[1]), dim=1, largest=largest)
+    values, ids = top.values, top.indices + first
+    if kept is not None:
+        values, ids = torch.cat([kept[0], values], dim=1), torch.cat([kept[1], ids], dim=1)
+        top = values.topk(k, dim=1, largest=largest)
+        values, ids = top.values, ids.gather(1, top.indices)
+    return values, ids
 
 
 @torch.no_grad()

@@ -5,7 +5,16 @@ of some architectures (and edits the Hugging Face module it wraps: Cohere's logi
 once it is built). So before any row is written, the first batch runs through the plain Hugging
 Face model with PyTorch hooks on its own modules, and the bridge's logits and requested sites must
 agree with it within the dtype's tolerance; otherwise extraction stops naming the model type, the
-site and the error. The same hooks decide from the model's structure whether attention and MLP
+site and the error.
+
+The batch's logits are not all kept (Gemma 3's 262,144-token vocabulary makes them 2 GiB for 16
+windows of 128 tokens, twice its weights, and the reference's must outlive the bridge's building):
+compared are the hidden state the unembedding reads at every position (``final_hidden``: everything
+before the unembedding, everywhere) and the logits, made by each forward's own code, at as many
+positions as ``mtc.readout.LOGITS_BUDGET`` holds (all of them for a vocabulary of up to 8,192 tokens
+and 16 x 128 positions; else spread evenly over the batch, first and last included): the unembedding
+and what follows it are the same function at every position, so a wrapper that gets them wrong shows
+there. The same hooks decide from the model's structure whether attention and MLP
 run in parallel (then there is no ``resid_mid``): the MLP's input is checked for any dependence on
 the attention's output.
 
@@ -26,6 +35,7 @@ from torch import nn
 
 from mtc.config import ConfigError
 from mtc.models import Architecture, ModelError, load_bridge, run_sites
+from mtc.readout import relative_error, rows_per_piece, unembedding_reads
 
 ATTENTION = ("self_attn", "attn", "attention", "self_attention")
 MLP = ("mlp", "feed_forward", "ffn", "fc1")  # the MLP, or its first matrix (OPT): what reads the stream
@@ -71,11 +81,28 @@ class Structure:
         )
 
 
+def logit_positions(n_positions: int, vocab: int, budget: int | None = None) -> torch.Tensor:
+    """The positions (of ``n_positions``, row-major over the batch) whose logits the check compares:
+    all whose logits fit in ``budget`` elements, else that many spread evenly, first and last included."""
+    n = min(n_positions, rows_per_piece(vocab, budget))
+    return torch.linspace(0, n_positions - 1, n).round().long().unique()
+
+
+def vocab_size(hf_model: nn.Module) -> int:
+    return int(hf_model.get_output_embeddings().weight.shape[0])
+
+
 @torch.no_grad()
 def reference_sites(
-    hf_model: nn.Module, structure: Structure, ids: torch.Tensor, wanted: list[tuple[int, str]]
-) -> tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor]]:
-    """(logits, the requested sites) of the plain Hugging Face forward on ``ids``."""
+    hf_model: nn.Module,
+    structure: Structure,
+    ids: torch.Tensor,
+    wanted: list[tuple[int, str]],
+    positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[tuple[int, str], torch.Tensor]]:
+    """(logits at ``positions`` [n, vocab], the hidden state the unembedding reads [B, T, d], the
+    requested sites) of the plain Hugging Face forward on ``ids``; ``positions`` index the B * T
+    positions row-major (default: all)."""
     captured: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
 
@@ -93,8 +120,11 @@ def reference_sites(
             handles.append(
                 structure.mlp_out[layer].register_forward_hook(keep((layer, "mlp_out")), with_kwargs=True)
             )
+    if positions is None:
+        positions = torch.arange(ids.numel())
     try:
-        logits = hf_model(ids).logits.float()
+        with unembedding_reads(hf_model, positions) as seen:
+            logits = hf_model(ids).logits[0].float()
     finally:
         for h in handles:
             h.remove()
@@ -107,7 +137,7 @@ def reference_sites(
             sites[(layer, site)] = captured[(layer, "resid_post")] - captured[(layer, "mlp_out")]
         elif (layer, site) in captured:
             sites[(layer, site)] = captured[(layer, site)]
-    return logits, sites
+    return logits, seen["hidden"], sites
 
 
 @torch.no_grad()
@@ -131,41 +161,25 @@ def parallel_attention(
         return (moved, *output[1:]) if isinstance(output, tuple) else moved
 
     try:
-        hf_model(ids)
-        nudge = attn.register_forward_hook(perturb)
-        try:
+        with unembedding_reads(hf_model):  # no logits but the last position's: only the MLP's input counts
             hf_model(ids)
-        finally:
-            nudge.remove()
+            nudge = attn.register_forward_hook(perturb)
+            try:
+                hf_model(ids)
+            finally:
+                nudge.remove()
     finally:
         grab.remove()
     return torch.equal(inputs[0], inputs[1])
 
 
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    got, expected = got.float(), expected.float()
-    return float(
-        torch.linalg.vector_norm(got - expected) / torch.linalg.vector_norm(expected).clamp_min(1e-12)
-    )
-
-
 def compare(
-    model_type: str,
-    dtype: str,
-    expected_logits: torch.Tensor,
-    expected_sites: dict,
-    got_logits: torch.Tensor,
-    got_sites: dict,
+    model_type: str, dtype: str, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
 ) -> dict[str, float]:
-    """Relative errors of the wrapper against the model; raises WrapperMismatch beyond tolerance."""
+    """Relative errors of the wrapper's tensors against the model's, by name (``logits``,
+    ``final_hidden``, ``L{layer}/{site}``); raises WrapperMismatch beyond tolerance."""
     tol = TOLERANCE[dtype]
-    errors = {"logits": relative_error(got_logits, expected_logits)}
-    errors.update(
-        {
-            f"L{layer}/{site}": relative_error(got_sites[(layer, site)], x)
-            for (layer, site), x in expected_sites.items()
-        }
-    )
+    errors = {what: relative_error(got[what], x) for what, x in expected.items()}
     for what, err in errors.items():
         if not err <= tol:  # also catches NaN
             raise WrapperMismatch(
@@ -186,7 +200,8 @@ def checked_bridge(
     device: torch.device,
 ):
     """The TransformerBridge over ``hf_model``, once its logits and ``wanted`` sites on ``ids`` (the
-    first batch) agree with the plain model's. Returns (bridge, relative errors)."""
+    first batch) agree with the plain model's. Returns (bridge, relative errors): ``logits`` is the
+    larger of the final hidden state's (every position) and the compared positions' logits'."""
     hf_model = hf_model.to(device).eval()
     structure = Structure.of(hf_model, arch.n_layers)
     mid_layers = sorted({layer for layer, site in wanted if site in ("resid_mid", "mlp_out")})
@@ -204,11 +219,14 @@ def checked_bridge(
             "attention's output: attention and MLP run in parallel); use resid_pre as the "
             "transcoder's source site, or resid_post"
         )
-    expected_logits, expected_sites = reference_sites(hf_model, structure, ids, wanted)
+    positions = logit_positions(ids.numel(), vocab_size(hf_model))
+    expected_logits, expected_hidden, expected_sites = reference_sites(
+        hf_model, structure, ids, wanted, positions
+    )
     try:
         bridge = load_bridge(model_dir, dtype, str(device), hf_model=hf_model)
-        with torch.no_grad():
-            got_logits = bridge(ids).float()
+        with torch.no_grad(), unembedding_reads(bridge, positions) as seen:
+            got_logits = bridge(ids)[0].float()
         got_sites = run_sites(bridge, ids, wanted)
     except Exception as e:  # the wrapper's own failure on an architecture it does not handle
         detail = " ".join(str(e).split())[:160]
@@ -216,4 +234,11 @@ def checked_bridge(
             f"{arch.model_type}: transformer_lens's TransformerBridge cannot run this model "
             f"({type(e).__name__}: {detail})"
         ) from None
-    return bridge, compare(arch.model_type, dtype, expected_logits, expected_sites, got_logits, got_sites)
+    expected = {"logits": expected_logits, "final_hidden": expected_hidden}
+    got = {"logits": got_logits, "final_hidden": seen.get("hidden")}
+    expected.update({f"L{layer}/{site}": x for (layer, site), x in expected_sites.items()})
+    got.update({f"L{layer}/{site}": x for (layer, site), x in got_sites.items()})
+    errors = compare(arch.model_type, dtype, expected, got)
+    # One figure for the logits, as before: the larger of the two halves of their check.
+    errors["logits"] = max(errors["logits"], errors.pop("final_hidden"))
+    return bridge, errors

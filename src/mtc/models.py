@@ -407,11 +407,21 @@ def read_architecture(model_dir: str | Path) -> Architecture:
     return Architecture.from_hf_config(config)
 
 
-def load_tokenizer(model_dir: str | Path):
+def load_tokenizer(model_dir: str | Path, **kwargs: Any):
     from transformers import AutoTokenizer
 
     with no_remote_code(model_dir):
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, **kwargs)
+
+
+def bridge_tokenizer(model_dir: str | Path):
+    """The tokenizer as TransformerBridge keeps it, adding BOS: given one that does not, it loads
+    the tokenizer again with ``add_bos_token=True``, and a second copy of a large vocabulary's
+    tokenizer is no small thing (Gemma 3's: 0.3 GB and 5 s)."""
+    try:
+        return load_tokenizer(model_dir, add_bos_token=True)
+    except ValueError:  # no BOS token to add (as the bridge's own loading falls back)
+        return load_tokenizer(model_dir)
 
 
 def load_hf_model(model_dir: str | Path, dtype: str = "float32"):
@@ -507,7 +517,7 @@ def load_bridge(model_dir: str | Path, dtype: str = "float32", device: str = "au
 
     torch_dtype = getattr(torch, dtype)
     dev = resolve_device(device)
-    tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
+    tokenizer = bridge_tokenizer(model_dir) if model_dir is not None else None
     if hf_model is None:
         hf_model = load_hf_model(model_dir, dtype)
     hf_model = hf_model.to(dev).eval()

@@ -23,9 +23,10 @@ from mtc.clt import MatryoshkaCLT
 from mtc.config import PipelineConfig
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import ConfigError
-from mtc.metrics import FVUAccumulator, ce_and_kl_sums, ce_loss_recovered, top1_agreements
+from mtc.metrics import FVUAccumulator, ce_loss_recovered
 from mtc.models import hook_name
-from mtc.spliced import bos_masks
+from mtc.readout import Readout
+from mtc.spliced import bos_masks, hidden_run, loss_sums
 
 ZERO, MEAN = "zero_ablation", "mean_ablation"
 """The names of the ablations that CE loss recovered is measured against."""
@@ -152,11 +153,14 @@ def replacement_metrics(
     *,
     batch_size: int,
     skip_bos: bool,
+    logits_budget: int | None = None,
 ) -> dict[str, Any]:
     """Clean CE, and per replacement: CE, KL(clean || replaced) and top-1 agreement per scored token
     on ``windows_ST`` (token ids), plus CE loss recovered against ``zero_ablation`` and
-    ``mean_ablation`` (when those are among ``replacements``) for every other replacement."""
+    ``mean_ablation`` (when those are among ``replacements``) for every other replacement. The logits
+    exist a few rows at a time (at most ``logits_budget`` elements; ``mtc.readout``)."""
     device = next(bridge.parameters()).device
+    readout = Readout(bridge)
     ce_clean, n_scored = 0.0, 0
     sums = {name: {"ce": 0.0, "kl": 0.0, "top1_agreement": 0} for name in replacements}
     with progress.bar("replacement model", total=windows_ST.shape[0], unit="windows") as advance:
@@ -164,18 +168,20 @@ def replacement_metrics(
             tokens = tokens.to(device).long()
             keep_BT, scored_BT = bos_masks(tokens, skip_bos)
             targets_N = tokens[:, 1:][scored_BT]
-            clean_logp_NV = torch.log_softmax(bridge(tokens)[:, :-1][scored_BT].float(), dim=-1)
-            ce_clean += float(-clean_logp_NV.gather(1, targets_N[:, None]).sum())
-            n_scored += targets_N.numel()
+            clean_ND = hidden_run(bridge, tokens, readout)[:, :-1][scored_BT]
+            replaced = {}
             for name, r in replacements.items():
                 r.start()
                 hooks = replacement_hooks(r, keep_BT)
-                logits_NV = bridge.run_with_hooks(tokens, fwd_hooks=hooks)[:, :-1][scored_BT]
-                ce, kl = ce_and_kl_sums(clean_logp_NV, logits_NV, targets_N)
-                sums[name]["ce"] += ce
-                sums[name]["kl"] += kl
-                sums[name]["top1_agreement"] += top1_agreements(clean_logp_NV, logits_NV)
-                del logits_NV  # before the next pass makes its own
+                replaced[name] = hidden_run(bridge, tokens, readout, hooks)[:, :-1][scored_BT]
+            clean, batch = loss_sums(
+                readout, clean_ND, replaced, targets_N, top1=True, logits_budget=logits_budget
+            )
+            ce_clean += clean
+            for name, s in batch.items():
+                for key, value in s.items():
+                    sums[name][key] += value
+            n_scored += targets_N.numel()
             advance(tokens.shape[0])
     ce_clean /= n_scored
     per = {name: {k: v / n_scored for k, v in s.items()} for name, s in sums.items()}

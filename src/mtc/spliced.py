@@ -8,6 +8,10 @@ replaces its target (``mlp_out``: the MLP's output); an SAE's reconstruction rep
 With ``prepend_bos`` the BOS position is neither spliced (dictionaries are never trained on BOS
 rows) nor scored: the loss covers the predictions made at positions 1 .. T-2.
 
+No pass keeps its [B, T, vocab] logits: each keeps the hidden state the unembedding reads, and the
+losses come from it in pieces of a few rows (``mtc.readout``), so memory follows the batch's
+activations and not the vocabulary (Gemma 3's 262,144 tokens).
+
 TransformerBridge (transformer_lens 3.9) cannot start a forward pass at a layer
 (``start_at_layer`` raises NotImplementedError), so every spliced pass runs the whole model; on
 SmolLM2-135M layers 0-8 are about a quarter of its cost.
@@ -15,6 +19,7 @@ SmolLM2-135M layers 0-8 are about a quarter of its cost.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -22,8 +27,9 @@ import torch
 from mtc import progress
 from mtc.config import SITES, ConfigError
 from mtc.dictionary import MatryoshkaBatchTopK
-from mtc.metrics import ce_and_kl_sums, ce_loss_recovered
+from mtc.metrics import ce_loss_recovered
 from mtc.models import hook_name
+from mtc.readout import Readout, final_hidden
 
 # Order of the sites within a layer: a site can only be spliced from sources computed before it.
 SITE_ORDER = {site: i for i, site in enumerate(SITES)}
@@ -104,18 +110,101 @@ def bos_masks(tokens_BT: torch.Tensor, skip_bos: bool) -> tuple[torch.Tensor, to
     return keep_BT, scored_BT
 
 
+def hidden_run(bridge: Any, tokens_BT: torch.Tensor, readout: Readout, fwd_hooks: list | None = None):
+    """The hidden state the unembedding reads [B, T, d] of one forward pass with ``fwd_hooks``; the
+    pass unembeds only each row's last position, which ``readout`` must reproduce."""
+    hidden_BTD, last_logits_BV = final_hidden(bridge, tokens_BT, fwd_hooks)
+    readout.check(hidden_BTD[:, -1], last_logits_BV)
+    return hidden_BTD
+
+
 def clean_run(
-    bridge: Any, tokens_BT: torch.Tensor, source: tuple[int, str]
+    bridge: Any, tokens_BT: torch.Tensor, source: tuple[int, str], readout: Readout
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clean logits [B, T, V] and the source activation [B, T, d] of the same forward pass."""
+    """The clean hidden state the unembedding reads [B, T, d] and the source activation [B, T, d]
+    of the same forward pass."""
     captured: dict[str, torch.Tensor] = {}
 
     def capture(x: torch.Tensor, hook: Any) -> torch.Tensor:
         captured["source"] = x.detach()
         return x
 
-    logits = bridge.run_with_hooks(tokens_BT, fwd_hooks=[(hook_name(source[1], source[0]), capture)])
-    return logits, captured["source"]
+    hidden = hidden_run(bridge, tokens_BT, readout, [(hook_name(source[1], source[0]), capture)])
+    return hidden, captured["source"]
+
+
+class RunningSoftmax:
+    """Per row, over the vocabulary a tile of logits at a time: the largest logit so far and its
+    token (the first, on ties, as ``argmax``), the sum of exp(logit - largest) and the target's logit."""
+
+    def __init__(self, targets_N: torch.Tensor):
+        n = targets_N.numel()
+        self.targets = targets_N
+        self.max = torch.full((n,), -math.inf, device=targets_N.device)
+        self.argmax = torch.zeros(n, dtype=torch.long, device=targets_N.device)
+        self.sum = torch.zeros(n, dtype=torch.float64, device=targets_N.device)
+        self.target = torch.zeros(n, dtype=torch.float64, device=targets_N.device)
+
+    def add(self, logits_NC: torch.Tensor, tokens: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take in the logits of ``tokens``; returns (the factor [N] that rescales sums made relative
+        to the former largest logit, exp(logits - largest) [N, C])."""
+        tile_max, tile_argmax = logits_NC.max(dim=1)
+        new_max = torch.maximum(self.max, tile_max)
+        self.argmax = torch.where(tile_max > self.max, tile_argmax + tokens.start, self.argmax)
+        rescale = torch.exp(self.max - new_max).double()  # 0 on the first tile
+        weights = torch.exp(logits_NC - new_max[:, None])
+        self.sum = self.sum * rescale + weights.sum(dim=1).double()
+        self.max = new_max
+        inside = torch.nonzero((self.targets >= tokens.start) & (self.targets < tokens.stop)).flatten()
+        self.target[inside] = logits_NC[inside, self.targets[inside] - tokens.start].double()
+        return rescale, weights
+
+    def logsumexp(self) -> torch.Tensor:
+        return self.max.double() + self.sum.log()
+
+
+def loss_sums(
+    readout: Readout,
+    clean_ND: torch.Tensor,
+    replaced: dict[str, torch.Tensor],
+    targets_N: torch.Tensor,
+    *,
+    top1: bool = False,
+    logits_budget: int | None = None,
+) -> tuple[float, dict[str, dict[str, float]]]:
+    """From the hidden states [N, d] of N scored predictions (clean, and per replacement): the
+    summed clean CE, and per replacement the summed CE and KL(clean || replaced) (and, with
+    ``top1``, how many predictions keep the clean model's most likely token).
+
+    The logits exist one [rows, tokens] tile at a time (``Readout.tiles``, at most ``logits_budget``
+    elements), the softmax's normaliser accumulated over the tiles (``RunningSoftmax``):
+    KL = sum_v p(v) (z(v) - z'(v)) - logsumexp z + logsumexp z' for clean logits z, replaced z'."""
+    ce_clean = 0.0
+    sums = {name: {"ce": 0.0, "kl": 0.0} | ({"top1_agreement": 0} if top1 else {}) for name in replaced}
+    row_pieces, token_tiles = readout.tiles(targets_N.numel(), logits_budget)
+    for rows in row_pieces:
+        clean = RunningSoftmax(targets_N[rows])
+        running = {name: RunningSoftmax(targets_N[rows]) for name in replaced}
+        cross = dict.fromkeys(replaced, 0.0)  # per row: sum_v exp(z(v) - max z) (z(v) - z'(v))
+        for tokens in token_tiles:
+            clean_NC = readout(clean_ND[rows], tokens).float()
+            rescale, weights_NC = clean.add(clean_NC, tokens)
+            for name, hidden_ND in replaced.items():
+                logits_NC = readout(hidden_ND[rows], tokens).float()
+                running[name].add(logits_NC, tokens)
+                cross[name] = (
+                    cross[name] * rescale + (weights_NC * (clean_NC - logits_NC)).sum(dim=1).double()
+                )
+                del logits_NC
+        clean_lse = clean.logsumexp()
+        ce_clean += float((clean_lse - clean.target).sum())
+        for name, r in running.items():
+            lse = r.logsumexp()
+            sums[name]["ce"] += float((lse - r.target).sum())
+            sums[name]["kl"] += float((cross[name] / clean.sum - clean_lse + lse).sum())
+            if top1:
+                sums[name]["top1_agreement"] += int((r.argmax == clean.argmax).sum())
+    return ce_clean, sums
 
 
 @torch.no_grad()
@@ -128,10 +217,13 @@ def spliced_loss(
     *,
     batch_size: int,
     skip_bos: bool,
+    logits_budget: int | None = None,
 ) -> dict[str, Any]:
-    """Clean, ablated and spliced next-token CE and KL(clean || spliced) on ``windows_ST`` (token ids)."""
+    """Clean, ablated and spliced next-token CE and KL(clean || spliced) on ``windows_ST`` (token ids).
+    The logits exist a few rows at a time (at most ``logits_budget`` elements; ``mtc.readout``)."""
     check_splice_order(source, target)
     device = next(bridge.parameters()).device
+    readout = Readout(bridge)
     d_out = replacements.dictionary.shape.d_out
     names = replacements.names()
     ce = dict.fromkeys(["clean"] + names, 0.0)
@@ -143,15 +235,20 @@ def spliced_loss(
             B = tokens.shape[0]
             keep_BT, scored_BT = bos_masks(tokens, skip_bos)
             targets_N = tokens[:, 1:][scored_BT]
-            logits, source_BTD = clean_run(bridge, tokens, source)
-            clean_logp_NV = torch.log_softmax(logits[:, :-1][scored_BT].float(), dim=-1)
-            ce["clean"] += float(-clean_logp_NV.gather(1, targets_N[:, None]).sum())
+            hidden, source_BTD = clean_run(bridge, tokens, source, readout)
+            clean_ND = hidden[:, :-1][scored_BT]
+            replaced = {
+                name: hidden_run(bridge, tokens, readout, splice_hooks(target, value, keep_BT))[:, :-1][
+                    scored_BT
+                ]
+                for name, value in replacements.build(source_BTD, d_out).items()
+            }
+            clean, sums = loss_sums(readout, clean_ND, replaced, targets_N, logits_budget=logits_budget)
+            ce["clean"] += clean
+            for name, s in sums.items():
+                ce[name] += s["ce"]
+                kl[name] += s["kl"]
             n_scored += targets_N.numel()
-            for name, value in replacements.build(source_BTD, d_out).items():
-                logits = bridge.run_with_hooks(tokens, fwd_hooks=splice_hooks(target, value, keep_BT))
-                c, k = ce_and_kl_sums(clean_logp_NV, logits[:, :-1][scored_BT], targets_N)
-                ce[name] += c
-                kl[name] += k
             advance(B)
     ce = {k: v / n_scored for k, v in ce.items()}
     kl = {k: v / n_scored for k, v in kl.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,11 +43,12 @@ class Unembedding:
             "the logits up to the norm's positive 1/scale, ignoring all later layers"
         )
 
-    def scores(self, directions_ND: torch.Tensor) -> torch.Tensor:
-        """Direct logit effect [N, vocab] of residual-stream directions [N, d] (up to a positive scale)."""
+    def scores(self, directions_ND: torch.Tensor, tokens: slice = slice(None)) -> torch.Tensor:
+        """Direct logit effect [N, vocab] of residual-stream directions [N, d] (up to a positive scale),
+        on the vocabulary's ``tokens`` (all by default)."""
         if self.centre:
             directions_ND = directions_ND - directions_ND.mean(dim=-1, keepdim=True)
-        return directions_ND.float() @ self.W_U
+        return directions_ND.float() @ self.W_U[:, tokens]
 
 
 def _read_tensors(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
@@ -59,6 +61,33 @@ def _read_tensors(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
             for name in set(names) & set(f.keys()):
                 found[name] = f.get_tensor(name).float()
     return found
+
+
+READ_ROWS = 16384
+"""Rows of the [vocab, d] unembedding read at a time (40 MiB at d = 640)."""
+
+
+def _read_unembedding(model_dir: Path, names: list[str], gain: torch.Tensor | None) -> torch.Tensor | None:
+    """``diag(gain) @ W.T`` [d, vocab] for the first of ``names`` [vocab, d] in the model's safetensors
+    (None when none is there), read ``READ_ROWS`` rows at a time into its place: the matrix is held
+    once, never beside its transpose."""
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            where.update({name: path for name in set(names) & set(f.keys()) if name not in where})
+    name = next((n for n in names if n in where), None)
+    if name is None:
+        return None
+    with safe_open(str(where[name]), framework="pt") as f:
+        rows = f.get_slice(name)
+        vocab, d = rows.get_shape()
+        W_U = torch.empty(d, vocab)
+        for start in range(0, vocab, READ_ROWS):
+            block_T = rows[start : start + READ_ROWS].float().T
+            W_U[:, start : start + READ_ROWS] = block_T if gain is None else gain[:, None] * block_T
+    return W_U
 
 
 def load_unembedding(model_dir: str | Path) -> Unembedding:
@@ -88,10 +117,9 @@ def load_unembedding(model_dir: str | Path) -> Unembedding:
     ]
     norm_name, norm = norms[-1] if norms else (None, None)
     norm_weight = f"{norm_name}.weight"
-    tensors = _read_tensors(model_dir, unembed_names + [norm_weight])
-    W_VD = next((tensors[n] for n in unembed_names if n in tensors), None)
-    g = tensors.get(norm_weight)
-    if W_VD is None or (norm is not None and getattr(norm, "weight", None) is not None and g is None):
+    g = _read_tensors(model_dir, [norm_weight]).get(norm_weight)
+    W_U = _read_unembedding(model_dir, unembed_names, None if g is None else _gain(norm, g))
+    if W_U is None or (norm is not None and getattr(norm, "weight", None) is not None and g is None):
         # Saved under other names (transformers renames some on save, e.g. GPT-NeoX's embed_out):
         # load the model itself, on the CPU, once.
         with warnings.catch_warnings():
@@ -99,17 +127,21 @@ def load_unembedding(model_dir: str | Path) -> Unembedding:
             model = AutoModelForCausalLM.from_pretrained(
                 str(model_dir), dtype=torch.float32, use_safetensors=True, trust_remote_code=False
             )
-        W_VD = model.get_output_embeddings().weight.detach()
         norm = model.get_submodule(norm_name) if norm_name else None
         g = norm.weight.detach() if norm is not None and getattr(norm, "weight", None) is not None else None
-    W_U = W_VD.float().T.contiguous()  # [d, vocab]
-    if g is not None:
-        # Gemma's RMSNorm multiplies by (1 + weight); the others by weight.
-        g = 1 + g.float() if type(norm).__name__.startswith("Gemma") else g.float()
-        W_U = g[:, None] * W_U
+        W_U = model.get_output_embeddings().weight.detach().float().T.contiguous()  # [d, vocab]
+        del model
+        if g is not None:
+            W_U.mul_(_gain(norm, g)[:, None])
     centre = (
         norm is not None
         and "layernorm" in type(norm).__name__.lower()
         and "rms" not in type(norm).__name__.lower()
     )
     return Unembedding(W_U, centre, norm_name)
+
+
+def _gain(norm: Any, g: torch.Tensor) -> torch.Tensor:
+    """The final norm's per-dimension factor: Gemma's RMSNorm multiplies by (1 + weight); the others by
+    weight."""
+    return 1 + g.float() if type(norm).__name__.startswith("Gemma") else g.float()
