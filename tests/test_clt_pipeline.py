@@ -17,6 +17,7 @@ from mtc.evaluate import heldout_windows
 from mtc.models import load_bridge
 from mtc.replacement import CLTReplacement, replacement_metrics
 from tests.conftest import tiny_params
+from tests.test_damaged_runs import mtc, one_line  # noqa: F401
 from tests.test_replacement import hand_metrics
 
 LAYERS = [0, 1, 2, 3, 4]  # every layer of stories260K
@@ -166,3 +167,37 @@ def test_the_example_params_file_parses(stories_model_dir):
     raw = yaml.safe_load((Path(__file__).parents[1] / "examples" / "smollm2-clt.params.yaml").read_text())
     cfg = parse_params(raw)
     assert cfg.dictionary("clt").layers == list(range(30))
+
+
+def test_mtc_finetune_writes_the_kl_fine_tuned_clt_beside_its_metrics_before_and_after(
+    clt_pipeline, tmp_path, monkeypatch, mtc  # noqa: F811
+):
+    from typer.testing import CliRunner
+
+    from mtc.cli import app
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(clt_params(str(clt_pipeline.model.name))))
+    (tmp_path / "data").symlink_to(clt_pipeline.data_root)
+    (tmp_path / "results").symlink_to(clt_pipeline.results_root)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["finetune", "c", "--out", "ft", "--steps", "3", "--lr", "1e-3"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "ft/finetune.json").read_text())
+    assert summary["settings"]["steps"] == 3 and summary["before"]["kl"] > 0 and summary["after"]["kl"] > 0
+    assert summary["before"] != summary["after"]
+    assert len((tmp_path / "ft/finetune_log.jsonl").read_text().splitlines()) == 3
+    assert json.loads((tmp_path / "ft/replacement.json").read_text())["kl"] == summary["after"]["kl"]
+    tuned, trained = MatryoshkaCLT.load(tmp_path / "ft"), MatryoshkaCLT.load(run_dir(clt_pipeline))
+    assert not torch.equal(tuned.W_dec[0], trained.W_dec[0]), "the weights moved"
+    torch.testing.assert_close(tuned.threshold, trained.threshold, msg="thresholds stay")
+    assert json.loads((tmp_path / "ft/config.json").read_text())["kl_finetune"]["lr"] == 1e-3
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/notes.txt").write_text("mine")
+    for args, message in (
+        (["finetune", "c", "--out", "other"], "other: a directory holding other files"),
+        (["finetune", "c", "--out", "x", "--steps", "0"], "--steps: got 0"),
+        (["finetune", "nope", "--out", "x"], "clt.nope: no such entry"),
+    ):
+        one_line(mtc(tmp_path, *args), message)
+    assert (tmp_path / "other/notes.txt").read_text() == "mine" and not (tmp_path / "x").exists()

@@ -85,7 +85,6 @@ def random_transcoders() -> dict[int, MatryoshkaBatchTopK]:
     }
 
 
-@torch.no_grad()
 def by_hand(hf, tokens_BT, mlp_out, skip_bos):
     """Logits [B, T, V] of the HF model with every MLP's output replaced by ``mlp_out(layer,
     resid_mid, own_output)`` (BOS keeps the MLP's own output with ``skip_bos``), and each layer's
@@ -119,7 +118,8 @@ def hand_metrics(model, mlp_out):
     first = 1 if skip_bos else 0  # position t predicts token t+1; BOS's prediction is not scored
     with torch.no_grad():
         clean = torch.log_softmax(hf(windows).logits[:, first:-1], dim=-1).flatten(0, 1)
-    logits, _ = by_hand(hf, windows, mlp_out, skip_bos)
+    with torch.no_grad():
+        logits, _ = by_hand(hf, windows, mlp_out, skip_bos)
     replaced = torch.log_softmax(logits[:, first:-1], dim=-1).flatten(0, 1)
     targets = windows[:, first + 1 :].flatten()
     return {
@@ -194,8 +194,9 @@ def test_each_layer_reads_the_resid_mid_of_the_replaced_model_not_the_clean_one(
     recording = Recording(ZeroAblation(list(range(N_LAYERS))))
     replacement_metrics(bridge, windows[:2], {ZERO: recording}, batch_size=2, skip_bos=skip_bos)
     assert recording.calls == ["start", *range(N_LAYERS)], "start, then every layer once, in order"
-    _, replaced = by_hand(hf, windows[:2], lambda layer, x, _: torch.zeros_like(x), skip_bos)
-    _, clean = by_hand(hf, windows[:2], lambda layer, x, own: own, skip_bos)
+    with torch.no_grad():
+        _, replaced = by_hand(hf, windows[:2], lambda layer, x, _: torch.zeros_like(x), skip_bos)
+        _, clean = by_hand(hf, windows[:2], lambda layer, x, own: own, skip_bos)
     for layer in range(N_LAYERS):
         torch.testing.assert_close(recording.seen[layer], replaced[layer], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(recording.seen[2], clean[2], atol=1e-3), "earlier MLPs' outputs are replaced"

@@ -98,6 +98,35 @@ def replacement_set(params: Path = ParamsOption) -> None:
 
 
 @app.command()
+def finetune(
+    clt_name: Optional[str] = typer.Argument(
+        None, help="A clt entry of params.yaml (default: the transcoder set)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Where the fine-tuned dictionaries and their metrics go."),
+    steps: int = typer.Option(200, help="Optimizer steps."),
+    lr: float = typer.Option(1e-4, help="Adam's learning rate."),
+    windows_per_step: int = typer.Option(4, help="Training windows per step."),
+    mse_coefficient: float = typer.Option(1.0, help="Weight of the layers' mean FVU beside the KL."),
+    params: Path = ParamsOption,
+) -> None:
+    """KL fine-tuning: train the transcoder set (or CLT CLT_NAME) further through the model with every
+    MLP replaced at once, so that the replaced model predicts what the model predicts; measures the
+    replacement model before and after (OUT/finetune.json, OUT/replacement.json)."""
+    from mtc.finetune import FinetuneSettings, finetune_replacement
+    from mtc.results import read_json
+
+    settings = FinetuneSettings(steps, lr, windows_per_step, mse_coefficient)
+    cfg = _load(params)
+    written = finetune_replacement(cfg, pipeline.open_store(cfg), clt_name, settings, out)
+    summary = read_json(written)
+    for when in ("before", "after"):
+        typer.echo(
+            f"{when:>6}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary[when].items() if v is not None)
+        )
+    typer.echo(f"wrote {written.parent}")
+
+
+@app.command()
 def mine(name: str, params: Path = ParamsOption) -> None:
     """Top and quantile contexts, histograms and logit effects of every feature of dictionary NAME
     (a params entry or a run directory)."""

@@ -72,19 +72,21 @@ class CLTReplacement:
 
     def __init__(self, clt: MatryoshkaCLT, n_groups: int | None = None):
         self.clt, self.layers, self.n_groups = clt, clt.layers, n_groups
-        self._out: torch.Tensor | None = None
+        self._decoded: list[torch.Tensor] = []
 
     def start(self) -> None:
-        self._out = None
+        self._decoded = []
 
     def mlp_out(self, layer: int, resid_mid_BTD: torch.Tensor) -> torch.Tensor:
         B, T, d = resid_mid_BTD.shape
         i = layer - self.layers[0]
-        if i == 0:
-            self._out = self.clt.output_bias().expand(B * T, -1, -1).clone()
         codes = self.clt.encode(i, resid_mid_BTD.reshape(B * T, d).float())
-        self._out[:, i:] += self.clt.decode(i, codes, self.n_groups)
-        return self._out[:, i].reshape(B, T, d)
+        self._decoded.append(self.clt.decode(i, codes, self.n_groups))  # [B * T, L - i, d]
+        # Out of place (KL fine-tuning differentiates through it), bias first, then sources in order.
+        out = self.clt.output_bias()[i].expand(B * T, -1)
+        for source, decoded in enumerate(self._decoded):
+            out = out + decoded[:, i - source]
+        return out.reshape(B, T, d)
 
 
 class ZeroAblation:
@@ -114,9 +116,15 @@ class MeanAblation:
         return self.means[layer].to(resid_mid_BTD).expand_as(resid_mid_BTD)
 
 
-def replacement_hooks(r: LayerReplacement, keep_BT: torch.Tensor) -> list[tuple[str, Any]]:
+def replacement_hooks(
+    r: LayerReplacement,
+    keep_BT: torch.Tensor,
+    record: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> list[tuple[str, Any]]:
     """Forward hooks that replace mlp_out at every layer of ``r`` by ``r.mlp_out`` of the resid_mid
     seen in the same pass; positions where ``keep_BT`` is True keep the model's own output.
+    ``record``, if given, is called at every layer with (the replacement's output, the model's own
+    MLP output at the same input), both [B, T, d].
 
     TransformerBridge's ``hook_resid_mid`` is the MLP norm's input: the residual stream after
     attention, holding the replaced MLP outputs of the layers before."""
@@ -132,6 +140,8 @@ def replacement_hooks(r: LayerReplacement, keep_BT: torch.Tensor) -> list[tuple[
     def replace(layer: int):
         def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
             new = r.mlp_out(layer, resid_mid.pop(layer)).to(x.dtype)
+            if record is not None:
+                record(new, x)
             return torch.where(keep_BT[..., None], x, new)
 
         return hook
@@ -270,10 +280,9 @@ def _measure(
     }
 
 
-def set_replacement_metrics(cfg: PipelineConfig, store: Any) -> dict[str, Any]:
-    """The replacement model of ``cfg.transcoder_set``: every layer's finished transcoder in place
-    of its MLP at once, at every Matryoshka prefix (``prefix_g``: each transcoder's first g groups),
-    against ablating the same MLPs; on ``evaluate.n_ce_sequences`` held-out windows (32 when 0)."""
+def set_dictionaries(cfg: PipelineConfig) -> dict[int, MatryoshkaBatchTopK]:
+    """Every layer's finished transcoder of ``cfg.transcoder_set`` (one line if the set is empty,
+    a member is not a resid_mid -> mlp_out transcoder of its layer, or is not trained)."""
     from mtc.dictionary import load_finished_run
     from mtc.results import run_dir_of
 
@@ -289,12 +298,24 @@ def set_replacement_metrics(cfg: PipelineConfig, store: Any) -> dict[str, Any]:
                 f"of one layer; layer {layer}'s reads {d.source_site} and writes {d.target_site} at layer "
                 f"{d.resolved_target_layer}"
             )
-    dictionaries = {
+    return {
         layer: load_finished_run(run_dir_of(cfg.dictionary(the_set.member(layer)), cfg.results_root))[
             1
         ].eval()
         for layer in layers
     }
+
+
+def set_replacement_metrics(
+    cfg: PipelineConfig, store: Any, dictionaries: dict[int, MatryoshkaBatchTopK] | None = None
+) -> dict[str, Any]:
+    """The replacement model of ``cfg.transcoder_set`` (or of ``dictionaries``, one transcoder per
+    layer): every layer's transcoder in place of its MLP at once, at every Matryoshka prefix
+    (``prefix_g``: each transcoder's first g groups), against ablating the same MLPs; on
+    ``evaluate.n_ce_sequences`` held-out windows (32 when 0)."""
+    if dictionaries is None:
+        dictionaries = set_dictionaries(cfg)
+    layers = sorted(dictionaries)
     n_groups = {len(d.group_sizes) for d in dictionaries.values()}
     if len(n_groups) != 1:
         raise ConfigError(
@@ -310,7 +331,8 @@ def set_replacement_metrics(cfg: PipelineConfig, store: Any) -> dict[str, Any]:
         on_device = {layer: d.to(device) for layer, d in dictionaries.items()}
         return {f"prefix_{g}": SetReplacement(on_device, g) for g in range(1, G + 1)}
 
-    return {"set": the_set.name, **_measure(cfg, store, layers, reconstruct, prefixes)}
+    name = cfg.transcoder_set.name if cfg.transcoder_set else "set"
+    return {"set": name, **_measure(cfg, store, layers, reconstruct, prefixes)}
 
 
 def clt_replacement_metrics(cfg: PipelineConfig, store: Any, clt: MatryoshkaCLT) -> dict[str, Any]:
