@@ -170,7 +170,10 @@ def test_the_example_params_file_parses(stories_model_dir):
 
 
 def test_mtc_finetune_writes_the_kl_fine_tuned_clt_beside_its_metrics_before_and_after(
-    clt_pipeline, tmp_path, monkeypatch, mtc  # noqa: F811
+    clt_pipeline,
+    tmp_path,
+    monkeypatch,
+    mtc,  # noqa: F811
 ):
     from typer.testing import CliRunner
 
