@@ -226,6 +226,44 @@ def test_a_prompt_or_slug_that_looks_like_an_option_reaches_the_graph_helper_as_
     assert seen == {"prompt": prompt, "out": out, "slug": slug} and summary == {"prompt": prompt}
 
 
+def _graph_helper():
+    """external/circuit_tracer_graph.py as a module of this process (it imports no circuit-tracer
+    at the top)."""
+    import importlib.util
+
+    from mtc import circuit_tracer
+
+    spec = importlib.util.spec_from_file_location("circuit_tracer_graph", circuit_tracer.GRAPH_SCRIPT)
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    return helper
+
+
+def test_the_model_copy_for_circuit_tracer_names_the_rope_settings_as_transformers_4_57_reads_them():
+    """transformers 5's ``rope_parameters`` (SmolLM2's base 100,000; Gemma 3's per layer type) in
+    4.57's keys, which would otherwise take its defaults (10,000 for Llama) without a word."""
+    rope = _graph_helper().rope_config_for_4_57
+    llama = {"model_type": "llama", "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    assert rope(llama) == {"model_type": "llama", "rope_theta": 100000.0}
+    gemma3 = {
+        "rope_parameters": {
+            "full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+            "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"},
+        }
+    }
+    assert rope(gemma3) == {
+        "rope_local_base_freq": 1e4,
+        "rope_theta": 1e6,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    }
+    assert rope({"rope_theta": 5.0}) == {"rope_theta": 5.0}  # written by 4.57: as it is
+    sliding_scaled = {"sliding_attention": {"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}}
+    with pytest.raises(SystemExit, match="sliding-window RoPE"):
+        rope({"rope_parameters": sliding_scaled})
+    with pytest.raises(SystemExit, match="no transformers 4.57 form"):
+        rope({"rope_parameters": {"rope_theta": 1e4, "rope_type": "default", "mystery": 1}})
+
+
 def _finished_transcoder_run(run_dir, layer: int, group_sizes: list[int]):
     """A finished (untrained) resid_mid -> mlp_out transcoder run of ``layer``: enough for an export."""
     from mtc.results import write_config
