@@ -87,7 +87,34 @@ def load_replacement(model_dir: Path, set_dir: Path, work: Path):
     replacement = ReplacementModel.from_pretrained(
         str(model), str(set_dir.resolve()), backend="nnsight", lazy_decoder=False
     )
+    embedding_outputs_as_token_vectors(replacement)
     return replacement, model
+
+
+def embedding_outputs_as_token_vectors(replacement) -> None:
+    """Make a token node's vector what the embedding module adds to the residual stream.
+
+    circuit-tracer 0.5's nnsight backend reads the gradient at the embedding module's output but
+    takes the token vectors from the embedding matrix (``setup_attribution`` in
+    ``replacement_model_nnsight.py``: ``self.embed_weight[tokens]``). For Llama the two are one; a
+    Gemma embedding module multiplies its rows by sqrt(d_model) (``embed_scale``: 25.3 for
+    Gemma-3-270M), so every edge out of a token node, and the replacement score with them, came out
+    that many times too small. This wraps the model's ``setup_attribution`` to put the module's own
+    output in their place (the TransformerLens backend, which folds the scale into ``W_E``, agrees)."""
+    import torch
+
+    embedding = replacement.embed_location._module  # the module, not nnsight's proxy of it
+    setup = replacement.setup_attribution
+
+    def setup_attribution(inputs):
+        context = setup(inputs)
+        tokens = replacement.ensure_tokenized(inputs) if isinstance(inputs, str) else inputs.squeeze()
+        with torch.no_grad():
+            vectors = embedding(tokens.to(context.token_vectors.device))
+        context.token_vectors = vectors.to(context.token_vectors.dtype).detach()
+        return context
+
+    replacement.setup_attribution = setup_attribution
 
 
 def attribution_graph(replacement, prompt: str, out: Path, slug: str, max_feature_nodes: int) -> dict:
