@@ -12,6 +12,13 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+# Per architecture, the block's modules whose input is hook_resid_mid and whose output is
+# hook_mlp_out in circuit-tracer's nnsight mapping (circuit_tracer/utils/tl_nnsight_mapping.py).
+SITE_MODULES = {
+    "LlamaForCausalLM": ("post_attention_layernorm", "mlp"),
+    "Gemma3ForCausalLM": ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+}
+
 
 def installed(dist: str = "circuit-tracer") -> dict:
     """The installed distribution's name, version, where pip installed it from (a direct URL: a git
@@ -63,15 +70,21 @@ def main(model_dir: str, set_dir: str, out: str, prompt: str) -> None:
     if ids[0, 0] != replacement.tokenizer.bos_token_id:
         ids = torch.cat([torch.tensor([[replacement.tokenizer.bos_token_id]]), ids], dim=1)
 
-    resid_mid, mlp_out, hooks = {}, {}, []
-    for i, layer in enumerate(hf.model.layers):  # what circuit-tracer's Llama mapping hooks
+    resid_mid, mlp_out, embedded = {}, {}, {}
+    hooks = [  # what the embedding adds to the residual stream (Gemma's scaled by sqrt(d_model))
+        hf.model.embed_tokens.register_forward_hook(lambda m, a, o: embedded.__setitem__(0, o[0].detach()))
+    ]
+    read, written = SITE_MODULES[hf.config.architectures[0]]
+    for i, layer in enumerate(hf.model.layers):  # what circuit-tracer's mapping hooks
         hooks.append(
-            layer.post_attention_layernorm.register_forward_pre_hook(
+            getattr(layer, read).register_forward_pre_hook(
                 lambda m, a, i=i: resid_mid.__setitem__(i, a[0][0].detach().clone())
             )
         )
         hooks.append(
-            layer.mlp.register_forward_hook(lambda m, a, o, i=i: mlp_out.__setitem__(i, o[0].detach()))
+            getattr(layer, written).register_forward_hook(
+                lambda m, a, o, i=i: mlp_out.__setitem__(i, o[0].detach())
+            )
         )
     with torch.no_grad():
         hf_logits = hf(ids).logits[0]
@@ -85,6 +98,8 @@ def main(model_dir: str, set_dir: str, out: str, prompt: str) -> None:
             "resid_mid": torch.stack([resid_mid[i] for i in layers]).contiguous(),
             "mlp_out": torch.stack([mlp_out[i] for i in layers]).contiguous(),
             "error": context.error_vectors.detach().float().contiguous(),
+            "ids": ids[0].contiguous(),  # the tokens, and the logits circuit-tracer's model gives them
+            "logits": context.logits.reshape(hf_logits.shape).float().contiguous(),
         },
         str(out_dir / "activations.safetensors"),
     )
@@ -93,6 +108,10 @@ def main(model_dir: str, set_dir: str, out: str, prompt: str) -> None:
             (context.logits.reshape(hf_logits.shape).float() - hf_logits).abs().max()
         ),
         "logit_scale": float(hf_logits.abs().max()),
+        "max_abs_token_vector_difference": float(
+            (context.token_vectors.float() - embedded[0]).abs().max()  # what the token nodes carry
+        ),
+        "token_vector_scale": float(embedded[0].abs().max()),
         "circuit_tracer": installed(),
     }
     (out_dir / "result.json").write_text(json.dumps(result))

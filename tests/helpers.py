@@ -48,17 +48,46 @@ def tiny_hf_models() -> dict:
 def tiny_random_llama_dir(path: Path) -> Path:
     """A random Llama saved with the stories260K-shaped tokenizer it needs (fallback when ../shared is
     absent)."""
+    tiny_hf_models()["llama"].save_pretrained(path)
+    character_tokenizer().save_pretrained(path)
+    return path
+
+
+def tiny_random_gemma3_dir(path: Path) -> Path:
+    """A random Gemma 3 (Gemma3ForCausalLM: norms before and after the MLP, embeddings scaled by
+    sqrt(d_model), a sliding-window layer each side of a global one) with RoPE bases other than
+    transformers' defaults, saved with the character tokenizer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        **SMALL_DECODER,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        sliding_window=16,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 50_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+        },
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    Gemma3ForCausalLM(config).save_pretrained(path)
+    character_tokenizer().save_pretrained(path)
+    return path
+
+
+def character_tokenizer():
+    """One token per printable ASCII character, after ``<unk>``, ``<s>`` (BOS) and ``</s>``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = tiny_hf_models()["llama"]
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): i + 3 for i, c in enumerate(range(32, 127))}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    model.save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def copy_data(src: Path, dest: Path) -> Path:

@@ -2,7 +2,9 @@
 ``transcoder_set``), trained from one store, loads in circuit-tracer (its own virtualenv,
 ``.venv-circuit-tracer``: scripts/setup.sh makes it with MTC_WITH_CIRCUIT_TRACER=1, as .ci/run
 does); its replacement model with the error term reproduces the model's logits, circuit-tracer
-computes the reconstruction mtc does, and an attribution graph of a prompt has feature nodes."""
+computes the reconstruction mtc does, and an attribution graph of a prompt has feature nodes. A set
+of a tiny random Gemma 3 checks what that architecture adds: the model circuit-tracer's older
+transformers loads is ours (RoPE bases included), and its token nodes carry the scaled embedding."""
 
 from __future__ import annotations
 
@@ -15,13 +17,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mtc import pipeline
+from mtc import models, pipeline
 from mtc.circuit_tracer import SET_CONFIG, export_circuit_tracer
 from mtc.config import parse_params
 from mtc.dictionary import MatryoshkaBatchTopK
 from mtc.errors import ConfigError
 from mtc.results import run_dir_of
 from tests.conftest import REPO, tiny_params
+from tests.helpers import tiny_random_gemma3_dir
 from tests.test_cli import mtc
 
 CT_PYTHON = REPO / ".venv-circuit-tracer" / "bin" / "python"
@@ -84,6 +87,20 @@ def circuit_tracer_check(model_dir, export_dir, out) -> dict:
     return json.loads((out / "result.json").read_text())  # out: a Path (tmp_path)
 
 
+def assert_circuit_tracer_runs_our_model(report: dict, model_dir, out) -> None:
+    """circuit-tracer's replacement model (error term on) gives the logits of its own transformers'
+    load of the model, and those are the logits of ours (mtc's transformers, which wrote the model
+    directory: the RoPE settings included); its token nodes carry what the embedding adds to the
+    residual stream (Gemma: the rows times sqrt(d_model))."""
+    assert report["circuit_tracer"]["name"] == "circuit-tracer", report
+    assert report["max_abs_logit_difference"] < 1e-4 * max(1.0, report["logit_scale"]), report
+    assert report["max_abs_token_vector_difference"] <= 1e-5 * report["token_vector_scale"], report
+    acts = load_file(str(out / "activations.safetensors"))
+    with torch.no_grad():
+        ours = models.load_hf_model(model_dir)(acts["ids"][None]).logits[0]
+    torch.testing.assert_close(acts["logits"], ours, rtol=1e-4, atol=1e-4 * max(1.0, float(ours.abs().max())))
+
+
 def test_each_set_has_every_layer_in_circuit_tracers_layout_read_at_its_input(transcoder_sets):
     _, sets = transcoder_sets
     for norm, (_, set_dir) in sets.items():
@@ -133,8 +150,7 @@ def test_circuit_tracer_loads_the_set_and_reproduces_the_logits_and_our_reconstr
     run_dirs, set_dir = sets[norm]
     report = circuit_tracer_check(cfg.model_dir, set_dir, tmp_path)
     print("circuit-tracer:", report)  # which one ran: name, version, source, home page
-    assert report["circuit_tracer"]["name"] == "circuit-tracer", report
-    assert report["max_abs_logit_difference"] < 1e-4 * max(1.0, report["logit_scale"]), report
+    assert_circuit_tracer_runs_our_model(report, cfg.model_dir, tmp_path)
 
     # circuit-tracer's error term is mlp_out minus its reconstruction: the reconstruction is ours
     # (with input_norm: token, circuit-tracer reads gamma * x / rms(x) and the export undoes gamma)
@@ -164,6 +180,60 @@ def test_mtc_attribute_writes_the_graph_for_the_viewer_and_its_picture(transcode
     assert graph["metadata"]["prompt"].endswith(PROMPT)  # after the BOS token
     assert (out / "graph_files" / "graph-metadata.json").is_file() and (out / "graph.pt").is_file()
     assert (out / "graph.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def gemma3_set(tmp_path_factory):
+    """A transcoder per layer (input_norm: global: circuit-tracer reads hook_resid_mid, the input of
+    pre_feedforward_layernorm) of a tiny random Gemma 3 whose RoPE bases are not transformers'
+    defaults, trained from one store and exported. Returns the config, the run directories and the
+    exported set."""
+    root = tmp_path_factory.mktemp("gemma3-set")
+    raw = tiny_params(str(tiny_random_gemma3_dir(root / "random-gemma3")))
+    raw["model"]["type"] = "tiny-gemma3"
+    raw["extract"]["layers"] = [0, 1, 2]
+    entry = raw.pop("dictionaries")["tc"]
+    shared = {k: entry[k] for k in ("dict_size", "group_sizes", "top_k", "lr", "batch_size")}
+    raw["dictionaries"] = {}
+    raw["transcoder_set"] = {
+        "name": "tcs",
+        "layers": [0, 1, 2],
+        "steps": 60,
+        "dictionary": {**shared, "save_every": 60, "input_norm": "global"},
+    }
+    cfg = parse_params(raw, data_root=root / "data", results_root=root / "results")
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))  # for the CLI, run in root
+    pipeline.prepare_model(cfg)
+    pipeline.extract(cfg)
+    pipeline.train(cfg, list(cfg.dictionaries))
+    run_dirs = [run_dir_of(cfg.dictionaries[f"tcs-L{i}"], cfg.results_root) for i in range(3)]
+    return cfg, run_dirs, export_circuit_tracer(run_dirs, root / "ct", model_dir=cfg.model_dir)
+
+
+@needs_circuit_tracer
+def test_circuit_tracer_runs_a_gemma3_set_on_our_model_with_its_token_nodes_scaled(gemma3_set, tmp_path):
+    """Gemma 3 in circuit-tracer's nnsight mapping: its transformers 4.57 reads the RoPE bases that
+    transformers 5 wrote (``rope_parameters``), its token nodes carry the embedding scaled by
+    sqrt(d_model), and its reconstruction at hook_resid_mid -> hook_mlp_out (after the
+    post-feedforward norm) is ours at every layer; mtc attribute draws a graph."""
+    cfg, run_dirs, set_dir = gemma3_set
+    report = circuit_tracer_check(cfg.model_dir, set_dir, tmp_path)
+    print("circuit-tracer on a tiny Gemma 3:", report)
+    assert_circuit_tracer_runs_our_model(report, cfg.model_dir, tmp_path)
+    acts = load_file(str(tmp_path / "activations.safetensors"))
+    for layer, run_dir in enumerate(run_dirs):
+        ours = MatryoshkaBatchTopK.load(run_dir)
+        with torch.no_grad():
+            theirs = acts["mlp_out"][layer, 1:] - acts["error"][layer, 1:]  # BOS zeroed
+            expected = ours(acts["resid_mid"][layer, 1:])
+        torch.testing.assert_close(theirs, expected, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+
+    out = tmp_path / "graph"
+    root = set_dir.parent
+    result = mtc("attribute", str(set_dir), PROMPT, "--out", str(out), "--python", str(CT_PYTHON), cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["active_features"] > 0 and summary["pruned_nodes"]["logit"] >= 1, summary
 
 
 def test_mtc_attribute_without_a_set_fails_in_one_line(transcoder_sets, tmp_path):
@@ -224,6 +294,44 @@ def test_a_prompt_or_slug_that_looks_like_an_option_reaches_the_graph_helper_as_
         tmp_path / "set", prompt, out, tmp_path / "model", python=sys.executable, slug=slug
     )
     assert seen == {"prompt": prompt, "out": out, "slug": slug} and summary == {"prompt": prompt}
+
+
+def _graph_helper():
+    """external/circuit_tracer_graph.py as a module of this process (it imports no circuit-tracer
+    at the top)."""
+    import importlib.util
+
+    from mtc import circuit_tracer
+
+    spec = importlib.util.spec_from_file_location("circuit_tracer_graph", circuit_tracer.GRAPH_SCRIPT)
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    return helper
+
+
+def test_the_model_copy_for_circuit_tracer_names_the_rope_settings_as_transformers_4_57_reads_them():
+    """transformers 5's ``rope_parameters`` (SmolLM2's base 100,000; Gemma 3's per layer type) in
+    4.57's keys, which would otherwise take its defaults (10,000 for Llama) without a word."""
+    rope = _graph_helper().rope_config_for_4_57
+    llama = {"model_type": "llama", "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    assert rope(llama) == {"model_type": "llama", "rope_theta": 100000.0}
+    gemma3 = {
+        "rope_parameters": {
+            "full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+            "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"},
+        }
+    }
+    assert rope(gemma3) == {
+        "rope_local_base_freq": 1e4,
+        "rope_theta": 1e6,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    }
+    assert rope({"rope_theta": 5.0}) == {"rope_theta": 5.0}  # written by 4.57: as it is
+    sliding_scaled = {"sliding_attention": {"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}}
+    with pytest.raises(SystemExit, match="sliding-window RoPE"):
+        rope({"rope_parameters": sliding_scaled})
+    with pytest.raises(SystemExit, match="no transformers 4.57 form"):
+        rope({"rope_parameters": {"rope_theta": 1e4, "rope_type": "default", "mystery": 1}})
 
 
 def _finished_transcoder_run(run_dir, layer: int, group_sizes: list[int]):

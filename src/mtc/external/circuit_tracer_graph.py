@@ -29,9 +29,14 @@ SUMMARY = "summary.json"
 def readable_model_copy(model_dir: Path, dest: Path) -> Path:
     """transformers 5 writes ``extra_special_tokens`` as a list and names the fast tokenizer class
     ``TokenizersBackend``, neither of which the 4.57 that circuit-tracer needs can read (the token
-    ids depend on neither): a copy without the list, naming the class 4.57 knows."""
+    ids depend on neither): a copy without the list, naming the class 4.57 knows. Its config.json
+    gets the RoPE settings in 4.57's keys (``rope_config_for_4_57``)."""
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(model_dir, dest, ignore=shutil.ignore_patterns("original"))
+    model_config = dest / "config.json"
+    if model_config.is_file():
+        config = json.loads(model_config.read_text())
+        model_config.write_text(json.dumps(rope_config_for_4_57(config), indent=2))
     config = dest / "tokenizer_config.json"
     if config.is_file():
         tokenizer_config = json.loads(config.read_text())
@@ -41,6 +46,35 @@ def readable_model_copy(model_dir: Path, dest: Path) -> Path:
             tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config.write_text(json.dumps(tokenizer_config, indent=2))
     return dest
+
+
+def rope_config_for_4_57(config: dict) -> dict:
+    """transformers 5 writes a model's RoPE settings as ``rope_parameters`` (one dict, or one per
+    layer type: Gemma 3's ``full_attention`` and ``sliding_attention``), which 4.57 does not read:
+    it takes ``rope_theta`` (and Gemma 3's ``rope_local_base_freq``) at their defaults, 10,000 for
+    Llama, where SmolLM2's is 100,000. Returns ``config`` with them in 4.57's keys: ``rope_theta``,
+    ``rope_local_base_freq``, ``partial_rotary_factor``, and ``rope_scaling`` for a RoPE type other
+    than the default."""
+    rope = config.pop("rope_parameters", None)
+    if rope is None:
+        return config
+    if "full_attention" in rope or "sliding_attention" in rope:  # Gemma 3: one per layer type
+        local = rope.get("sliding_attention", {})
+        if local.get("rope_type", "default") != "default" or set(local) - {"rope_theta", "rope_type"}:
+            raise SystemExit(f"config.json: sliding-window RoPE {local} has no transformers 4.57 form")
+        if "rope_theta" in local:
+            config["rope_local_base_freq"] = local["rope_theta"]
+        rope = rope.get("full_attention", {})
+    scaling = dict(rope)
+    if "rope_theta" in scaling:
+        config["rope_theta"] = scaling.pop("rope_theta")
+    if "partial_rotary_factor" in scaling:
+        config["partial_rotary_factor"] = scaling.pop("partial_rotary_factor")
+    if scaling.get("rope_type", "default") != "default":
+        config["rope_scaling"] = scaling
+    elif set(scaling) - {"rope_type"}:
+        raise SystemExit(f"config.json: RoPE settings {rope} have no transformers 4.57 form")
+    return config
 
 
 def load_replacement(model_dir: Path, set_dir: Path, work: Path):
@@ -53,7 +87,34 @@ def load_replacement(model_dir: Path, set_dir: Path, work: Path):
     replacement = ReplacementModel.from_pretrained(
         str(model), str(set_dir.resolve()), backend="nnsight", lazy_decoder=False
     )
+    embedding_outputs_as_token_vectors(replacement)
     return replacement, model
+
+
+def embedding_outputs_as_token_vectors(replacement) -> None:
+    """Make a token node's vector what the embedding module adds to the residual stream.
+
+    circuit-tracer 0.5's nnsight backend reads the gradient at the embedding module's output but
+    takes the token vectors from the embedding matrix (``setup_attribution`` in
+    ``replacement_model_nnsight.py``: ``self.embed_weight[tokens]``). For Llama the two are one; a
+    Gemma embedding module multiplies its rows by sqrt(d_model) (``embed_scale``: 25.3 for
+    Gemma-3-270M), so every edge out of a token node, and the replacement score with them, came out
+    that many times too small. This wraps the model's ``setup_attribution`` to put the module's own
+    output in their place (the TransformerLens backend, which folds the scale into ``W_E``, agrees)."""
+    import torch
+
+    embedding = replacement.embed_location._module  # the module, not nnsight's proxy of it
+    setup = replacement.setup_attribution
+
+    def setup_attribution(inputs):
+        context = setup(inputs)
+        tokens = replacement.ensure_tokenized(inputs) if isinstance(inputs, str) else inputs.squeeze()
+        with torch.no_grad():
+            vectors = embedding(tokens.to(context.token_vectors.device))
+        context.token_vectors = vectors.to(context.token_vectors.dtype).detach()
+        return context
+
+    replacement.setup_attribution = setup_attribution
 
 
 def attribution_graph(replacement, prompt: str, out: Path, slug: str, max_feature_nodes: int) -> dict:
