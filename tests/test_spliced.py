@@ -161,19 +161,19 @@ def test_a_target_before_its_source_cannot_be_spliced():
     check_splice_order(RESID_MID, (3, "resid_pre"))
 
 
-@pytest.mark.parametrize("vocab_tile", [8192, 100])
+@pytest.mark.parametrize("vocab_tile", [8192, 200])
 def test_the_loss_from_hidden_states_in_tiles_is_the_loss_from_the_whole_logits(
     model, vocab_tile, monkeypatch
 ):
-    """Read seven rows of logits at a time (pieces that do not divide the batch's 992 rows), on the
-    whole vocabulary or 100 tokens at a time (the last tile 12), the spliced loss is what the batch's
+    """Read thirteen rows of logits at a time (pieces that do not divide the batch's 992 rows), on the
+    whole vocabulary or 200 tokens at a time (the last tile 112), the spliced loss is what the batch's
     whole logits gave, up to float rounding; no [B, T, vocab] tensor is ever made: the largest with
     the vocabulary as last dimension is the unembedding's."""
     monkeypatch.setattr(readout, "VOCAB_TILE", vocab_tile)
     bridge, _, windows, _ = model
     vocab, d = bridge.original_model.get_output_embeddings().weight.shape
     tc = MatryoshkaBatchTopK(64, 64, [32, 32], top_k=4, seed=0)
-    budget = 7 * min(vocab, vocab_tile)
+    budget = 13 * min(vocab, vocab_tile)
     with LargestLastDim(vocab) as watch:
         r = splice(model, tc, RESID_MID, MLP_OUT, logits_budget=budget)
     ce, kl, n = full_logits_loss(model, tc, RESID_MID, MLP_OUT)
