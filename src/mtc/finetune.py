@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -135,13 +135,10 @@ def finetune(
     settings: FinetuneSettings,
     *,
     skip_bos: bool,
-    after_step: Callable[[], None] = lambda: None,
-    log: Callable[[dict[str, Any]], None] = lambda row: None,
 ) -> list[dict[str, Any]]:
     """Fine-tune ``parameters`` (the replacement's dictionaries') for ``settings.steps`` steps of
     ``settings.windows_per_step`` windows drawn from ``windows_ST`` (token ids, the store's training
-    windows); ``after_step`` runs after each optimizer step (a decoder renormalisation, say).
-    Returns the log: a row per step."""
+    windows). Returns the log: a row per step."""
     bridge.requires_grad_(False)
     device = next(bridge.parameters()).device
     readout = Readout(bridge)
@@ -162,10 +159,8 @@ def finetune(
                 mse_coefficient=settings.mse_coefficient,
             )
             optimizer.step()
-            after_step()
             row = {"step": step + 1, **row, "seconds": time.perf_counter() - started}
             rows.append(row)
-            log(row)
             advance(1)
     return rows
 
