@@ -229,6 +229,15 @@ def test_the_example_transcoder_set_is_every_layer_of_the_default_model():
     assert all(cfg.dictionary(f"tcs-L{layer}").has_skip for layer in range(30))
 
 
+def test_the_gemma_example_is_every_layer_of_gemma_with_an_exportable_norm():
+    cfg = load_params(REPO / "examples" / "gemma-3-270m.params.yaml")
+    assert cfg.model.name == "packaged:gemma-3-270m"
+    assert cfg.transcoder_set.layers == list(range(18)) == cfg.extract.layers
+    dictionaries = [cfg.dictionary(f"tcs-L{layer}") for layer in range(18)]
+    # circuit-tracer's export builds `token` normalisation for Llama only
+    assert {(d.input_norm, d.act_size, sum(d.group_sizes)) for d in dictionaries} == {("global", 640, 5120)}
+
+
 # ------------------------------------------------------------------ issue 24: names, YAML as DVC reads it
 @pytest.mark.parametrize("where", ["model.type", "dictionary name", "transcoder_set.name"])
 def test_a_name_with_a_trailing_newline_is_no_name(where):
